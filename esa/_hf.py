@@ -1,0 +1,60 @@
+"""Loading pretrained weights with transformers: hub ids, local directories and GGUF files."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from esa.errors import ModelError
+from esa.models import LoadedModel, from_module
+
+
+def load_pretrained(name: str, target: str, dtype: torch.dtype, device: torch.device,
+                    device_map: str | None = None) -> LoadedModel:
+    """Load ``target`` (a .gguf file, a local HF directory or a hub id) with transformers."""
+    path = Path(target).expanduser()
+    if target.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelError(f"GGUF file {target!r} not found: check the path")
+        return load_gguf(name, path, dtype, device)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{target!r} has no config.json: point --model at a Hugging Face model directory")
+        return _from_pretrained(name, str(path), dtype, device, device_map, "local", {"path": str(path.resolve())})
+    if "/" not in target or path.exists():
+        raise ModelError(
+            f"unknown model {name!r}: run `esa models` for the registry, or pass a local Hugging Face "
+            "directory, a .gguf file or a hub id owner/name"
+        )
+    try:
+        return _from_pretrained(name, target, dtype, device, device_map, "hub", {"hub_id": target})
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"cannot load {target!r} from the Hugging Face hub ({first[:160]}): without network access, "
+            f"download it elsewhere (`hf download {target} --local-dir DIR`) and pass --model DIR"
+        ) from None
+
+
+def _from_pretrained(name, target, dtype, device, device_map, source, identity, **kwargs) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    placement = device_map or ({"": str(device)} if device.type == "cuda" else None)
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, device_map=placement, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(target, **kwargs)
+    if placement is None:
+        model.to(device)
+    return from_module(name, model, tokenizer, source, {"name": name, **identity})
+
+
+def load_gguf(name: str, path: Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    """Load a GGUF file with transformers' gguf support (dequantized to float)."""
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError("loading a .gguf file needs the gguf package: pip install 'gguf>=0.10'")
+    from esa.data import sha256_file
+
+    identity = {"gguf": path.name, "gguf_sha256": sha256_file(path)}
+    return _from_pretrained(name, str(path.parent), dtype, device, None, "gguf", identity,
+                            gguf_file=path.name)

@@ -1,0 +1,272 @@
+"""In-place perturbations of selected weight entries, undone bit-exactly on exit.
+
+``perturbed`` snapshots the selected entries (and an integer checksum of every touched tensor)
+before changing anything, and in ``finally`` writes the snapshot back and verifies it bitwise;
+a failed verification raises ``RestoreError``. Only the selected entries are copied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Callable, Iterator, Mapping
+
+import torch
+
+from esa.errors import ConfigError, RestoreError
+
+_INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """A registered method: ``fn(values, *, scale, bit, generator) -> new values``."""
+
+    name: str
+    fn: Callable[..., torch.Tensor]
+    needs_scale: bool = False
+    positive_scale: bool = False
+    uses_bit: bool = False
+
+    def __call__(self, values: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.fn(values, **kwargs)
+
+
+PERTURBATIONS: dict[str, Perturbation] = {}
+
+
+def register_perturbation(
+    name: str, *, needs_scale: bool = False, positive_scale: bool = False, uses_bit: bool = False
+):
+    """Decorator registering ``fn(values, *, scale, bit, generator)`` under ``name``.
+
+    ``values`` is a 1-D tensor of the selected entries (parameter dtype and device); ``fn``
+    returns the new values with the same dtype and shape and must not modify ``values``.
+    """
+
+    def decorate(fn):
+        PERTURBATIONS[name] = Perturbation(name, fn, needs_scale, positive_scale, uses_bit)
+        return fn
+
+    return decorate
+
+
+@dataclass(frozen=True)
+class PerturbInfo:
+    """What a perturbation did: entries selected, entries whose bits changed, tensors touched."""
+
+    method: str
+    n_selected: int
+    n_changed: int
+    params: tuple[str, ...]
+
+
+def default_bit(dtype: torch.dtype) -> int:
+    """The exponent's most significant bit: 30 (fp32), 14 (fp16/bf16), 62 (fp64)."""
+    return 8 * _itemsize(dtype) - 2
+
+
+@register_perturbation("zero")
+def _zero(values, **_):
+    return torch.zeros_like(values)
+
+
+@register_perturbation("sign_flip")
+def _sign_flip(values, **_):
+    return _xor_bit(values, 8 * _itemsize(values.dtype) - 1)
+
+
+@register_perturbation("gauss_noise", needs_scale=True, positive_scale=True)
+def _gauss_noise(values, *, scale, generator, **_):
+    compute = torch.float64 if values.dtype == torch.float64 else torch.float32
+    noise = torch.randn(values.numel(), generator=generator, dtype=compute).to(values.device)
+    w = values.to(compute)
+    return (w + scale * w.abs() * noise).to(values.dtype)
+
+
+@register_perturbation("scale", needs_scale=True)
+def _scale(values, *, scale, **_):
+    compute = torch.float64 if values.dtype == torch.float64 else torch.float32
+    return (values.to(compute) * scale).to(values.dtype)
+
+
+@register_perturbation("bit_flip", uses_bit=True)
+def _bit_flip(values, *, bit, **_):
+    return _xor_bit(values, bit)
+
+
+@contextlib.contextmanager
+def perturbed(
+    model_or_params,
+    selection,
+    method: str,
+    *,
+    scale: float | None = None,
+    prob: float = 1.0,
+    bit: int | None = None,
+    seed: int = 0,
+) -> Iterator[PerturbInfo]:
+    """Apply ``method`` in place to the selected entries; restore and verify them on exit.
+
+    ``model_or_params`` is an ``nn.Module`` or a dict name -> Parameter; ``selection`` is a
+    ``Selection`` (or a dict name -> flat indices). Each selected entry is perturbed with
+    probability ``prob`` (seeded). ``bit`` is used by ``bit_flip`` (default: exponent MSB).
+    """
+    spec = _check_options(method, scale, prob, bit)
+    plan = _plan(_as_params(model_or_params), selection)
+    if spec.uses_bit:
+        for name, param, _ in plan:
+            _check_bit(_resolve_bit(bit, param.dtype), param.dtype, name)
+    with torch.no_grad():
+        saved = _snapshot(plan)
+    try:
+        with torch.no_grad():
+            info = _apply(plan, spec, scale=scale, prob=prob, bit=bit, seed=seed)
+        yield info
+    finally:
+        with torch.no_grad():
+            _restore(saved)
+            _verify(saved)
+
+
+def _check_options(method, scale, prob, bit) -> Perturbation:
+    if method not in PERTURBATIONS:
+        raise ConfigError(f"unknown perturbation {method!r}; use one of {', '.join(sorted(PERTURBATIONS))}")
+    spec = PERTURBATIONS[method]
+    if spec.needs_scale:
+        if scale is None:
+            raise ConfigError(f"perturbation {method!r} needs scale=; pass e.g. scale=0.5")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ConfigError(f"scale must be a finite number, got {scale!r}; pass e.g. scale=0.5")
+        if spec.positive_scale and scale <= 0:
+            raise ConfigError(f"{method} scale must be > 0, got {scale}; pass e.g. scale=0.5")
+    if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0.0 <= prob <= 1.0:
+        raise ConfigError(f"prob must be in [0, 1], got {prob!r}; pass e.g. prob=1.0")
+    if spec.uses_bit and bit is not None and (isinstance(bit, bool) or not isinstance(bit, int)):
+        raise ConfigError(f"bit must be an integer, got {bit!r}; pass e.g. bit=30 for fp32")
+    return spec
+
+
+def _check_bit(bit: int, dtype: torch.dtype, name: str) -> None:
+    nbits = 8 * _itemsize(dtype)
+    if not 0 <= bit < nbits:
+        raise ConfigError(f"bit={bit} out of range for {name!r} ({dtype}); use 0..{nbits - 1}")
+
+
+def _resolve_bit(bit: int | None, dtype: torch.dtype) -> int:
+    return default_bit(dtype) if bit is None else int(bit)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+def _as_params(model_or_params) -> dict[str, torch.Tensor]:
+    if isinstance(model_or_params, torch.nn.Module):
+        return dict(model_or_params.named_parameters())
+    if isinstance(model_or_params, Mapping):
+        return dict(model_or_params)
+    raise ConfigError("perturbed() needs an nn.Module or a dict name -> Parameter")
+
+
+def _selection_indices(selection) -> Mapping[str, torch.Tensor]:
+    indices = getattr(selection, "indices", selection)
+    if not isinstance(indices, Mapping):
+        raise ConfigError("perturbed() needs a Selection or a dict name -> flat indices")
+    return indices
+
+
+def _plan(params, selection) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(name, param, unique sorted flat indices on the param's device) per distinct tensor.
+
+    Names that alias the same tensor view (tied weights passed twice) are merged into one entry.
+    """
+    merged: dict[tuple, list] = {}
+    for name, idx in _selection_indices(selection).items():
+        if name not in params:
+            raise ConfigError(f"selected tensor {name!r} is not a parameter of the model; reselect")
+        param = params[name]
+        if not param.dtype.is_floating_point:
+            raise ConfigError(f"parameter {name!r} has dtype {param.dtype}; only float weights")
+        idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1).cpu()
+        if idx.numel() == 0:
+            continue
+        if int(idx.min()) < 0 or int(idx.max()) >= param.numel():
+            raise ConfigError(f"selected index out of range for {name!r} ({param.numel()} entries)")
+        key = (param.data_ptr(), param.dtype, tuple(param.shape), param.stride(), str(param.device))
+        if key in merged:
+            merged[key][2] = torch.cat([merged[key][2], idx])
+        else:
+            merged[key] = [name, param, idx]
+    return [(n, p, torch.unique(i).to(p.device)) for n, p, i in merged.values()]
+
+
+def _gather(param: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    data = param.data
+    if data.is_contiguous():
+        return data.view(-1)[idx].clone()
+    return data[torch.unravel_index(idx, data.shape)].clone()
+
+
+def _scatter(param: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
+    data = param.data
+    if data.is_contiguous():
+        data.view(-1)[idx] = values
+    else:
+        data[torch.unravel_index(idx, data.shape)] = values
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(_INT_VIEW[_itemsize(t.dtype)])
+
+
+def _checksum(param: torch.Tensor) -> int:
+    return int(_bits(param.data).sum(dtype=torch.int64))
+
+
+def _snapshot(plan) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, int]]:
+    return [(n, p, idx, _gather(p, idx), _checksum(p)) for n, p, idx in plan]
+
+
+def _tensor_seed(seed: int, name: str) -> int:
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def _apply(plan, spec: Perturbation, *, scale, prob, bit, seed) -> PerturbInfo:
+    n_selected = n_changed = 0
+    for name, param, idx in plan:
+        gen = torch.Generator().manual_seed(_tensor_seed(seed, name))
+        old = _gather(param, idx)
+        used_bit = _resolve_bit(bit, param.dtype) if spec.uses_bit else None
+        new = spec(old, scale=scale, bit=used_bit, generator=gen)
+        if new.dtype != old.dtype or new.shape != old.shape:
+            raise ConfigError(f"perturbation {spec.name!r} returned {new.dtype}{tuple(new.shape)}")
+        if prob < 1.0:
+            hit = torch.rand(old.numel(), generator=gen) < prob
+            new = torch.where(hit.to(old.device), _bits(new), _bits(old)).view(old.dtype)
+        _scatter(param, idx, new)
+        n_selected += int(idx.numel())
+        n_changed += int((_bits(new) != _bits(old)).sum())
+    return PerturbInfo(spec.name, n_selected, n_changed, tuple(n for n, _, _ in plan))
+
+
+def _restore(saved) -> None:
+    for _, param, idx, original, _ in reversed(saved):
+        _scatter(param, idx, original)
+
+
+def _verify(saved) -> None:
+    for name, param, idx, original, checksum in saved:
+        now = _gather(param, idx)
+        if not torch.equal(_bits(now), _bits(original)) or _checksum(param) != checksum:
+            raise RestoreError(f"restore of {name!r} was not bit-exact; this is an esa bug, report it")
+
+
+def _xor_bit(values: torch.Tensor, bit: int) -> torch.Tensor:
+    nbits = 8 * _itemsize(values.dtype)
+    mask = 1 << bit
+    if mask >= 1 << (nbits - 1):
+        mask -= 1 << nbits
+    return (_bits(values.contiguous()) ^ mask).view(values.dtype)

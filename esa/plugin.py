@@ -1,0 +1,496 @@
+"""pytest plugin for esa claims: options, markers, the `claim` fixture and one report per session.
+
+Loaded through the ``pytest11`` entry point ``esa`` (with PYTEST_DISABLE_PLUGIN_AUTOLOAD use
+``-p esa``; ``-p esa.plugin`` next to the entry point registers the module twice and fails).
+A claim is a test that requests the ``claim`` fixture; its verdict is the test outcome:
+pass = holds, fail = falsified, setup/teardown error = error, xfail = falsified (recorded),
+xpass = changed, skip = skipped. Workers send records in ``report.user_properties``; only the
+controller writes ``claims.json/.md/.html``. State lives in ``config.stash`` (never module globals),
+so in-process pytester runs do not leak into each other.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import operator
+import os
+import platform
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from datetime import date, datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+from esa.errors import EsaError
+from esa.report import (CHANGED, ERROR, FALSIFIED, HOLDS, RECORDED, SKIPPED, count_verdicts,
+                        decode, dumps, fmt, key_measure, phase_of, plain)
+from esa.tiers import TIERS, Tier, get_tier
+
+PROPERTY = "esa_claim"  # user_properties name carrying one JSON claim record
+MARKERS = {**{f"phase{i}": f"claims of phase {i} of the esa runbook" for i in range(1, 6)},
+           "smoke": "cheap claims that run at the smoke tier",
+           "gpu": "needs CUDA; skipped when torch.cuda.is_available() is False",
+           "slow": "minutes or more even at the smoke tier"}
+_SKIP_MARKERS = {"parametrize", "usefixtures", "filterwarnings", "xfail", "skip", "skipif"}
+_OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
+        "==": operator.eq, "!=": operator.ne}
+
+
+@dataclass(frozen=True)
+class EsaOptions:
+    """Resolved esa options (CLI over ini over defaults); relative paths already resolved."""
+
+    models: tuple[str, ...]
+    metrics: tuple[str, ...]
+    tier: Tier
+    device: str
+    data: Path | None  # None = the built-in corpus
+    report_dir: Path | None  # None = --esa-no-report
+    compare: Path | None
+    recorded_dir: Path
+
+
+OPTIONS_KEY = pytest.StashKey[EsaOptions]()
+HEADER_KEY = pytest.StashKey[dict]()  # extra report-header entries written by fixtures
+_CLAIM_KEY = pytest.StashKey["Claim"]()
+_RECORDED_KEY = pytest.StashKey[dict]()
+
+
+def _num(v) -> str:
+    return f"{v:.6g}" if isinstance(v, float) else repr(v)
+
+
+class Claim:
+    """What one experiment states and measures; the test outcome is its verdict."""
+
+    def __init__(self, statement: str = "", threshold=None, key: str | None = None):
+        self.statement, self.threshold, self.key = statement, plain(threshold), key
+        self.measured: dict[str, dict] = {}
+        self.ctx: dict = {}
+        self.figures: list[dict] = []
+        self.checks: list[dict] = []
+        self._phases: dict[str, tuple] = {}
+
+    def __call__(self, statement: str, *, threshold=None, key: str | None = None) -> Claim:
+        """Set the statement (and optional threshold / key measurement name); returns self."""
+        self.statement, self.threshold = str(statement), plain(threshold)
+        self.key = key if key is not None else self.key
+        return self
+
+    def measure(self, name: str, value, ci=None, *, key: bool = False) -> Claim:
+        """Record a measured value (plain Python; NaN/inf kept) with an optional (low, high) CI."""
+        ci = None if ci is None else [plain(ci[0]), plain(ci[1])]
+        self.measured[str(name)] = {"value": plain(value), "ci": ci}
+        if key:
+            self.key = str(name)
+        return self
+
+    def context(self, **info) -> Claim:
+        """Record what was measured: model=, metric=, perturbation=, seeds=, ..."""
+        self.ctx.update(plain(info))
+        return self
+
+    def figure(self, fig, caption: str = "") -> Claim:
+        """Attach a matplotlib Figure (converted to PNG now, then closed) or PNG bytes / path."""
+        if isinstance(fig, (bytes, bytearray, memoryview)):
+            data = base64.b64encode(bytes(fig)).decode("ascii")
+        elif isinstance(fig, (str, os.PathLike)):
+            data = base64.b64encode(Path(fig).read_bytes()).decode("ascii")
+        else:
+            from esa.plots import figure_to_base64
+
+            data = figure_to_base64(fig)
+        self.figures.append({"caption": str(caption), "png_base64": data})
+        return self
+
+    def check(self, condition, message: str) -> bool:
+        """Record a check; when false, fail the test (the claim is falsified) with `message`."""
+        ok = bool(condition)
+        self.checks.append({"ok": ok, "message": str(message)})
+        if not ok:
+            pytest.fail(f"claim falsified: {message}", pytrace=False)
+        return True
+
+    def expect(self, value, op: str, threshold=None, *, name: str | None = None) -> bool:
+        """Check ``value <op> threshold`` (op in < <= > >= == !=; threshold defaults to the
+        claim's); with `name` the value is also measured. NaN never satisfies < <= > >= ==."""
+        if op not in _OPS:
+            raise ValueError(f"unknown op {op!r}: use one of {' '.join(_OPS)}")
+        threshold = self.threshold if threshold is None else plain(threshold)
+        value = plain(value)
+        if name is not None:
+            self.measure(name, value)
+        try:
+            ok = bool(_OPS[op](value, threshold))
+        except TypeError:
+            ok = False
+        text = f"{name or 'value'} = {_num(value)} {op} {_num(threshold)}"
+        return self.check(ok, text if ok else f"{text} does not hold")
+
+    def _observe(self, call: pytest.CallInfo, report: pytest.TestReport) -> None:
+        """Turn one phase report into (verdict, outcome, message, duration)."""
+        when, xf = report.when, hasattr(report, "wasxfail")
+        exc, msg = call.excinfo, ""
+        if exc is not None:
+            out = isinstance(exc.value, pytest.fail.Exception) or isinstance(exc.value, pytest.skip.Exception)
+            msg = str(exc.value) if out else f"{exc.typename}: {exc.value}"
+        elif isinstance(report.longrepr, str):
+            msg = report.longrepr
+        if report.failed:
+            verdict = ERROR if when != "call" else (FALSIFIED if exc is not None else CHANGED)
+            outcome = "error" if when != "call" else ("failed" if exc is not None else "xpassed")
+        elif report.skipped:
+            verdict = RECORDED if xf and when == "call" else SKIPPED
+            outcome = "xfailed" if verdict == RECORDED else "skipped"
+            msg = msg or (report.longrepr[2] if isinstance(report.longrepr, tuple) else "")
+        elif when == "call":
+            verdict, outcome = (CHANGED, "xpassed") if xf else (HOLDS, "passed")
+            msg = f"[XPASS] {report.wasxfail}" if xf else ""
+        else:
+            verdict = outcome = None
+        self._phases[when] = (verdict, outcome, msg[:4000], report.duration)
+
+    def record(self, item: pytest.Item) -> dict:
+        """The plain-dict record for the report (verdict from the phases seen so far)."""
+        ph = self._phases
+        bad = next((ph[w] for w in ("setup", "teardown") if w in ph and ph[w][0] == ERROR), None)
+        verdict, outcome, msg, _ = bad or ph.get("call") or ph.get("setup") or (ERROR, "error", "", 0)
+        if verdict is None:
+            verdict, outcome, msg = ERROR, "error", "test did not run"
+        markers = list(dict.fromkeys(m.name for m in item.iter_markers() if m.name not in _SKIP_MARKERS))
+        return plain({
+            "id": item.nodeid, "name": item.name, "phase": phase_of(markers), "markers": markers,
+            "statement": self.statement, "threshold": self.threshold, "key": self.key,
+            "measured": self.measured, "context": self.ctx, "checks": self.checks,
+            "figures": self.figures, "recorded": item.stash.get(_RECORDED_KEY, None),
+            "verdict": verdict, "outcome": outcome, "message": msg,
+            "duration": round(sum(p[3] for p in ph.values()), 4)})
+
+
+def _claim_for(item: pytest.Item) -> Claim:
+    if _CLAIM_KEY not in item.stash:
+        doc = (getattr(getattr(item, "function", None), "__doc__", None) or "").strip()
+        item.stash[_CLAIM_KEY] = Claim(doc.splitlines()[0] if doc else item.name)
+    return item.stash[_CLAIM_KEY]
+
+
+@pytest.fixture
+def claim(request: pytest.FixtureRequest) -> Claim:
+    """This test's `Claim`: ``claim("statement", threshold=..., key=...)``, ``claim.measure(...)``."""
+    return _claim_for(request.node)
+
+
+@pytest.fixture(scope="session")
+def esa_options(pytestconfig: pytest.Config) -> EsaOptions:
+    """The resolved esa options (models, metrics, tier, device, data, ...)."""
+    return pytestconfig.stash[OPTIONS_KEY]
+
+
+@pytest.fixture(scope="session")
+def esa_header(pytestconfig: pytest.Config) -> dict:
+    """Mutable dict merged into the report header (e.g. ``esa_header["windows_sha256"] = h``)."""
+    return pytestconfig.stash[HEADER_KEY]
+
+
+# -- recorded outcomes -------------------------------------------------------------------------
+
+def load_recorded(path) -> dict[str, dict]:
+    """{claim_id: entry} from a recorded-outcomes file (a JSON list); {} when it does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+        return {e["claim_id"]: decode(e) for e in entries}
+    except (ValueError, TypeError, KeyError) as e:
+        raise pytest.UsageError(f"{path}: not a list of {{claim_id, measured, date, note}}: {e}")
+
+
+def record_outcome(recorded_dir, model: str, claim_id: str, measured: dict, note: str = "",
+                   day: str | None = None) -> Path:
+    """Add (or replace) the recorded falsification of `claim_id` in ``<recorded_dir>/<model>.json``."""
+    from esa.report import _atomic_write
+
+    path = Path(recorded_dir) / f"{model}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    entries = {k: v for k, v in load_recorded(path).items() if k != claim_id}
+    entries[claim_id] = {"claim_id": claim_id, "measured": plain(measured),
+                         "date": day or date.today().isoformat(), "note": note}
+    _atomic_write(path, dumps(sorted(entries.values(), key=lambda e: e["claim_id"])) + "\n")
+    return path
+
+
+def item_models(item: pytest.Item, options: EsaOptions) -> tuple[str, ...]:
+    """Models whose recorded file may hold this item: its ``model`` parameter, else every --esa-model."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return (str(params["model"]),) if "model" in params else options.models
+
+
+# -- options and configuration -----------------------------------------------------------------
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    g = parser.getgroup("esa", "esa claims (super-weight experiments)")
+    g.addoption("--esa-model", action="append", dest="esa_models", metavar="NAME",
+                help="model to run claims on (repeatable; default: ini esa_models or smollm2-135m)")
+    g.addoption("--esa-metric", action="append", dest="esa_metrics", metavar="NAME",
+                help="sensitivity metric (repeatable; default: ini esa_metrics or grad_x_weight)")
+    g.addoption("--esa-tier", dest="esa_tier", choices=sorted(TIERS), help="compute tier (default smoke)")
+    g.addoption("--esa-device", dest="esa_device", metavar="DEV", help="cpu, cuda, cuda:N or auto (default)")
+    g.addoption("--esa-report", dest="esa_report", metavar="DIR", help="report directory (default reports)")
+    g.addoption("--esa-no-report", dest="esa_no_report", action="store_true", help="write no report")
+    g.addoption("--esa-data", dest="esa_data", metavar="PATH",
+                help="evaluation/calibration text; 'builtin' for the built-in corpus")
+    g.addoption("--esa-compare", dest="esa_compare", metavar="PATH", help="older claims.json to diff against")
+    for name, kind, text in [("esa_models", "linelist", "models (one per line)"),
+                             ("esa_metrics", "linelist", "metrics (one per line)"),
+                             ("esa_tier", "string", "compute tier"), ("esa_device", "string", "device"),
+                             ("esa_report", "string", "report directory (relative to rootdir)"),
+                             ("esa_data", "string", "text data path (relative to rootdir)"),
+                             ("esa_recorded", "string", "recorded-outcomes dir (default experiments/recorded)")]:
+        parser.addini(name, help=f"esa: {text}", type=kind, default=[] if kind == "linelist" else "")
+
+
+def _path(value: str, base: Path) -> Path:
+    return (base / os.path.expanduser(value)).resolve()
+
+
+def _resolve_options(config: pytest.Config) -> EsaOptions:
+    opt, ini, root = config.getoption, config.getini, config.rootpath
+    cwd = config.invocation_params.dir
+    try:
+        tier = get_tier(opt("esa_tier") or ini("esa_tier") or "smoke")
+    except EsaError as e:
+        raise pytest.UsageError(str(e)) from None
+    data_opt = opt("esa_data")
+    data_raw, base = (data_opt, cwd) if data_opt else (ini("esa_data"), root)
+    if data_raw and data_raw.lower() not in ("builtin", "none"):
+        data = _path(data_raw, base)
+        if not data.is_file():
+            raise pytest.UsageError(f"--esa-data {data_raw}: no such file")
+    else:
+        default = (root.parent / "shared/data/wikitext-2-raw/wiki.test.raw").resolve()
+        data = default if not data_raw and default.is_file() else None
+    rep_opt = opt("esa_report")
+    report = None if opt("esa_no_report") else (
+        _path(rep_opt, cwd) if rep_opt else _path(ini("esa_report") or "reports", root))
+    compare = _path(opt("esa_compare"), cwd) if opt("esa_compare") else None
+    if compare is not None and not compare.is_file():
+        raise pytest.UsageError(f"--esa-compare {opt('esa_compare')}: no such file")
+    return EsaOptions(
+        models=tuple(opt("esa_models") or ini("esa_models") or ["smollm2-135m"]),
+        metrics=tuple(opt("esa_metrics") or ini("esa_metrics") or ["grad_x_weight"]),
+        tier=tier, device=opt("esa_device") or ini("esa_device") or "auto", data=data,
+        report_dir=report, compare=compare,
+        recorded_dir=_path(ini("esa_recorded") or "experiments/recorded", root))
+
+
+def _is_controller(config: pytest.Config) -> bool:
+    return not hasattr(config, "workerinput")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, text in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {text}")
+    config.stash[OPTIONS_KEY] = _resolve_options(config)
+    config.stash[HEADER_KEY] = {}
+    if _is_controller(config):
+        config.pluginmanager.register(ClaimsSession(config), "esa-claims-session")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    plugin = config.pluginmanager.get_plugin("esa-claims-session")
+    if plugin is not None:
+        config.pluginmanager.unregister(plugin)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    o = config.stash[OPTIONS_KEY]
+    return (f"esa: models={','.join(o.models)} metrics={','.join(o.metrics)} tier={o.tier.name} "
+            f"device={o.device} data={o.data or 'built-in corpus'}")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip `gpu` items without CUDA; mark recorded falsified claims xfail(strict=True)."""
+    options, cache, cuda = config.stash[OPTIONS_KEY], {}, None
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            if cuda is None:
+                import torch
+
+                cuda = torch.cuda.is_available()
+            if not cuda:
+                item.add_marker(pytest.mark.skip(reason="gpu: torch.cuda.is_available() is False"))
+        for model in item_models(item, options):
+            if model not in cache:
+                cache[model] = load_recorded(options.recorded_dir / f"{model}.json")
+            entry = cache[model].get(item.nodeid)
+            if entry is not None:
+                item.stash[_RECORDED_KEY] = {"model": model, **entry}
+                reason = f"recorded: falsified on {model} ({entry.get('date', '?')}): " \
+                         f"{fmt(entry.get('measured'))}"
+                item.add_marker(pytest.mark.xfail(strict=True, reason=reason))
+                break
+
+
+# -- reporting hooks ---------------------------------------------------------------------------
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Shorten EsaError reports to their one-line message; attach claim records at teardown."""
+    report = yield
+    if report.failed and call.excinfo is not None and call.excinfo.errisinstance(EsaError):
+        report.longrepr = f"{call.excinfo.typename}: {call.excinfo.value}"
+    if "claim" in getattr(item, "fixturenames", ()):
+        c = _claim_for(item)
+        c._observe(call, report)
+        if report.when == "teardown":
+            report.user_properties.append((PROPERTY, dumps(c.record(item))))
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector):
+    """Collection errors raised as EsaError (e.g. an unknown model) show as one line."""
+    report = yield
+    call = getattr(report, "call", None)
+    if report.failed and call is not None and call.excinfo is not None \
+            and call.excinfo.errisinstance(EsaError):
+        report.longrepr = f"{call.excinfo.typename}: {call.excinfo.value}"
+    return report
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """xdist worker: send header entries written by fixtures to the controller."""
+    config = session.config
+    if not _is_controller(config):
+        config.workeroutput["esa_header"] = dumps(config.stash[HEADER_KEY])
+
+
+def _git_commit(root: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+_MARKUP = {HOLDS: {"green": True}, FALSIFIED: {"red": True, "bold": True}, RECORDED: {"yellow": True},
+           CHANGED: {"purple": True, "bold": True}, ERROR: {"red": True}, SKIPPED: {}}
+
+
+class ClaimsSession:
+    """Controller-only: gathers claim records, writes the reports, prints the summary."""
+
+    def __init__(self, config: pytest.Config):
+        self.config = config
+        self.options: EsaOptions = config.stash[OPTIONS_KEY]
+        self.start = time.time()
+        self.claims: dict[str, dict] = {}
+        self.worker_header: dict = {}
+        self.paths: dict[str, Path] = {}
+        self.compare: dict | None = None
+        self.error: str | None = None
+
+    def pytest_sessionstart(self) -> None:
+        self.start = time.time()
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        """Take claim records out of user_properties (one per test, on the teardown report)."""
+        if not any(name == PROPERTY for name, _ in report.user_properties):
+            return
+        keep = []
+        for name, value in report.user_properties:
+            if name == PROPERTY:
+                rec = decode(json.loads(value))
+                self.claims[rec["id"]] = rec
+            else:
+                keep.append((name, value))
+        report.user_properties[:] = keep
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node, error) -> None:
+        """xdist: merge header entries that worker fixtures wrote."""
+        raw = getattr(node, "workeroutput", {}).get("esa_header")
+        if raw:
+            self.worker_header.update(decode(json.loads(raw)))
+
+    def header(self, exitstatus) -> dict:
+        o, root = self.options, self.config.rootpath
+        started = datetime.fromtimestamp(self.start, timezone.utc).isoformat(timespec="seconds")
+        head = {"models": list(o.models), "metrics": list(o.metrics), "tier": o.tier.to_dict(),
+                "device": o.device, "data": str(o.data) if o.data else "built-in corpus",
+                "data_sha256": _sha256(o.data) if o.data else None,
+                "python": platform.python_version(), "torch": _version("torch"),
+                "transformers": _version("transformers"), "esa": _version("esa"),
+                "pytest": pytest.__version__, "platform": platform.platform(),
+                "host": socket.gethostname(), "git_commit": _git_commit(root),
+                "rootdir": str(root), "args": " ".join(self.config.invocation_params.args),
+                "started": started, "duration_s": round(time.time() - self.start, 2),
+                "exit_status": int(exitstatus)}
+        head.update(self.worker_header)
+        head.update(self.config.stash[HEADER_KEY])
+        return plain(head)
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, exitstatus) -> None:
+        """Write claims.json/.md/.html once, when there are claims and reports are on."""
+        if not self.claims or self.options.report_dir is None:
+            return
+        from esa.report import compare_claims, write_reports
+
+        claims = sorted(self.claims.values(), key=lambda c: c["id"])
+        header = self.header(exitstatus)
+        if self.options.compare is not None:
+            claims, self.compare = compare_claims(claims, self.options.compare)
+            header["compare"] = self.compare
+            self.claims = {c["id"]: c for c in claims}
+        try:
+            self.paths = write_reports(claims, header, self.options.report_dir)
+        except OSError as e:
+            self.error = f"esa: could not write the report to {self.options.report_dir}: {e}"
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        """One line per claim (verdict, id, key value), the counts, then the report paths."""
+        if not self.claims:
+            return
+        tr = terminalreporter
+        tr.write_sep("=", "esa claims")
+        claims = sorted(self.claims.values(), key=lambda c: c["id"])
+        width = max(len(c["verdict"]) for c in claims)
+        for c in claims:
+            name, value = key_measure(c)
+            tr.write(c["verdict"].upper().ljust(width + 2), **_MARKUP.get(c["verdict"], {}))
+            tail = f"  {name}={fmt(value)}" if name else ""
+            status = (c.get("compare") or {}).get("status")
+            if status and status != "same":
+                tail += f"  [{status}" + (f", was {c['compare']['previous']}]" if c["compare"]["previous"] else "]")
+            tr.write_line(f"{c['id']}{tail}")
+        counts = count_verdicts(claims)
+        tr.write_line(", ".join(f"{n} {v}" for v, n in counts.items() if n))
+        if self.paths:
+            tr.write_line("esa report: " + "  ".join(str(p) for p in self.paths.values()))
+        if self.error:
+            tr.write_line(self.error, red=True)

@@ -1,0 +1,230 @@
+"""Claims reports: `claims.json`, `claims.md` and a self-contained `claims.html` (Jinja2)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+
+SCHEMA = 1
+HOLDS, FALSIFIED, RECORDED, CHANGED = "holds", "falsified", "falsified (recorded)", "changed"
+ERROR, SKIPPED = "error", "skipped"
+VERDICTS = (HOLDS, FALSIFIED, RECORDED, CHANGED, ERROR, SKIPPED)
+COLORS = {HOLDS: "#1a7f37", FALSIFIED: "#cf222e", RECORDED: "#b07d00", CHANGED: "#8250df",
+          ERROR: "#6e7781", SKIPPED: "#9aa4ae"}
+PHASES = ("phase1", "phase2", "phase3", "phase4", "phase5")
+_NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def plain(value):
+    """Coerce `value` to plain Python (numpy/torch scalars and arrays become float/int/list)."""
+    if value is None or type(value) in (bool, int, float, str):
+        return value
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, (str, os.PathLike)):
+        return os.fspath(value)
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted((plain(v) for v in value), key=repr)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return plain(dataclasses.asdict(value))
+    if hasattr(value, "tolist"):  # numpy scalar/array, torch tensor (any device/dtype)
+        return plain(value.tolist())
+    if hasattr(value, "item"):
+        return plain(value.item())
+    if hasattr(value, "to_dict"):
+        return plain(value.to_dict())
+    return str(value)
+
+
+def encode(obj):
+    """JSON-safe copy of `obj`: NaN/inf floats become the strings "nan", "inf", "-inf"."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, Mapping):
+        return {k: encode(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [encode(v) for v in obj]
+    return obj
+
+
+def _undo(obj):
+    if isinstance(obj, str):
+        return _NONFINITE.get(obj, obj)
+    if isinstance(obj, Mapping):
+        return {k: _undo(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_undo(v) for v in obj]
+    return obj
+
+
+def decode(obj):
+    """Inverse of `encode` for measured values: "nan"/"inf"/"-inf" under a "measured" key."""
+    if isinstance(obj, Mapping):
+        return {k: (_undo(v) if k == "measured" else decode(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [decode(v) for v in obj]
+    return obj
+
+
+def dumps(obj) -> str:
+    """Strict JSON text (no bare NaN) of `obj` after `plain` + `encode`."""
+    return json.dumps(encode(plain(obj)), allow_nan=False, ensure_ascii=False)
+
+
+def load_claims(path) -> dict:
+    """Read a claims.json written by `write_reports`, with NaN/inf measured values restored."""
+    return decode(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def key_measure(claim: Mapping):
+    """(name, value) of the claim's key measurement: the one named `key`, else the first."""
+    measured = claim.get("measured") or {}
+    name = claim.get("key") if claim.get("key") in measured else next(iter(measured), None)
+    if name is None:
+        return None, None
+    return name, measured[name].get("value")
+
+
+def phase_of(markers) -> str:
+    """The first phaseN marker name in `markers`, else "other"."""
+    return next((m for m in markers or () if m in PHASES), "other")
+
+
+def count_verdicts(claims) -> dict[str, int]:
+    """Claims per verdict, every known verdict present (zeros included), unknown ones appended."""
+    counts = dict.fromkeys(VERDICTS, 0)
+    for c in claims:
+        counts[c.get("verdict", ERROR)] = counts.get(c.get("verdict", ERROR), 0) + 1
+    return counts
+
+
+def compare_claims(claims, old) -> tuple[list[dict], dict]:
+    """Annotate copies of `claims` with compare status against `old` (path, report dict or list).
+
+    Each claim gets ``compare = {"status": "new" | "same" | "changed verdict", "previous": verdict}``;
+    the summary lists claims present in `old` only as "removed".
+    """
+    path = None
+    if isinstance(old, (str, os.PathLike)):
+        path, old = os.fspath(old), load_claims(old)
+    old_claims = old.get("claims", []) if isinstance(old, Mapping) else list(old)
+    before = {c["id"]: c for c in old_claims}
+    out = []
+    for c in claims:
+        prev = before.get(c["id"])
+        if prev is None:
+            status = "new"
+        else:
+            status = "same" if prev.get("verdict") == c.get("verdict") else "changed verdict"
+        out.append({**c, "compare": {"status": status,
+                                     "previous": prev.get("verdict") if prev else None}})
+    now = {c["id"] for c in claims}
+    removed = [{"id": i, "verdict": c.get("verdict")} for i, c in sorted(before.items()) if i not in now]
+    counts = {s: sum(c["compare"]["status"] == s for c in out) for s in ("new", "same", "changed verdict")}
+    counts["removed"] = len(removed)
+    return out, {"path": path, "counts": counts, "removed": removed}
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def fmt(value) -> str:
+    """Short human text for any plain value (numbers to 4 significant digits)."""
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else (f"{value:.4g}" if math.isfinite(value) else
+                                                ("inf" if value > 0 else "-inf"))
+    if isinstance(value, Mapping):
+        if set(value) >= {"value"}:
+            return fmt(value["value"])
+        return ", ".join(f"{k}={fmt(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        more = f", … ({len(value)} values)" if len(value) > 12 else ""
+        return "[" + ", ".join(fmt(v) for v in value[:12]) + more + "]"
+    return str(value)
+
+
+def _ci(ci) -> str:
+    return "" if not ci else f"[{fmt(ci[0])}, {fmt(ci[1])}]"
+
+
+def _mdcell(value) -> str:
+    text = value if isinstance(value, str) else fmt(value)
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\r", "").replace("\n", "<br>")
+
+
+def _recorded_value(claim: Mapping, name: str):
+    rec = (claim.get("recorded") or {}).get("measured") or {}
+    if name not in rec:
+        return None
+    v = rec[name]
+    return v.get("value") if isinstance(v, Mapping) else v
+
+
+def _environment():
+    from jinja2 import Environment, PackageLoader, StrictUndefined
+
+    env = Environment(loader=PackageLoader("esa", "templates"), undefined=StrictUndefined,
+                      autoescape=lambda name: bool(name) and name.endswith(".html.j2"),
+                      trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    env.filters.update(fmt=fmt, ci=_ci, mdcell=_mdcell)
+    env.globals.update(colors=COLORS, key_measure=key_measure, recorded_value=_recorded_value)
+    return env
+
+
+def _group(claims) -> list[tuple[str, list[dict]]]:
+    groups: dict[str, list[dict]] = {}
+    for c in claims:
+        groups.setdefault(c.get("phase") or phase_of(c.get("markers")), []).append(c)
+    order = {p: i for i, p in enumerate(PHASES)}
+    return sorted(groups.items(), key=lambda kv: order.get(kv[0], len(order)))
+
+
+def write_reports(claims, header: Mapping, out_dir, compare=None) -> dict[str, Path]:
+    """Write claims.json, claims.md and claims.html into `out_dir` (atomically); return their paths.
+
+    `claims` are plain dicts as built by the esa pytest plugin (sorted here by id); `compare` is an
+    older claims.json (path or loaded dict) to diff against.
+    """
+    claims = sorted((plain(c) for c in claims), key=lambda c: c["id"])
+    header = plain(dict(header))
+    if compare is not None:
+        claims, header["compare"] = compare_claims(claims, compare)
+    header.setdefault("generated", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    header["counts"] = count_verdicts(claims)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"schema": SCHEMA, "header": header, "claims": claims}
+    paths = {"json": out / "claims.json", "md": out / "claims.md", "html": out / "claims.html"}
+    env = _environment()
+    ctx = {"header": header, "claims": claims, "groups": _group(claims), "verdicts": VERDICTS}
+    _atomic_write(paths["json"], json.dumps(encode(doc), indent=2, allow_nan=False,
+                                            ensure_ascii=False) + "\n")
+    _atomic_write(paths["md"], env.get_template("claims.md.j2").render(**ctx))
+    _atomic_write(paths["html"], env.get_template("claims.html.j2").render(**ctx))
+    return paths
