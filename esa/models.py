@@ -8,6 +8,7 @@ alias, a ``.gguf`` file, a local directory with ``config.json``, a hub id ``owne
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -49,6 +50,12 @@ class LoadedModel:
     device: torch.device
     identity: dict = field(default_factory=dict)  # what makes its weights unique (for caches)
 
+    def fingerprint(self) -> str:
+        """A digest of every weight's bits (computed once), for cache keys."""
+        if "fingerprint" not in self.identity:
+            self.identity["fingerprint"] = weights_digest(self.model)
+        return self.identity["fingerprint"]
+
     @property
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
@@ -64,6 +71,33 @@ class LoadedModel:
             "device": str(self.device),
             **{k: v for k, v in self.identity.items() if k != "name"},
         }
+
+
+_INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """A cheap digest of every parameter's bits: per tensor the int64 sum of its integer view."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            bits = p.detach().reshape(-1).view(_INT_VIEW[p.element_size()])
+            digest.update(f"{pname}:{tuple(p.shape)}:{p.dtype}:{int(bits.sum(dtype=torch.int64))};".encode())
+    return digest.hexdigest()[:32]
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """sha256 over the raw bytes of every parameter (exact; for restore checks)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            digest.update(pname.encode())
+            digest.update(memoryview(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -140,6 +174,23 @@ def load_model(name: str, dtype=None, device=None, seed: int = 0,
     return lm
 
 
+def check_model_name(name: str) -> None:
+    """Raise ModelError unless ``name`` can name a model (registry, alias, file, dir, hub id).
+
+    Cheap: loads nothing. Used to fail fast (e.g. at pytest collection) on a typo."""
+    from pathlib import Path as _Path
+
+    _load_builtin_registrations()
+    if name in REGISTRY or name in HUB_ALIASES or _Path(name).expanduser().exists():
+        return
+    if name.endswith(".gguf"):
+        raise ModelError(f"GGUF file {name!r} not found: check the path")
+    if "/" in name and not name.startswith((".", "/", "~")):
+        return  # a hub id: resolved when loaded
+    raise ModelError(f"unknown model {name!r}: run `esa models` for the registry, or pass a local "
+                     "Hugging Face directory, a .gguf file or a hub id owner/name")
+
+
 def check_finite(lm: LoadedModel) -> None:
     """Raise ModelError if any parameter holds NaN or inf."""
     for pname, p in lm.model.named_parameters():
@@ -177,5 +228,6 @@ def _load_builtin_registrations() -> None:
     # Importing registers tiny-*, the embedded model and the published architectures.
     from esa import _tiny, _embedded  # noqa: F401
 
-    with contextlib.suppress(ImportError):
-        from esa import archs  # noqa: F401
+    for optional in ("archs", "family"):  # published architectures, trained scaling family
+        with contextlib.suppress(ModuleNotFoundError):
+            importlib.import_module(f"esa.{optional}")

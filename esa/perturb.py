@@ -53,14 +53,18 @@ def register_perturbation(
     return decorate
 
 
-@dataclass(frozen=True)
+@dataclass
 class PerturbInfo:
-    """What a perturbation did: entries selected, entries whose bits changed, tensors touched."""
+    """What a perturbation did: entries selected, entries whose bits changed, tensors touched.
+
+    ``verified`` becomes True on exit once the restore has been checked bit-exact.
+    """
 
     method: str
     n_selected: int
     n_changed: int
     params: tuple[str, ...]
+    verified: bool = False
 
 
 def default_bit(dtype: torch.dtype) -> int:
@@ -121,6 +125,7 @@ def perturbed(
             _check_bit(_resolve_bit(bit, param.dtype), param.dtype, name)
     with torch.no_grad():
         saved = _snapshot(plan)
+    info = None
     try:
         with torch.no_grad():
             info = _apply(plan, spec, scale=scale, prob=prob, bit=bit, seed=seed)
@@ -129,6 +134,8 @@ def perturbed(
         with torch.no_grad():
             _restore(saved)
             _verify(saved)
+        if info is not None:
+            info.verified = True
 
 
 def _check_options(method, scale, prob, bit) -> Perturbation:

@@ -1,42 +1,50 @@
 """pytest plugin for esa claims: options, markers, the `claim` fixture and one report per session.
 
-Loaded through the ``pytest11`` entry point ``esa`` (with PYTEST_DISABLE_PLUGIN_AUTOLOAD use
-``-p esa``; ``-p esa.plugin`` next to the entry point registers the module twice and fails).
-A claim is a test that requests the ``claim`` fixture; its verdict is the test outcome:
-pass = holds, fail = falsified, setup/teardown error = error, xfail = falsified (recorded),
-xpass = changed, skip = skipped. Workers send records in ``report.user_properties``; only the
-controller writes ``claims.json/.md/.html``. State lives in ``config.stash`` (never module globals),
+Loaded through the ``pytest11`` entry point ``esa``; with PYTEST_DISABLE_PLUGIN_AUTOLOAD use
+``-p esa`` (never ``-p esa.plugin`` or ``pytest_plugins = ["esa.plugin"]``: next to the entry point
+that registers the module twice and pytest refuses).
+
+A claim is a test that requests the ``claim`` fixture; its verdict is the test outcome: pass =
+holds, failed check/assert = falsified, any other exception (setup, call or teardown) = error,
+xfail = falsified (recorded), xpass = changed, skip = skipped.
+
+Recorded outcomes: ``<rootdir>/experiments/recorded/<model>.json`` (ini ``esa_recorded``) holds a
+list of ``{"claim_id", "measured", "date", "note"}``; claim_id is the nodeid relative to rootdir.
+An item matches when its nodeid equals a claim_id in the file of its ``model`` parameter (or, for
+items without one, of any ``--esa-model``); it is then marked ``xfail(strict=True)``.
+
+Workers attach records to ``report.user_properties``; only the controller writes the reports.
+State lives in ``config.stash`` and a per-config ``ClaimsSession`` object, never module globals,
 so in-process pytester runs do not leak into each other.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import operator
 import os
-import platform
-import socket
-import subprocess
 import time
-from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
-from importlib import metadata
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
 from esa.errors import EsaError
 from esa.report import (CHANGED, ERROR, FALSIFIED, HOLDS, RECORDED, SKIPPED, count_verdicts,
-                        decode, dumps, fmt, key_measure, phase_of, plain)
+                        decode, dumps, fmt, key_measure, load_recorded, phase_of, plain,
+                        record_outcome)
 from esa.tiers import TIERS, Tier, get_tier
 
+__all__ = ["Claim", "ClaimsSession", "EsaOptions", "HEADER_KEY", "OPTIONS_KEY", "item_models",
+           "load_recorded", "record_outcome"]
 PROPERTY = "esa_claim"  # user_properties name carrying one JSON claim record
 MARKERS = {**{f"phase{i}": f"claims of phase {i} of the esa runbook" for i in range(1, 6)},
            "smoke": "cheap claims that run at the smoke tier",
            "gpu": "needs CUDA; skipped when torch.cuda.is_available() is False",
-           "slow": "minutes or more even at the smoke tier"}
+           "slow": "minutes or more even at the smoke tier",
+           "claim": "added to every test that states a claim (uses the claim fixture)"}
 _SKIP_MARKERS = {"parametrize", "usefixtures", "filterwarnings", "xfail", "skip", "skipif"}
 _OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
         "==": operator.eq, "!=": operator.ne}
@@ -77,9 +85,10 @@ class Claim:
         self.checks: list[dict] = []
         self._phases: dict[str, tuple] = {}
 
-    def __call__(self, statement: str, *, threshold=None, key: str | None = None) -> Claim:
-        """Set the statement (and optional threshold / key measurement name); returns self."""
-        self.statement, self.threshold = str(statement), plain(threshold)
+    def __call__(self, statement: str | None = None, *, threshold=None, key: str | None = None) -> Claim:
+        """Set the statement (default: the test's docstring), threshold and key measurement."""
+        self.statement = str(statement) if statement is not None else self.statement
+        self.threshold = plain(threshold)
         self.key = key if key is not None else self.key
         return self
 
@@ -136,15 +145,15 @@ class Claim:
     def _observe(self, call: pytest.CallInfo, report: pytest.TestReport) -> None:
         """Turn one phase report into (verdict, outcome, message, duration)."""
         when, xf = report.when, hasattr(report, "wasxfail")
-        exc, msg = call.excinfo, ""
-        if exc is not None:
-            out = isinstance(exc.value, pytest.fail.Exception) or isinstance(exc.value, pytest.skip.Exception)
-            msg = str(exc.value) if out else f"{exc.typename}: {exc.value}"
-        elif isinstance(report.longrepr, str):
-            msg = report.longrepr
-        if report.failed:
-            verdict = ERROR if when != "call" else (FALSIFIED if exc is not None else CHANGED)
-            outcome = "error" if when != "call" else ("failed" if exc is not None else "xpassed")
+        exc, msg = call.excinfo, report.longrepr if isinstance(report.longrepr, str) else ""
+        if exc is not None:  # pytest.fail/skip/xfail: their message; anything else: "Type: message"
+            outcome_exc = isinstance(exc.value, (pytest.fail.Exception, pytest.skip.Exception))
+            msg = str(exc.value) if outcome_exc else f"{exc.typename}: {exc.value}"
+        if report.failed and when != "call":
+            verdict, outcome = ERROR, "error"
+        elif report.failed:  # no exception: strict XPASS; only a failed check/assert falsifies
+            verdict, outcome = (CHANGED, "xpassed") if exc is None else (
+                FALSIFIED if exc.errisinstance((AssertionError, pytest.fail.Exception)) else ERROR, "failed")
         elif report.skipped:
             verdict = RECORDED if xf and when == "call" else SKIPPED
             outcome = "xfailed" if verdict == RECORDED else "skipped"
@@ -193,38 +202,22 @@ def esa_options(pytestconfig: pytest.Config) -> EsaOptions:
 
 
 @pytest.fixture(scope="session")
+def esa_bench(pytestconfig: pytest.Config):
+    """The session's :class:`esa.workbench.Workbench`: models loaded once, measurements memoized."""
+    from esa.workbench import Workbench
+
+    o = pytestconfig.stash[OPTIONS_KEY]
+    device = None if o.device == "auto" else o.device
+    return Workbench(o.tier, device=device, data=str(o.data) if o.data else None)
+
+
+@pytest.fixture(scope="session")
 def esa_header(pytestconfig: pytest.Config) -> dict:
     """Mutable dict merged into the report header (e.g. ``esa_header["windows_sha256"] = h``)."""
     return pytestconfig.stash[HEADER_KEY]
 
 
 # -- recorded outcomes -------------------------------------------------------------------------
-
-def load_recorded(path) -> dict[str, dict]:
-    """{claim_id: entry} from a recorded-outcomes file (a JSON list); {} when it does not exist."""
-    path = Path(path)
-    if not path.is_file():
-        return {}
-    try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-        return {e["claim_id"]: decode(e) for e in entries}
-    except (ValueError, TypeError, KeyError) as e:
-        raise pytest.UsageError(f"{path}: not a list of {{claim_id, measured, date, note}}: {e}")
-
-
-def record_outcome(recorded_dir, model: str, claim_id: str, measured: dict, note: str = "",
-                   day: str | None = None) -> Path:
-    """Add (or replace) the recorded falsification of `claim_id` in ``<recorded_dir>/<model>.json``."""
-    from esa.report import _atomic_write
-
-    path = Path(recorded_dir) / f"{model}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    entries = {k: v for k, v in load_recorded(path).items() if k != claim_id}
-    entries[claim_id] = {"claim_id": claim_id, "measured": plain(measured),
-                         "date": day or date.today().isoformat(), "note": note}
-    _atomic_write(path, dumps(sorted(entries.values(), key=lambda e: e["claim_id"])) + "\n")
-    return path
-
 
 def item_models(item: pytest.Item, options: EsaOptions) -> tuple[str, ...]:
     """Models whose recorded file may hold this item: its ``model`` parameter, else every --esa-model."""
@@ -234,26 +227,30 @@ def item_models(item: pytest.Item, options: EsaOptions) -> tuple[str, ...]:
 
 # -- options and configuration -----------------------------------------------------------------
 
+_OPTIONS = [  # (flag, dest = ini name, argparse action or None for ini-only, help)
+    ("--esa-model", "esa_models", "append", "model to run claims on (repeatable; default smollm2-135m)"),
+    ("--esa-metric", "esa_metrics", "append", "sensitivity metric (repeatable; default grad_x_weight)"),
+    ("--esa-tier", "esa_tier", "store", "compute tier: smoke (default), standard or extended"),
+    ("--esa-device", "esa_device", "store", "cpu, cuda, cuda:N or auto (default)"),
+    ("--esa-report", "esa_report", "store", "report directory (default: reports under rootdir)"),
+    ("--esa-data", "esa_data", "store", "evaluation/calibration text; 'builtin' for the built-in corpus"),
+    ("--esa-compare", "esa_compare", "store", "older claims.json to diff the verdicts against"),
+    ("--esa-no-report", "esa_no_report", "store_true", "write no claims report"),
+    (None, "esa_recorded", None, "recorded-outcomes directory (default experiments/recorded)"),
+]
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
-    g = parser.getgroup("esa", "esa claims (super-weight experiments)")
-    g.addoption("--esa-model", action="append", dest="esa_models", metavar="NAME",
-                help="model to run claims on (repeatable; default: ini esa_models or smollm2-135m)")
-    g.addoption("--esa-metric", action="append", dest="esa_metrics", metavar="NAME",
-                help="sensitivity metric (repeatable; default: ini esa_metrics or grad_x_weight)")
-    g.addoption("--esa-tier", dest="esa_tier", choices=sorted(TIERS), help="compute tier (default smoke)")
-    g.addoption("--esa-device", dest="esa_device", metavar="DEV", help="cpu, cuda, cuda:N or auto (default)")
-    g.addoption("--esa-report", dest="esa_report", metavar="DIR", help="report directory (default reports)")
-    g.addoption("--esa-no-report", dest="esa_no_report", action="store_true", help="write no report")
-    g.addoption("--esa-data", dest="esa_data", metavar="PATH",
-                help="evaluation/calibration text; 'builtin' for the built-in corpus")
-    g.addoption("--esa-compare", dest="esa_compare", metavar="PATH", help="older claims.json to diff against")
-    for name, kind, text in [("esa_models", "linelist", "models (one per line)"),
-                             ("esa_metrics", "linelist", "metrics (one per line)"),
-                             ("esa_tier", "string", "compute tier"), ("esa_device", "string", "device"),
-                             ("esa_report", "string", "report directory (relative to rootdir)"),
-                             ("esa_data", "string", "text data path (relative to rootdir)"),
-                             ("esa_recorded", "string", "recorded-outcomes dir (default experiments/recorded)")]:
-        parser.addini(name, help=f"esa: {text}", type=kind, default=[] if kind == "linelist" else "")
+    group = parser.getgroup("esa", "esa claims (super-weight experiments)")
+    for flag, dest, action, text in _OPTIONS:
+        if flag:
+            extra = {"choices": sorted(TIERS)} if dest == "esa_tier" else {}
+            if action != "store_true":
+                extra["metavar"] = dest[4:].rstrip("s").upper()  # MODEL, METRIC, DATA, ...
+            group.addoption(flag, dest=dest, action=action, help=text, **extra)
+        if dest not in ("esa_compare", "esa_no_report"):  # ini paths are relative to rootdir
+            kind = "linelist" if action == "append" else "string"
+            parser.addini(dest, help=f"esa: {text}", type=kind, default=[] if kind == "linelist" else "")
 
 
 def _path(value: str, base: Path) -> Path:
@@ -303,12 +300,6 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(ClaimsSession(config), "esa-claims-session")
 
 
-def pytest_unconfigure(config: pytest.Config) -> None:
-    plugin = config.pluginmanager.get_plugin("esa-claims-session")
-    if plugin is not None:
-        config.pluginmanager.unregister(plugin)
-
-
 def pytest_report_header(config: pytest.Config) -> str:
     o = config.stash[OPTIONS_KEY]
     return (f"esa: models={','.join(o.models)} metrics={','.join(o.metrics)} tier={o.tier.name} "
@@ -319,6 +310,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Skip `gpu` items without CUDA; mark recorded falsified claims xfail(strict=True)."""
     options, cache, cuda = config.stash[OPTIONS_KEY], {}, None
     for item in items:
+        if "claim" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.claim)
+            models = item_models(item, options)
+            if config.pluginmanager.hasplugin("xdist"):
+                # with --dist loadgroup, a model's claims of one file share a worker (one load each)
+                item.add_marker(pytest.mark.xdist_group(f"{models[0]}-{item.path.stem}"))
         if item.get_closest_marker("gpu"):
             if cuda is None:
                 import torch
@@ -328,8 +325,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(pytest.mark.skip(reason="gpu: torch.cuda.is_available() is False"))
         for model in item_models(item, options):
             if model not in cache:
-                cache[model] = load_recorded(options.recorded_dir / f"{model}.json")
+                try:
+                    cache[model] = load_recorded(options.recorded_dir / f"{model}.json")
+                except EsaError as e:
+                    raise pytest.UsageError(str(e)) from None
             entry = cache[model].get(item.nodeid)
+            if entry is not None and entry.get("tier", options.tier.name) != options.tier.name:
+                entry = None  # recorded at another tier: verdicts differ with sample sizes
             if entry is not None:
                 item.stash[_RECORDED_KEY] = {"model": model, **entry}
                 reason = f"recorded: falsified on {model} ({entry.get('date', '?')}): " \
@@ -372,30 +374,6 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         config.workeroutput["esa_header"] = dumps(config.stash[HEADER_KEY])
 
 
-def _git_commit(root: Path) -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                             text=True, timeout=10)
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 _MARKUP = {HOLDS: {"green": True}, FALSIFIED: {"red": True, "bold": True}, RECORDED: {"yellow": True},
            CHANGED: {"purple": True, "bold": True}, ERROR: {"red": True}, SKIPPED: {}}
 
@@ -404,13 +382,10 @@ class ClaimsSession:
     """Controller-only: gathers claim records, writes the reports, prints the summary."""
 
     def __init__(self, config: pytest.Config):
-        self.config = config
-        self.options: EsaOptions = config.stash[OPTIONS_KEY]
-        self.start = time.time()
-        self.claims: dict[str, dict] = {}
+        self.config, self.options, self.start = config, config.stash[OPTIONS_KEY], time.time()
+        self.claims: dict[str, dict] = {}  # id -> record
         self.worker_header: dict = {}
         self.paths: dict[str, Path] = {}
-        self.compare: dict | None = None
         self.error: str | None = None
 
     def pytest_sessionstart(self) -> None:
@@ -419,16 +394,11 @@ class ClaimsSession:
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         """Take claim records out of user_properties (one per test, on the teardown report)."""
-        if not any(name == PROPERTY for name, _ in report.user_properties):
-            return
-        keep = []
-        for name, value in report.user_properties:
-            if name == PROPERTY:
-                rec = decode(json.loads(value))
-                self.claims[rec["id"]] = rec
-            else:
-                keep.append((name, value))
-        report.user_properties[:] = keep
+        props = report.user_properties
+        for value in [v for k, v in props if k == PROPERTY]:
+            rec = decode(json.loads(value))
+            self.claims[rec["id"]] = rec
+        props[:] = [(k, v) for k, v in props if k != PROPERTY]  # keep junitxml & co. lean
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node, error) -> None:
@@ -438,21 +408,18 @@ class ClaimsSession:
             self.worker_header.update(decode(json.loads(raw)))
 
     def header(self, exitstatus) -> dict:
-        o, root = self.options, self.config.rootpath
-        started = datetime.fromtimestamp(self.start, timezone.utc).isoformat(timespec="seconds")
+        """Run header: options, data hash, versions, host, git commit, timings + fixture entries."""
+        from esa.report import file_sha256, run_environment
+
+        o = self.options
         head = {"models": list(o.models), "metrics": list(o.metrics), "tier": o.tier.to_dict(),
                 "device": o.device, "data": str(o.data) if o.data else "built-in corpus",
-                "data_sha256": _sha256(o.data) if o.data else None,
-                "python": platform.python_version(), "torch": _version("torch"),
-                "transformers": _version("transformers"), "esa": _version("esa"),
-                "pytest": pytest.__version__, "platform": platform.platform(),
-                "host": socket.gethostname(), "git_commit": _git_commit(root),
-                "rootdir": str(root), "args": " ".join(self.config.invocation_params.args),
-                "started": started, "duration_s": round(time.time() - self.start, 2),
-                "exit_status": int(exitstatus)}
-        head.update(self.worker_header)
-        head.update(self.config.stash[HEADER_KEY])
-        return plain(head)
+                "data_sha256": file_sha256(o.data) if o.data else None,
+                **run_environment(self.config.rootpath),
+                "args": " ".join(self.config.invocation_params.args),
+                "started": datetime.fromtimestamp(self.start, timezone.utc).isoformat(timespec="seconds"),
+                "duration_s": round(time.time() - self.start, 2), "exit_status": int(exitstatus)}
+        return plain({**head, **self.worker_header, **self.config.stash[HEADER_KEY]})
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, exitstatus) -> None:
@@ -464,8 +431,7 @@ class ClaimsSession:
         claims = sorted(self.claims.values(), key=lambda c: c["id"])
         header = self.header(exitstatus)
         if self.options.compare is not None:
-            claims, self.compare = compare_claims(claims, self.options.compare)
-            header["compare"] = self.compare
+            claims, header["compare"] = compare_claims(claims, self.options.compare)
             self.claims = {c["id"]: c for c in claims}
         try:
             self.paths = write_reports(claims, header, self.options.report_dir)
@@ -486,7 +452,8 @@ class ClaimsSession:
             tail = f"  {name}={fmt(value)}" if name else ""
             status = (c.get("compare") or {}).get("status")
             if status and status != "same":
-                tail += f"  [{status}" + (f", was {c['compare']['previous']}]" if c["compare"]["previous"] else "]")
+                was = c["compare"]["previous"]
+                tail += f"  [{status}, was {was}]" if was else f"  [{status}]"
             tr.write_line(f"{c['id']}{tail}")
         counts = count_verdicts(claims)
         tr.write_line(", ".join(f"{n} {v}" for v, n in counts.items() if n))

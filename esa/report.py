@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
+import platform
+import socket
+import subprocess
+import sys
 import tempfile
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
+
+from esa.errors import ConfigError
 
 SCHEMA = 1
 HOLDS, FALSIFIED, RECORDED, CHANGED = "holds", "falsified", "falsified (recorded)", "changed"
@@ -139,7 +146,8 @@ def compare_claims(claims, old) -> tuple[list[dict], dict]:
     return out, {"path": path, "counts": counts, "removed": removed}
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temp file in the same directory + os.replace."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
@@ -150,6 +158,40 @@ def _atomic_write(path: Path, text: str) -> None:
         raise
 
 
+def file_sha256(path) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _git_commit(root) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+
+def run_environment(root=".") -> dict:
+    """Versions (python, torch, transformers, esa, pytest), platform, host and git commit."""
+    from importlib import metadata
+
+    def version(dist):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {"python": platform.python_version(), "torch": version("torch"),
+            "transformers": version("transformers"), "esa": version("esa"), "pytest": version("pytest"),
+            "platform": platform.platform(), "host": socket.gethostname(), "executable": sys.executable,
+            "git_commit": _git_commit(root), "rootdir": str(root)}
+
+
 def fmt(value) -> str:
     """Short human text for any plain value (numbers to 4 significant digits)."""
     if value is None:
@@ -157,8 +199,12 @@ def fmt(value) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, float):
-        return "nan" if math.isnan(value) else (f"{value:.4g}" if math.isfinite(value) else
-                                                ("inf" if value > 0 else "-inf"))
+        if not math.isfinite(value):
+            return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+        if value == 0 or not 1e-3 <= abs(value) < 1e7:
+            return f"{value:.4g}"
+        text = f"{value:.{max(0, 3 - math.floor(math.log10(abs(value))))}f}"  # 4 significant digits
+        return text.rstrip("0").rstrip(".") if "." in text else text
     if isinstance(value, Mapping):
         if set(value) >= {"value"}:
             return fmt(value["value"])
@@ -205,6 +251,30 @@ def _group(claims) -> list[tuple[str, list[dict]]]:
     return sorted(groups.items(), key=lambda kv: order.get(kv[0], len(order)))
 
 
+def load_recorded(path) -> dict[str, dict]:
+    """{claim_id: entry} from a recorded-outcomes file (a JSON list); {} when it does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+        return {e["claim_id"]: decode(e) for e in entries}
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"{path}: expected a JSON list of {{claim_id, measured, date, note}} ({e})") from None
+
+
+def record_outcome(recorded_dir, model: str, claim_id: str, measured: dict, note: str = "",
+                   day: str | None = None) -> Path:
+    """Add (or replace) the recorded falsification of `claim_id` in ``<recorded_dir>/<model>.json``."""
+    path = Path(recorded_dir) / f"{model}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    entries = {k: v for k, v in load_recorded(path).items() if k != claim_id}
+    entries[claim_id] = {"claim_id": claim_id, "measured": plain(measured),
+                         "date": day or datetime.now().date().isoformat(), "note": note}
+    atomic_write(path, dumps(sorted(entries.values(), key=lambda e: e["claim_id"])) + "\n")
+    return path
+
+
 def write_reports(claims, header: Mapping, out_dir, compare=None) -> dict[str, Path]:
     """Write claims.json, claims.md and claims.html into `out_dir` (atomically); return their paths.
 
@@ -223,8 +293,8 @@ def write_reports(claims, header: Mapping, out_dir, compare=None) -> dict[str, P
     paths = {"json": out / "claims.json", "md": out / "claims.md", "html": out / "claims.html"}
     env = _environment()
     ctx = {"header": header, "claims": claims, "groups": _group(claims), "verdicts": VERDICTS}
-    _atomic_write(paths["json"], json.dumps(encode(doc), indent=2, allow_nan=False,
+    atomic_write(paths["json"], json.dumps(encode(doc), indent=2, allow_nan=False,
                                             ensure_ascii=False) + "\n")
-    _atomic_write(paths["md"], env.get_template("claims.md.j2").render(**ctx))
-    _atomic_write(paths["html"], env.get_template("claims.html.j2").render(**ctx))
+    atomic_write(paths["md"], env.get_template("claims.md.j2").render(**ctx))
+    atomic_write(paths["html"], env.get_template("claims.html.j2").render(**ctx))
     return paths

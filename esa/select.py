@@ -244,7 +244,7 @@ def _topk_mask(key: torch.Tensor, k: int) -> torch.Tensor:
     k = min(k, key.numel())
     if k == 0:
         return torch.zeros_like(key, dtype=torch.bool)
-    threshold = torch.topk(key, k, sorted=True).values[-1]
+    threshold = torch.topk(key, k, sorted=False).values.min()
     mask = key > threshold
     need = k - int(mask.sum())
     if need > 0:

@@ -30,8 +30,10 @@ def overlap(a: Iterable, b: Iterable) -> float:
     return 0.0 if small == 0 else len(a & b) / small
 
 
-def paired_ttest(a, b) -> dict:
+def paired_ttest(a, b, alternative: str = "two-sided") -> dict:
     """Paired t-test (``scipy.stats.ttest_rel``): statistic, pvalue, n, mean_diff.
+
+    ``alternative`` is scipy's: "two-sided", "greater" (mean of a - b > 0) or "less".
 
     n < 2 gives NaN statistic and pvalue. Zero variance of the differences gives statistic 0 and
     pvalue 1 when all differences are 0, else statistic ±inf and pvalue 0.
@@ -45,8 +47,12 @@ def paired_ttest(a, b) -> dict:
     if n < 2:
         return {"statistic": NAN, "pvalue": NAN, "n": n, "mean_diff": mean_diff}
     if np.all(np.isfinite(diff)) and np.ptp(diff) == 0:
-        return {**_degenerate(mean_diff), "n": n, "mean_diff": mean_diff}
-    res = _quiet(_st.ttest_rel, a, b)
+        out = {**_degenerate(mean_diff), "n": n, "mean_diff": mean_diff}
+        if alternative != "two-sided" and mean_diff != 0:
+            agrees = (mean_diff > 0) == (alternative == "greater")
+            out["pvalue"] = 0.0 if agrees else 1.0
+        return out
+    res = _quiet(_st.ttest_rel, a, b, alternative=alternative)
     return {"statistic": float(res.statistic), "pvalue": float(res.pvalue), "n": n, "mean_diff": mean_diff}
 
 
@@ -129,7 +135,8 @@ def spearman_monotonic(x, y) -> dict:
     res = _quiet(_st.spearmanr, x, y)
     order = np.argsort(x, kind="stable")
     increasing = bool(np.all(np.diff(x[order]) > 0) and np.all(np.diff(y[order]) > 0))
-    return {"rho": float(res.statistic), "pvalue": float(res.pvalue), "n": n, "strictly_increasing": increasing}
+    rho, pvalue = float(res.statistic), float(res.pvalue)
+    return {"rho": rho, "pvalue": pvalue, "n": n, "strictly_increasing": increasing}
 
 
 def power_law_fit(x, y, n_boot: int = 1000, seed: int = 0) -> dict:

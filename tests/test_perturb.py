@@ -13,7 +13,12 @@ from esa.perturb import PERTURBATIONS, perturbed
 from esa.select import select
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float64: torch.int64}
+INT = {
+    torch.float32: torch.int32,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+    torch.float64: torch.int64,
+}
 METHOD_ARGS = {
     "zero": {},
     "sign_flip": {},

@@ -14,6 +14,8 @@ from esa.params import ParamInfo, ParamMap
 from esa.select import Selection, select
 
 SETTINGS = settings(max_examples=25, deadline=None)
+EXTREME = st.sampled_from(["top", "bottom"])
+MODE = st.sampled_from(["per_layer", "global"])
 
 
 @st.composite
@@ -42,10 +44,15 @@ def _reference(scores, k, kind, mode):
     groups = [scores] if mode == "global" else [{n: s} for n, s in scores.items()]
     out = []
     for group in groups:
-        entries = [(n, i, float(v)) for n, s in group.items() for i, v in enumerate(s.reshape(-1).tolist())]
+        entries = [(n, i, v) for n, s in group.items() for i, v in enumerate(s.reshape(-1).tolist())]
         entries.sort(key=lambda e: sign * e[2])
         out.extend(entries[:k])
     return out
+
+
+def _limit(scores, mode):
+    numels = [s.numel() for s in scores.values()]
+    return min(numels) if mode == "per_layer" else sum(numels)
 
 
 def _picked(sel):
@@ -53,9 +60,9 @@ def _picked(sel):
 
 
 @SETTINGS
-@given(score_dicts(), st.integers(1, 6), st.sampled_from(["top", "bottom"]), st.sampled_from(["per_layer", "global"]))
+@given(score_dicts(), st.integers(1, 6), EXTREME, MODE)
 def test_extreme_values_match_brute_force(scores, k, kind, mode):
-    limit = min(s.numel() for s in scores.values()) if mode == "per_layer" else sum(s.numel() for s in scores.values())
+    limit = _limit(scores, mode)
     k = min(k, limit)
     sel = select(scores, k, kind=kind, mode=mode)
     ref = _reference(scores, k, kind, mode)
@@ -63,7 +70,8 @@ def test_extreme_values_match_brute_force(scores, k, kind, mode):
     if mode == "per_layer":
         for name in scores:
             assert sel.indices[name].numel() == k
-            assert sorted(v for n, _, v in _picked(sel) if n == name) == sorted(v for n, _, v in ref if n == name)
+            mine = sorted(v for n, _, v in _picked(sel) if n == name)
+            assert mine == sorted(v for n, _, v in ref if n == name)
     # indices are sorted, unique, in range, and values are the scores there
     for name, idx in sel.indices.items():
         assert idx.dtype == torch.long and torch.equal(idx, torch.unique(idx))
@@ -72,9 +80,9 @@ def test_extreme_values_match_brute_force(scores, k, kind, mode):
 
 
 @SETTINGS
-@given(score_dicts(distinct=True), st.integers(1, 6), st.sampled_from(["top", "bottom"]), st.sampled_from(["per_layer", "global"]))
+@given(score_dicts(distinct=True), st.integers(1, 6), EXTREME, MODE)
 def test_extreme_index_sets_match_with_distinct_values(scores, k, kind, mode):
-    limit = min(s.numel() for s in scores.values()) if mode == "per_layer" else sum(s.numel() for s in scores.values())
+    limit = _limit(scores, mode)
     k = min(k, limit)
     sel = select(scores, k, kind=kind, mode=mode)
     assert sel.keys() == {(n, i) for n, i, _ in _reference(scores, k, kind, mode)}
@@ -97,9 +105,9 @@ def test_nan_scores_are_chosen_last():
 
 
 @SETTINGS
-@given(score_dicts(min_numel=4), st.integers(1, 4), st.sampled_from(["per_layer", "global"]), st.integers(0, 1000))
+@given(score_dicts(min_numel=4), st.integers(1, 4), MODE, st.integers(0, 1000))
 def test_random_k_unique_valid_reproducible(scores, k, mode, seed):
-    limit = min(s.numel() for s in scores.values()) if mode == "per_layer" else sum(s.numel() for s in scores.values())
+    limit = _limit(scores, mode)
     k = min(k, limit)
     a = select(scores, k, kind="random", mode=mode, seed=seed)
     b = select(scores, k, kind="random", mode=mode, seed=seed)
@@ -149,7 +157,8 @@ def test_global_never_concatenates(monkeypatch):
 def test_jaccard_and_overlap_properties(a, b):
     def mk(s):
         idx = torch.tensor(sorted(s), dtype=torch.long)
-        return Selection("top", "global", max(len(s), 1), 0, "", {"w": idx}, {"w": idx.float()}, {"w": (21,)})
+        k = max(len(s), 1)
+        return Selection("top", "global", k, 0, "", {"w": idx}, {"w": idx.float()}, {"w": (21,)})
 
     sa, sb = mk(a), mk(b)
     j = sa.jaccard(sb)

@@ -1,0 +1,200 @@
+"""Private helpers of esa.metrics: gradient passes over calibration batches and diagonal
+curvature estimates (Hutchinson and exact) by Hessian-vector products.
+
+The curvature routines take ``loss_terms``: an iterable of zero-argument callables, each returning
+one differentiable (already weighted) term of the total loss, so they work on any scalar loss —
+the LM calibration loss (one term per batch) or a quadratic in tests. The Hessian of the total is
+the sum of the terms' Hessians, so every term is differentiated with the same probe vectors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from esa.errors import ConfigError
+
+log = logging.getLogger("esa")
+
+LossTerms = Iterable[Callable[[], torch.Tensor]]
+_HVP_CHUNK = 128  # unit vectors per batched Hessian-vector product in the exact diagonal
+_PROBE_BUDGET = 1 << 22  # Hutchinson probes x entries per batched Hessian-vector product
+
+
+@contextlib.contextmanager
+def grad_scope(model: torch.nn.Module, params: Sequence[torch.nn.Parameter]):
+    """Only ``params`` require grad, model in eval mode; restore flags and free ``.grad`` on exit."""
+    wanted = {id(p) for p in params}
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    training = model.training
+    try:
+        for p, _ in saved:
+            p.requires_grad_(id(p) in wanted)
+        model.eval()
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+            p.grad = None
+        model.train(training)
+
+
+@contextlib.contextmanager
+def eager_kernels(model: torch.nn.Module):
+    """Switch attention (and fused-expert) kernels to "eager" for double backward, then restore.
+
+    sdpa/flash attention kernels (CPU flash included) have no double-backward formula.
+    """
+    config = getattr(model, "config", None)
+    changes = []
+    for attr, setter in (("_attn_implementation", "set_attn_implementation"),
+                         ("_experts_implementation", "set_experts_implementation")):
+        current = getattr(config, attr, None) if config is not None else None
+        if current in (None, "eager") or not hasattr(model, setter):
+            continue
+        try:
+            getattr(model, setter)("eager")
+        except Exception as exc:  # noqa: BLE001 - keep going with the current kernel
+            log.warning("esa: could not switch %s to eager (%s); double backward may fail", attr, exc)
+            continue
+        changes.append((setter, current))
+    try:
+        yield
+    finally:
+        for setter, current in reversed(changes):
+            getattr(model, setter)(current)
+
+
+def _grads(loss: torch.Tensor, params, create_graph: bool = False):
+    out = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(out, params)]
+
+
+def gradient_pass(loss_terms: LossTerms, params, square: bool = False) -> list[torch.Tensor]:
+    """Sum over terms of each term's gradient (``square=False``) or of its square (``square=True``),
+    accumulated in fp32."""
+    acc = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
+    for term in loss_terms:
+        for a, g in zip(acc, _grads(term(), params)):
+            g = g.detach().float()
+            a.add_(g * g if square else g)
+    return acc
+
+
+def _hvp(grads, params, vectors, retain_graph: bool, batched: bool = False):
+    """H v for the graph of ``grads`` (built with create_graph); zero where unconnected."""
+    pairs = [(g, v) for g, v in zip(grads, vectors) if g.requires_grad]
+    if not pairs:
+        return [torch.zeros_like(v) for v in vectors]
+    if batched:
+        out = torch.autograd.grad([g for g, _ in pairs], params, grad_outputs=[v for _, v in pairs],
+                                  retain_graph=retain_graph, allow_unused=True, is_grads_batched=True)
+    else:
+        dot = sum((g * v).sum() for g, v in pairs)
+        out = torch.autograd.grad(dot, params, retain_graph=retain_graph, allow_unused=True)
+    return [torch.zeros_like(v) if h is None else h for h, v in zip(out, vectors)]
+
+
+def _rademacher(params, seed: int, sample: int) -> list[torch.Tensor]:
+    """The ±1 probe of ``sample``: a fixed function of (seed, sample, tensor position)."""
+    out = []
+    for i, p in enumerate(params):
+        gen = torch.Generator(device=p.device)
+        gen.manual_seed((int(seed) * 1_000_003 + sample) * 10_007 + i)
+        z = torch.randint(0, 2, p.shape, generator=gen, device=p.device, dtype=torch.int8)
+        out.append((z * 2 - 1).to(p.dtype))
+    return out
+
+
+def hutchinson_diag(loss_terms: LossTerms, params, samples: int, seed: int,
+                    budget: int = _PROBE_BUDGET) -> list[torch.Tensor]:
+    """Signed Hutchinson estimate of diag(H): mean over ``samples`` Rademacher z of z ⊙ Hz.
+
+    The same z (regenerated from ``(seed, sample)``) is used for every loss term, so the result is
+    exactly the estimate for the Hessian of the summed loss. Probes go through one batched
+    Hessian-vector product as long as ``probes × entries <= budget`` (else one at a time).
+    """
+    if samples < 1:
+        raise ConfigError(f"hutchinson_samples={samples} must be >= 1")
+    acc = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
+    chunk = max(1, min(samples, budget // max(1, sum(p.numel() for p in params))))
+    batched = True
+    for term in loss_terms:
+        grads = _grads(term(), params, create_graph=True)
+        for start in range(0, samples, chunk):
+            probes = [_rademacher(params, seed, s) for s in range(start, min(samples, start + chunk))]
+            products = None
+            if len(probes) > 1 and batched:
+                z = [torch.stack(zs) for zs in zip(*probes)]
+                try:
+                    products = [(z, _hvp(grads, params, z, retain_graph=True, batched=True))]
+                except RuntimeError as exc:  # an op without a batching rule: one probe at a time
+                    log.info("esa: batched HVP unavailable (%s); one probe at a time", exc)
+                    batched = False
+            if products is None:
+                products = [([zi[None] for zi in z], [h[None] for h in
+                             _hvp(grads, params, z, retain_graph=True)]) for z in probes]
+            for z, hz in products:
+                for a, zi, hi in zip(acc, z, hz):
+                    a.add_((zi.float() * hi.detach().float()).sum(0))
+        del grads
+    return [a / samples for a in acc]
+
+
+def hessian_diag(loss_terms: LossTerms, params, max_entries: int,
+                 chunk: int = _HVP_CHUNK) -> list[torch.Tensor]:
+    """Exact signed diag(H) by Hessian-vector products with unit vectors, ``chunk`` at a time."""
+    sizes = [p.numel() for p in params]
+    total = sum(sizes)
+    if total > max_entries:
+        raise ConfigError(
+            f"hessian_diag is exact and costs one Hessian-vector product per weight: {total} entries "
+            f"> limit {max_entries}; restrict names=... or use hutchinson_diag")
+    offsets = [0]
+    for n in sizes:
+        offsets.append(offsets[-1] + n)
+    diag = torch.zeros(total, dtype=torch.float64)
+    batched = True
+    for term in loss_terms:
+        grads = _grads(term(), params, create_graph=True)
+        for start in range(0, total, chunk):
+            stop = min(total, start + chunk)
+            vecs = [_unit_block(p, offsets[i], start, stop) for i, p in enumerate(params)]
+            if batched:
+                try:
+                    hv = _hvp(grads, params, vecs, retain_graph=True, batched=True)
+                except RuntimeError as exc:  # an op without a batching rule: one vector at a time
+                    log.info("esa: batched HVP unavailable (%s); looping over unit vectors", exc)
+                    batched = False
+            if not batched:
+                rows = [_hvp(grads, params, [v[j] for v in vecs], retain_graph=True)
+                        for j in range(stop - start)]
+                hv = [torch.stack([r[i] for r in rows]) for i in range(len(params))]
+            _take_diagonal(diag, hv, offsets, start, stop)
+        del grads
+    return [diag[offsets[i]:offsets[i + 1]].view(p.shape).to(torch.float32).to(p.device)
+            for i, p in enumerate(params)]
+
+
+def _unit_block(p, offset: int, start: int, stop: int) -> torch.Tensor:
+    """Rows j = 0..stop-start-1 of unit vectors e_{start+j}, restricted to the tensor ``p``."""
+    k = stop - start
+    block = torch.zeros(k, p.numel(), dtype=p.dtype, device=p.device)
+    lo, hi = max(start, offset), min(stop, offset + p.numel())
+    if lo < hi:
+        coords = torch.arange(lo, hi, device=p.device)
+        block[coords - start, coords - offset] = 1
+    return block.view(k, *p.shape)
+
+
+def _take_diagonal(diag, hv, offsets, start: int, stop: int) -> None:
+    for i, h in enumerate(hv):
+        lo, hi = max(start, offsets[i]), min(stop, offsets[i + 1])
+        if lo >= hi:
+            continue
+        coords = torch.arange(lo, hi)
+        flat = h.detach().reshape(stop - start, -1).cpu().double()
+        diag[lo:hi] += flat[coords - start, coords - offsets[i]]

@@ -1,0 +1,147 @@
+"""The ``esa`` command line: ``esa run``, ``esa eval``, ``esa models``, ``esa metrics``.
+
+Thin over the library. Bad input ends with a one-line ``esa: error: ...`` and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from esa.errors import EsaError
+
+
+def _csv(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="registry name (esa models), hub id, local HF dir or .gguf")
+    p.add_argument("--data-file", default=None,
+                   help="evaluation text (a file, or wikitext-2-raw-v1 via datasets); default: built-in corpus")
+    p.add_argument("--calib-file", default=None, help="calibration text (default: windows after the eval ones)")
+    p.add_argument("--max-length", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--max-samples", type=int, default=32, help="evaluation windows (default 32)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                   help="default fp32 on CPU, bf16 on CUDA")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--verbose", "-v", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="esa", description="Extreme Sensitivity Analysis of LLM weights")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="baseline, scores, selections, perturbations, artifacts")
+    _common(run)
+    run.add_argument("--metric", type=_csv, default=["grad_x_weight"],
+                     help="metric(s), comma-separated (esa metrics lists them)")
+    run.add_argument("--mode", choices=["per_layer", "global"], default="per_layer")
+    run.add_argument("--topk", type=int, default=100, help="k weights per tensor (per_layer) or overall (global)")
+    run.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default --max-samples)")
+    run.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
+    run.add_argument("--stability-check", action="store_true", help="pairwise Jaccard of top-k across seeds")
+    run.add_argument("--perturb", type=_csv, default=["sign_flip"],
+                     help="zero, sign_flip, gauss_noise, bit_flip, scale (comma-separated)")
+    run.add_argument("--perturb-scale", type=float, default=None,
+                     help="gauss_noise sigma relative to |w| (default 0.01); factor for scale")
+    run.add_argument("--perturb-prob", type=float, default=1.0, help="probability each selected weight is hit")
+    run.add_argument("--perturb-bit", type=int, default=None, help="bit for bit_flip (default exponent MSB)")
+    run.add_argument("--controls", type=_csv, default=["random_k", "bottom_k"])
+    run.add_argument("--hutchinson-samples", type=int, default=8)
+    run.add_argument("--include-embeddings", action="store_true")
+    run.add_argument("--include-norms", action="store_true")
+    run.add_argument("--save-plots", action="store_true")
+    run.add_argument("--out-dir", required=True)
+    run.add_argument("--overwrite", action="store_true", help="replace an out-dir that already holds results")
+    run.add_argument("--no-cache", action="store_true", help="recompute scores instead of using the cache")
+
+    ev = sub.add_parser("eval", help="baseline perplexity / accuracy as JSON")
+    _common(ev)
+
+    sub.add_parser("models", help="list the model registry and hub aliases")
+    sub.add_parser("metrics", help="list the sensitivity metrics and perturbations")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        format="%(message)s")
+    try:
+        return _COMMANDS[args.command](args)
+    except EsaError as exc:
+        print(f"esa: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("esa: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args) -> int:
+    from esa.artifacts import format_summary
+    from esa.experiment import ExperimentConfig, parse_int_list, run_experiment
+
+    config = ExperimentConfig(
+        model=args.model, out_dir=args.out_dir, metrics=args.metric, mode=args.mode, topk=args.topk,
+        max_samples=args.max_samples, max_length=args.max_length, batch_size=args.batch_size,
+        calib_samples=args.calib_samples, seeds=parse_int_list(args.seeds),
+        stability_check=args.stability_check, perturbations=args.perturb,
+        perturb_scale=args.perturb_scale, perturb_prob=args.perturb_prob, perturb_bit=args.perturb_bit,
+        controls=args.controls, dtype=args.dtype, device=args.device, data_file=args.data_file,
+        calib_file=args.calib_file, hutchinson_samples=args.hutchinson_samples,
+        include_embeddings=args.include_embeddings, include_norms=args.include_norms,
+        save_plots=args.save_plots, overwrite=args.overwrite, use_cache=not args.no_cache,
+        progress=not args.no_progress,
+    )
+    result = run_experiment(config)
+    print(format_summary(result))
+    return 0
+
+
+def _eval(args) -> int:
+    from esa.artifacts import jsonable
+    from esa.data import prepare_data
+    from esa.evaluate import evaluate
+    from esa.models import load_model
+
+    for name, value in (("--max-samples", args.max_samples), ("--max-length", args.max_length),
+                        ("--batch-size", args.batch_size)):
+        if value <= 0:
+            raise EsaError(f"{name} must be a positive integer, got {value}")
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    data = prepare_data(lm.tokenizer, args.data_file, None, args.max_length, args.max_samples, min_calib_windows=0)
+    res = evaluate(lm.model, data.eval_ids, args.batch_size, not args.no_progress, check_leak=True)
+    out = {"model": lm.describe(), "data": data.manifest()["eval"], "max_length": args.max_length,
+           "perplexity": res.ppl, **res.to_dict()}
+    print(json.dumps(jsonable(out), indent=2))
+    return 0
+
+
+def _models(args) -> int:
+    from esa.models import list_models
+
+    for row in list_models():
+        print(f"{row['name']:<18}{row['source']:<10}{row['description']}")
+    return 0
+
+
+def _metrics(args) -> int:
+    from esa.metrics import METRICS
+    from esa.perturb import PERTURBATIONS
+
+    for name, spec in METRICS.items():
+        print(f"metric       {name:<18}{getattr(spec, 'description', '')}")
+    for name in PERTURBATIONS:
+        print(f"perturbation {name}")
+    return 0
+
+
+_COMMANDS = {"run": _run, "eval": _eval, "models": _models, "metrics": _metrics}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""The research runbook as one library call: baseline -> scores per seed -> selections ->
+perturb super / controls -> ΔPPL per condition and seed -> artifacts.
+
+``run_experiment(config)`` validates everything it can before loading anything, loads the model
+once, and writes its artifacts through :mod:`esa.artifacts` (atomically: no partial out-dir).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from esa import stats
+from esa.errors import ConfigError
+from esa.models import LoadedModel, cache_dir
+
+log = logging.getLogger("esa")
+
+CONTROLS = {"random_k": "random", "bottom_k": "bottom"}
+MODES = ("per_layer", "global")
+DEFAULT_SCALE = {"gauss_noise": 0.01, "scale": 0.0}
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything one run needs (the CLI flags map 1:1 onto these fields)."""
+
+    model: str
+    out_dir: str | None = None
+    metrics: list[str] = field(default_factory=lambda: ["grad_x_weight"])
+    mode: str = "per_layer"
+    topk: int = 100
+    max_samples: int = 32
+    max_length: int = 512
+    batch_size: int = 8
+    calib_samples: int | None = None
+    seeds: list[int] = field(default_factory=lambda: [0])
+    stability_check: bool = False
+    perturbations: list[str] = field(default_factory=lambda: ["sign_flip"])
+    perturb_scale: float | None = None
+    perturb_prob: float = 1.0
+    perturb_bit: int | None = None
+    controls: list[str] = field(default_factory=lambda: ["random_k", "bottom_k"])
+    dtype: str | None = None
+    device: str | None = None
+    data_file: str | None = None
+    calib_file: str | None = None
+    hutchinson_samples: int = 8
+    include_embeddings: bool = False
+    include_norms: bool = False
+    save_plots: bool = False
+    overwrite: bool = False
+    use_cache: bool = True
+    cache_root: str | None = None
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Check every option that needs no model; raise ConfigError naming the fix."""
+        from esa.metrics import METRICS
+        from esa.perturb import PERTURBATIONS
+
+        for metric in self.metrics:
+            if metric not in METRICS:
+                raise ConfigError(f"unknown metric {metric!r}: choose from {', '.join(sorted(METRICS))}")
+        for method in self.perturbations:
+            if method not in PERTURBATIONS:
+                raise ConfigError(f"unknown perturbation {method!r}: choose from {', '.join(sorted(PERTURBATIONS))}")
+        if self.mode not in MODES:
+            raise ConfigError(f"unknown --mode {self.mode!r}: use per_layer or global")
+        if self.topk <= 0:
+            raise ConfigError(f"--topk must be a positive integer, got {self.topk}")
+        for name, value in (("--max-samples", self.max_samples), ("--max-length", self.max_length),
+                            ("--batch-size", self.batch_size), ("--hutchinson-samples", self.hutchinson_samples)):
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value}")
+        if self.calib_samples is not None and self.calib_samples <= 0:
+            raise ConfigError(f"--calib-samples must be a positive integer, got {self.calib_samples}")
+        if self.perturb_scale is not None and self.perturb_scale < 0:
+            raise ConfigError(f"--perturb-scale must be >= 0, got {self.perturb_scale}")
+        if not 0.0 <= self.perturb_prob <= 1.0:
+            raise ConfigError(f"--perturb-prob must be within [0, 1], got {self.perturb_prob}")
+        for control in self.controls:
+            if control not in CONTROLS:
+                raise ConfigError(f"unknown control {control!r}: use random_k and/or bottom_k")
+        if not self.seeds:
+            raise ConfigError("--seeds needs at least one seed, e.g. --seeds 0,1,2")
+
+    def scale_for(self, method: str) -> float | None:
+        if self.perturb_scale is not None:
+            return self.perturb_scale
+        return DEFAULT_SCALE.get(method)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ExperimentResult:
+    """What a run measured; ``rows`` has one dict per (perturbation, condition, metric, seed)."""
+
+    config: ExperimentConfig
+    model: dict
+    data: dict
+    baseline: dict
+    rows: list[dict]
+    summary: list[dict]
+    stability: dict | None
+    selections: dict  # (metric, seed) -> Selection of the super set
+    timings: dict
+    score_summaries: dict
+    out_dir: Path | None = None
+
+
+def run_experiment(config: ExperimentConfig, lm: LoadedModel | None = None, data=None) -> ExperimentResult:
+    """Run the runbook; write artifacts when ``config.out_dir`` is set."""
+    from esa import artifacts
+    from esa.data import prepare_data
+    from esa.evaluate import evaluate
+    from esa.models import load_model
+
+    config.validate()
+    staging = artifacts.Staging(config.out_dir, config.overwrite) if config.out_dir else None
+    try:
+        timings: dict = {}
+        t0 = time.perf_counter()
+        if lm is None:
+            lm = load_model(config.model, dtype=config.dtype, device=config.device)
+        timings["load_s"] = time.perf_counter() - t0
+        names = lm.param_map.scorable(config.include_embeddings, config.include_norms)
+        _check_topk(config, lm, names)
+        if data is None:
+            data = prepare_data(lm.tokenizer, config.data_file, config.calib_file,
+                                config.max_length, config.max_samples)
+        t = time.perf_counter()
+        base = evaluate(lm.model, data.eval_ids, config.batch_size, config.progress,
+                        check_leak=True, desc="baseline")
+        timings["baseline_s"] = time.perf_counter() - t
+        scores_by, selections, rows, summaries = {}, {}, [], {}
+        for metric in config.metrics:
+            for seed in config.seeds:
+                t = time.perf_counter()
+                scores = scores_for(lm, data, metric, seed, config, names)
+                timings[f"score_{metric}_seed{seed}_s"] = time.perf_counter() - t
+                if seed == config.seeds[0]:
+                    from esa.metrics import score_summary
+
+                    summaries[metric] = score_summary(scores)
+                    scores_by[metric] = scores
+                rows += _perturbation_rows(lm, data, base, scores, metric, seed, config, selections, timings)
+                if seed != config.seeds[0]:
+                    del scores
+        stability = _stability(config, selections) if config.stability_check else None
+        summary = summarize(rows)
+        result = ExperimentResult(config, lm.describe(), data.manifest(), base.to_dict(), rows, summary,
+                                  stability, selections, timings, summaries)
+        timings["total_s"] = time.perf_counter() - t0
+        if staging is not None:
+            artifacts.write_all(staging, result, lm, scores_by)
+            result.out_dir = staging.commit()
+        return result
+    finally:
+        if staging is not None:
+            staging.discard()
+
+
+def _check_topk(config: ExperimentConfig, lm: LoadedModel, names: list[str]) -> None:
+    sizes = {n: lm.param_map[n].numel for n in names}
+    if not sizes:
+        raise ConfigError(f"model {lm.name!r} has no tensors to score with these include options")
+    if config.mode == "per_layer":
+        small = min(sizes, key=sizes.get)
+        if config.topk > sizes[small]:
+            raise ConfigError(f"--topk {config.topk} is larger than tensor {small} ({sizes[small]} entries): "
+                              "lower --topk or use --mode global")
+    elif config.topk > sum(sizes.values()):
+        raise ConfigError(f"--topk {config.topk} is larger than all {sum(sizes.values())} scored weights")
+
+
+def scores_for(lm: LoadedModel, data, metric: str, seed: int, config: ExperimentConfig, names) -> dict:
+    """Scores of ``metric`` for ``seed``'s calibration windows, from the cache when valid."""
+    return cached_scores(lm, data, metric, seed, calib_windows=config.calib_samples or config.max_samples,
+                         batch_size=config.batch_size, hutchinson_samples=config.hutchinson_samples,
+                         names=names, use_cache=config.use_cache, cache_root=config.cache_root,
+                         progress=config.progress)
+
+
+def cached_scores(lm: LoadedModel, data, metric: str, seed: int, *, calib_windows: int, batch_size: int,
+                  hutchinson_samples: int, names, use_cache: bool = True, cache_root=None,
+                  progress: bool = True) -> dict:
+    """Compute (or load from the safetensors cache) ``metric`` scores on ``seed``'s calibration
+    windows. The cache key covers model identity, dtype, data, windows and settings."""
+    from esa import cache
+    from esa.metrics import compute_scores
+
+    calib = data.calibration(calib_windows, seed)
+    key = cache.cache_key(model=lm.name, weights=lm.fingerprint(), dtype=str(lm.dtype), metric=metric, seed=seed,
+                          calib_sha256=data.calib_source.sha256, max_length=data.max_length,
+                          calib_windows=int(calib.shape[0]), eval_windows=int(data.eval_ids.shape[0]),
+                          batch_size=batch_size, hutchinson_samples=hutchinson_samples,
+                          names=sorted(names))
+    root = Path(cache_root) if cache_root else cache_dir()
+    device = next(lm.model.parameters()).device
+    if use_cache:
+        shapes = {n: lm.param_map[n].shape for n in names}
+        hit = cache.load_scores(root, key, shapes, device=device)
+        if hit is not None:
+            log.info("esa: scores %s seed %d from cache", metric, seed)
+            return hit
+    scores = compute_scores(lm, metric, calib, seed=seed, batch_size=batch_size,
+                            hutchinson_samples=hutchinson_samples, names=names, progress=progress)
+    if use_cache:
+        cache.save_scores(root, key, scores)
+    return scores
+
+
+def _perturbation_rows(lm, data, base, scores, metric, seed, config, selections, timings) -> list[dict]:
+    from esa.evaluate import evaluate
+    from esa.perturb import perturbed
+    from esa.select import select
+
+    sets = {"super": select(scores, config.topk, "top", config.mode, seed=seed, metric=metric)}
+    selections[(metric, seed)] = sets["super"]
+    for control in config.controls:
+        sets[control] = select(scores, config.topk, CONTROLS[control], config.mode, seed=seed, metric=metric)
+    rows = []
+    for method in config.perturbations:
+        for condition, selection in sets.items():
+            t = time.perf_counter()
+            with perturbed(lm.model, selection, method, scale=config.scale_for(method),
+                           prob=config.perturb_prob, bit=config.perturb_bit, seed=seed) as info:
+                res = evaluate(lm.model, data.eval_ids, config.batch_size, config.progress,
+                               desc=f"{method}/{condition}/seed{seed}")
+            seconds = time.perf_counter() - t
+            timings[f"perturb_{metric}_{method}_{condition}_seed{seed}_s"] = seconds
+            rows.append({
+                "metric": metric, "perturbation": method, "condition": condition, "seed": int(seed),
+                "k": int(config.topk), "mode": config.mode, "n_weights": int(selection.size),
+                "n_changed": int(info.n_changed), "ppl": res.ppl, "delta_ppl": res.ppl - base.ppl,
+                "ppl_ratio": res.ppl / base.ppl, "accuracy": res.accuracy,
+                "delta_accuracy": res.accuracy - base.accuracy, "finite": res.finite,
+                "restored_bit_exact": bool(info.verified), "seconds": seconds,
+            })
+    return rows
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean ΔPPL with 95% CI per (metric, perturbation, condition), plus super/random ratios and
+    a paired t-test of super vs random over seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["metric"], row["perturbation"], row["condition"]), []).append(row)
+    out = []
+    for (metric, method, condition), items in groups.items():
+        deltas = [r["delta_ppl"] for r in sorted(items, key=lambda r: r["seed"])]
+        entry = {"metric": metric, "perturbation": method, "condition": condition,
+                 "n_seeds": len(deltas), "mean_delta_ppl": sum(deltas) / len(deltas),
+                 "ci95": list(stats.bootstrap_ci(deltas)), "delta_ppl": deltas}
+        random = groups.get((metric, method, "random_k"))
+        if condition == "super" and random:
+            rand = [r["delta_ppl"] for r in sorted(random, key=lambda r: r["seed"])]
+            entry["ratio_vs_random"] = stats.effect_ratio(deltas, rand)
+            entry["ttest_vs_random"] = stats.paired_ttest(deltas, rand)
+        out.append(entry)
+    return out
+
+
+def _stability(config: ExperimentConfig, selections: dict) -> dict:
+    out = {"metrics": {}}
+    for metric in config.metrics:
+        pairs = []
+        seeds = config.seeds
+        for i, a in enumerate(seeds):
+            for b in seeds[i + 1 :]:
+                pairs.append({"seed_a": a, "seed_b": b,
+                              "jaccard": selections[(metric, a)].jaccard(selections[(metric, b)])})
+        values = [p["jaccard"] for p in pairs]
+        out["metrics"][metric] = {
+            "pairs": pairs,
+            "mean_jaccard": sum(values) / len(values) if values else None,
+            "min_jaccard": min(values) if values else None,
+            "k": config.topk, "mode": config.mode,
+        }
+    return out
+
+
+def parse_int_list(text: str) -> list[int]:
+    """'0,1,2' -> [0, 1, 2] (ConfigError on junk)."""
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"expected comma-separated integers like 0,1,2, got {text!r}") from None
+    return values
+
+
+def free_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,34 @@
+"""Parametrize claims over the session's models, metrics, tiny architectures and perturbations."""
+
+import pytest
+
+from esa.models import check_model_name
+from esa.plugin import OPTIONS_KEY
+
+from criteria import PERTURBATIONS
+
+TINY_ARCHS = ("tiny-pythia", "tiny-llama", "tiny-mistral", "tiny-phi3", "tiny-mixtral")
+
+
+def pytest_generate_tests(metafunc):
+    options = metafunc.config.stash[OPTIONS_KEY]
+    if "model" in metafunc.fixturenames:
+        for name in options.models:
+            check_model_name(name)  # a typo fails collection with one line, not a traceback
+        metafunc.parametrize("model", options.models)
+    if "metric" in metafunc.fixturenames:
+        metafunc.parametrize("metric", options.metrics)
+    if "arch" in metafunc.fixturenames:
+        metafunc.parametrize("arch", TINY_ARCHS)
+    if "perturbation" in metafunc.fixturenames:
+        metafunc.parametrize("perturbation", PERTURBATIONS)
+
+
+@pytest.fixture
+def bench(esa_bench, esa_header, request):
+    """The session workbench; notes the model's data provenance in the report header."""
+    model = getattr(request.node, "callspec", None) and request.node.callspec.params.get("model")
+    if model:
+        esa_header.setdefault("data", {})[model] = esa_bench.data_manifest(model)
+        esa_header.setdefault("models", {})[model] = esa_bench.model(model).describe()
+    return esa_bench

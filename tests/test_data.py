@@ -1,0 +1,253 @@
+"""Tests for esa.data: text loading, the windows protocol, calibration sampling and the manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from esa.data import (
+    DataBundle,
+    load_text,
+    make_windows,
+    prepare_data,
+    sha256_file,
+    tokenize,
+    windows_of,
+)
+from esa.errors import DataError
+from esa.tokenizer import builtin_corpus, builtin_tokenizer
+
+CORPUS = builtin_corpus()
+TEXT = CORPUS[:30_000]  # natural prose: no two 32-token windows are identical
+L = 32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """CI boxes share 2 cores: intra-op threads only add contention (10-100x slower) here."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return builtin_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def all_windows(tok):
+    return make_windows(tok, TEXT, L)
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "eval.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return path
+
+
+def _rows(t: torch.Tensor) -> set[tuple[int, ...]]:
+    return {tuple(r) for r in t.tolist()}
+
+
+# --------------------------------------------------------------------------- windows
+
+
+@settings(max_examples=40, deadline=None)
+@given(n_chars=st.integers(0, 3000), max_length=st.integers(1, 80))
+def test_windows_are_consecutive_and_drop_remainder(n_chars, max_length):
+    tok = builtin_tokenizer()
+    text = CORPUS[:n_chars]
+    ids = tokenize(tok, text)
+    w = make_windows(tok, text, max_length)
+    n = ids.numel() // max_length
+    assert w.dtype == torch.long
+    assert tuple(w.shape) == (n, max_length)
+    assert torch.equal(w.reshape(-1), ids[: n * max_length])
+    # The dropped remainder is shorter than one window.
+    assert ids.numel() - n * max_length < max_length
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 500), max_length=st.integers(1, 64))
+def test_windows_of_is_a_reshape(n, max_length):
+    ids = torch.arange(n, dtype=torch.long) * 7 + 3
+    w = windows_of(ids, max_length)
+    assert w.shape == (n // max_length, max_length)
+    for i in range(w.shape[0]):  # window i is exactly ids[i*L:(i+1)*L]: consecutive, non-overlapping
+        assert torch.equal(w[i], ids[i * max_length : (i + 1) * max_length])
+
+
+def test_tokenize_adds_no_special_tokens(tok):
+    ids = tokenize(tok, "hello world")
+    assert ids.tolist() == tok("hello world", add_special_tokens=False)["input_ids"]
+    assert tok.eos_token_id not in ids.tolist()
+    assert tokenize(tok, "").numel() == 0
+
+
+# --------------------------------------------------------------------------- load_text
+
+
+def test_load_text_none_is_builtin_without_file():
+    src = load_text(None)
+    assert src.text == CORPUS
+    assert src.path is None
+    assert src.name.startswith("builtin")
+    assert src.sha256 == hashlib.sha256(CORPUS.encode("utf-8")).hexdigest()
+    assert load_text("builtin") == src
+    assert src.describe() == {"name": src.name, "path": None, "sha256": src.sha256, "chars": len(CORPUS)}
+
+
+def test_load_text_file(text_file):
+    src = load_text(str(text_file))
+    assert src.text == TEXT
+    assert src.path == str(text_file.resolve())
+    assert src.sha256 == hashlib.sha256(text_file.read_bytes()).hexdigest() == sha256_file(text_file)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        load_text(str(tmp_path / "nope.txt"))
+
+
+@pytest.mark.parametrize("content", ["", "   \n\t\n"])
+def test_empty_file(tmp_path, tok, content):
+    path = tmp_path / "empty.txt"
+    path.write_text(content)
+    with pytest.raises(DataError, match="empty"):
+        load_text(str(path))
+    with pytest.raises(DataError):
+        prepare_data(tok, str(path), max_length=8)
+
+
+def test_non_utf8_file(tmp_path, tok):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("caf\u00e9 cr\u00e8me br\u00fbl\u00e9e ".encode("latin-1") * 50 + b"\xff\xfe")
+    with pytest.raises(DataError, match="UTF-8"):
+        load_text(str(path))
+    with pytest.raises(DataError, match="UTF-8"):
+        prepare_data(tok, str(path), max_length=8)
+
+
+def test_too_short_file_names_max_length(tmp_path, tok):
+    path = tmp_path / "short.txt"
+    path.write_text("A few words only.")
+    n_tok = tokenize(tok, "A few words only.").numel()
+    with pytest.raises(DataError, match="--max-length") as info:
+        prepare_data(tok, str(path), max_length=n_tok + 1)
+    assert str(n_tok) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("max_length", [0, 1, -5])
+def test_max_length_below_two(tok, text_file, max_length):
+    with pytest.raises(DataError, match="--max-length"):
+        prepare_data(tok, str(text_file), max_length=max_length)
+
+
+# --------------------------------------------------------------------------- prepare_data
+
+
+def test_eval_is_first_windows_and_calibration_is_the_rest(tok, text_file, all_windows):
+    assert all_windows.shape[0] > 20
+    b = prepare_data(tok, str(text_file), max_length=L, max_samples=5)
+    assert isinstance(b, DataBundle)
+    assert torch.equal(b.eval_ids, all_windows[:5])
+    assert torch.equal(b.calib_pool, all_windows[5:])
+    assert b.eval_total_windows == all_windows.shape[0]
+    # No evaluation window appears in the calibration pool (natural text: windows are unique).
+    assert len(_rows(all_windows)) == all_windows.shape[0]
+    assert not _rows(b.eval_ids) & _rows(b.calib_pool)
+    for seed in range(5):
+        assert not _rows(b.eval_ids) & _rows(b.calibration(8, seed))
+
+
+def test_calibration_seeded(tok, text_file):
+    b = prepare_data(tok, str(text_file), max_length=L, max_samples=4)
+    a1, a2, c = b.calibration(6, seed=1), b.calibration(6, seed=1), b.calibration(6, seed=2)
+    assert torch.equal(a1, a2)
+    assert not torch.equal(a1, c)
+    pool = _rows(b.calib_pool)
+    for s in (a1, c):
+        assert s.shape == (6, L)
+        assert len(_rows(s)) == 6  # without replacement
+        assert _rows(s) <= pool
+    # Asking for more than the pool gives the whole pool (in order).
+    everything = b.calibration(10_000, seed=3)
+    assert torch.equal(everything, b.calib_pool)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 12))
+def test_calibration_property(seed, n):
+    pool = torch.arange(20 * 4).view(20, 4)
+    b = DataBundle(pool[:0], pool, None, None, 4, 0)
+    s = b.calibration(n, seed)
+    assert torch.equal(s, b.calibration(n, seed))
+    firsts = s[:, 0].tolist()
+    assert firsts == sorted(set(firsts)) and len(firsts) == n  # distinct pool rows, in pool order
+    assert all(torch.equal(row, pool[row[0] // 4]) for row in s)
+
+
+def test_different_seeds_give_different_samples(tok, text_file):
+    b = prepare_data(tok, str(text_file), max_length=L, max_samples=4)
+    samples = {tuple(b.calibration(4, seed).reshape(-1).tolist()) for seed in range(6)}
+    assert len(samples) >= 5
+
+
+def test_max_samples_none_uses_all_and_needs_calib(tok, text_file, all_windows):
+    with pytest.raises(DataError, match="calib"):
+        prepare_data(tok, str(text_file), max_length=L)
+    b = prepare_data(tok, str(text_file), max_length=L, min_calib_windows=0)
+    assert torch.equal(b.eval_ids, all_windows)
+    assert b.calib_pool.shape[0] == 0
+
+
+def test_max_samples_beyond_text_warns(tok, text_file, all_windows, caplog):
+    with caplog.at_level(logging.WARNING, logger="esa"):
+        b = prepare_data(tok, str(text_file), max_length=L, max_samples=10_000, min_calib_windows=0)
+    assert b.eval_ids.shape[0] == all_windows.shape[0]
+    assert any("only" in r.getMessage() for r in caplog.records)
+
+
+def test_separate_calibration_file(tok, text_file, tmp_path):
+    calib = tmp_path / "calib.txt"
+    calib_text = CORPUS[40_000:50_000]
+    calib.write_text(calib_text, encoding="utf-8")
+    b = prepare_data(tok, str(text_file), calib_data=str(calib), max_length=L, max_samples=3)
+    assert torch.equal(b.calib_pool, make_windows(tok, calib_text, L))
+    m = b.manifest()
+    assert m["calibration"]["sha256"] == hashlib.sha256(calib.read_bytes()).hexdigest()
+    assert m["calibration"]["windows_pool"] == b.calib_pool.shape[0]
+    assert "after the evaluation" not in m["protocol"]
+
+
+def test_manifest(tok, text_file, all_windows):
+    b = prepare_data(tok, str(text_file), max_length=L, max_samples=7)
+    m = b.manifest()
+    json.dumps(m)  # plain types only
+    digest = hashlib.sha256(text_file.read_bytes()).hexdigest()
+    assert m["max_length"] == L
+    assert m["eval"]["sha256"] == digest
+    assert m["eval"]["path"] == str(text_file.resolve())
+    assert m["eval"]["windows_total"] == all_windows.shape[0]
+    assert m["eval"]["windows_used"] == 7
+    assert m["calibration"]["sha256"] == digest
+    assert m["calibration"]["windows_pool"] == all_windows.shape[0] - 7
+    assert "after the evaluation" in m["protocol"]
+    assert m["eval"]["chars"] == len(TEXT)
+
+
+def test_builtin_data_when_no_file(tok):
+    b = prepare_data(tok, None, max_length=64, max_samples=2)
+    expected = make_windows(tok, CORPUS, 64)
+    assert torch.equal(b.eval_ids, expected[:2])
+    assert b.manifest()["eval"]["path"] is None
