@@ -22,11 +22,11 @@ MLP = ("mlp_gate", "mlp_up", "mlp_down")
 _PATTERNS: tuple[tuple[str, str], ...] = (
     (r"(embed_tokens|embed_in|wte|word_embeddings)\.weight$", "embed"),
     (r"(lm_head|embed_out)\.weight$", "lm_head"),
+    (r"(query_key_value|qkv_proj)\.(weight|bias)$", "attn_qkv"),  # before q/k/v: "qkv_proj" ends in "v_proj"
     (r"(q_proj|query)\.(weight|bias)$", "attn_q"),
     (r"(k_proj|key)\.(weight|bias)$", "attn_k"),
     (r"(v_proj|value)\.(weight|bias)$", "attn_v"),
     (r"(o_proj|attention\.dense|out_proj)\.(weight|bias)$", "attn_o"),
-    (r"(query_key_value|qkv_proj)\.(weight|bias)$", "attn_qkv"),
     (r"gate_up_proj(\.weight|\.bias)?$", "mlp_gate_up"),
     (r"(gate_proj|w1)\.(weight|bias)$", "mlp_gate"),
     (r"(up_proj|w3|dense_h_to_4h|fc1)\.(weight|bias)$", "mlp_up"),

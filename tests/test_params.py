@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import Phase, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -40,11 +40,6 @@ LAYER_PARTS = {
     "tiny-mixtral": PER_LAYER | {"router"},
 }
 
-QKV_BUG = ("esa/params.py _PATTERNS: '(v_proj|value)\\.(weight|bias)$' matches 'query_key_value.weight' "
-           "and 'qkv_proj.weight' before the attn_qkv pattern, so fused qkv tensors become attn_v with no parts")
-FUSED_QKV = {"tiny-pythia", "tiny-phi3"}
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _one_torch_thread():
     """CI boxes share 2 cores: intra-op threads only add contention (10-100x slower) here."""
@@ -52,11 +47,6 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def _xfail_fused(names):
-    return [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=QKV_BUG)) if n in FUSED_QKV else n
-            for n in names]
 
 
 class _Quiet(dict):
@@ -117,7 +107,7 @@ def test_layer_indices(models, name):
     assert lm.param_map.num_layers() == LAYERS == lm.model.config.num_hidden_layers
 
 
-@pytest.mark.parametrize("name", _xfail_fused(TINY))
+@pytest.mark.parametrize("name", TINY)
 def test_component_vocabulary(models, name):
     pm = models[name].param_map
     assert {i.component for i in pm.values()} == COMPONENTS[name]
@@ -308,8 +298,8 @@ def qkv_baseline(models):
     return ids, _Quiet({name: _capture_qkv(models[name].model, ids) for name in ATTN_TENSORS})
 
 
-@pytest.mark.parametrize("name", _xfail_fused(ATTN_TENSORS))
-@settings(max_examples=12, deadline=None, phases=(Phase.explicit, Phase.generate))  # no slow shrinking
+@pytest.mark.parametrize("name", list(ATTN_TENSORS))
+@settings(max_examples=12, deadline=None)
 @given(data=st.data())
 def test_qkv_rows_match_modeling_code(models, qkv_baseline, name, data):
     """Perturbing an output row changes exactly the projection (and head) that locate names."""
@@ -338,7 +328,7 @@ def test_qkv_rows_match_modeling_code(models, qkv_baseline, name, data):
     assert heads == {head_of_row(info, row, lm.model.config)}
 
 
-@pytest.mark.parametrize("name", _xfail_fused(["tiny-pythia", "tiny-phi3"]))
+@pytest.mark.parametrize("name", ["tiny-pythia", "tiny-phi3"])
 def test_qkv_parts_partition_rows(models, name):
     lm = models[name]
     cfg = lm.model.config

@@ -1,0 +1,256 @@
+"""Unstructured pruning guided by a sensitivity metric (Wanda / magnitude-pruning protocol).
+
+Scores follow ``esa.metrics``: a higher score means a more important weight, so pruning removes
+the LOWEST-scoring fraction of each comparison group and keeps the rest.
+
+Comparison groups (``granularity``):
+
+- ``"row"``: every vector along the last dimension, i.e. each output row of an ``[out, in]``
+  matrix (the weights feeding one output unit) and, for fused 3-D expert tensors
+  ``[experts, out, in]``, each row of each expert. This is Wanda's group (Sun et al. 2023:
+  ``|W_ij| * ||X_j||_2`` compared within output row i). 1-D tensors form a single group.
+- ``"layer"``: the whole tensor is one group (classic magnitude pruning compares ``|W|`` over the
+  layer).
+
+Exactly ``n_pruned(sparsity, group_size)`` = floor(sparsity x group size) entries are removed
+from every group, so each group's achieved sparsity is exactly the requested one (up to the
+floor). Ties are broken deterministically: among equal scores the lower index is pruned first.
+NaN scores count as the most important (pruned last), as ``esa.select`` treats NaN for "bottom".
+
+Baselines (docs/REFERENCES.md, "Pruning baselines"): magnitude = ``magnitude`` metric (|W|) with
+``granularity="layer"``; Wanda = ``act_mag`` metric with ``granularity="row"``.
+``pruning_table`` measures perplexity on the evaluation windows after pruning every scored
+tensor by each (metric, granularity); ``compare_at`` compares the best sensitivity-guided
+method (any metric other than magnitude and act_mag) with both baselines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import math
+from typing import Iterator, Mapping, Sequence
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from esa.errors import ConfigError
+from esa.perturb import PerturbInfo, perturbed
+
+log = logging.getLogger("esa")
+
+GRANULARITIES = ("row", "layer")
+DEFAULT_METRICS = ("magnitude", "act_mag", "grad_x_weight", "grad_squared", "hutchinson_diag")
+BASELINE_METRICS = ("magnitude", "act_mag")
+COLUMNS = ["metric", "granularity", "sparsity", "ppl", "dense_ppl", "ratio",
+           "n_pruned", "n_weights", "achieved_sparsity"]
+
+
+def n_pruned(sparsity: float, group_size: int) -> int:
+    """Entries pruned from a group: floor(sparsity x group_size).
+
+    The product is rounded to 6 decimals first so that float noise does not lose an entry
+    (0.29 x 100 is 28.999999999999996 in binary floating point; this returns 29).
+    """
+    return int(math.floor(round(float(sparsity) * int(group_size), 6)))
+
+
+def prune_masks(scores: Mapping[str, torch.Tensor], sparsity: float,
+                granularity: str = "row") -> dict[str, torch.Tensor]:
+    """Keep-masks (True = keep) pruning the lowest-scoring ``sparsity`` fraction of each group.
+
+    ``scores`` is name -> score tensor (``esa.metrics.compute_scores`` output); each mask has the
+    score's shape and device. See the module doc for groups, counts and tie-breaking.
+    """
+    sparsity = _check_sparsity(sparsity)
+    if granularity not in GRANULARITIES:
+        raise ConfigError(f"unknown granularity {granularity!r}; use one of {', '.join(GRANULARITIES)}")
+    if not scores:
+        raise ConfigError("no scores to prune by; compute scores for at least one tensor first")
+    masks = {}
+    for name, score in scores.items():
+        if not isinstance(score, torch.Tensor):
+            raise ConfigError(f"score for {name!r} is not a tensor; pass dict name -> torch.Tensor")
+        masks[name] = _mask(score, sparsity, granularity)
+    return masks
+
+
+def _check_sparsity(sparsity) -> float:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity <= 1.0:
+        raise ConfigError(f"sparsity must be a number in [0, 1], got {sparsity!r}; pass e.g. 0.5")
+    return float(sparsity)
+
+
+def _mask(score: torch.Tensor, sparsity: float, granularity: str) -> torch.Tensor:
+    key = score.detach()
+    if not key.is_floating_point() or key.dtype in (torch.float16, torch.bfloat16):
+        key = key.float()
+    key = torch.nan_to_num(key, nan=float("inf"))
+    if granularity == "row" and key.ndim >= 2:
+        groups = key.reshape(-1, key.shape[-1])
+    else:
+        groups = key.reshape(1, -1)
+    k = n_pruned(sparsity, groups.shape[1])
+    keep = torch.ones(groups.shape, dtype=torch.bool, device=key.device)
+    if k > 0 and groups.numel():
+        order = torch.argsort(groups, dim=1, stable=True)  # ascending; ties: lower index first
+        keep.scatter_(1, order[:, :k], False)
+    return keep.reshape(score.shape)
+
+
+def mask_indices(masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Flat indices (CPU, ascending) of the pruned entries (mask False) per tensor."""
+    return {n: (~m).reshape(-1).nonzero().flatten().cpu() for n, m in masks.items()}
+
+
+@contextlib.contextmanager
+def pruned(model, masks: Mapping[str, torch.Tensor]) -> Iterator[PerturbInfo]:
+    """Zero the entries whose mask is False, in place; restore them bit-exactly on exit.
+
+    Built on ``esa.perturb.perturbed(..., "zero")``, which verifies the restore (also on
+    exceptions) and raises ``RestoreError`` otherwise. Yields its ``PerturbInfo``.
+    """
+    params = dict(model.named_parameters()) if isinstance(model, torch.nn.Module) else dict(model)
+    for name, mask in masks.items():
+        if name in params and tuple(mask.shape) != tuple(params[name].shape):
+            raise ConfigError(f"mask for {name!r} has shape {tuple(mask.shape)}, the parameter "
+                              f"{tuple(params[name].shape)}; rebuild masks from this model's scores")
+        if mask.dtype != torch.bool:
+            raise ConfigError(f"mask for {name!r} must be a bool tensor (True = keep), not {mask.dtype}")
+    with perturbed(params, mask_indices(masks), "zero") as info:
+        yield info
+
+
+def _methods(metrics, granularity, methods) -> list[tuple[str, str]]:
+    if methods is not None:
+        pairs = [(str(m), str(g)) for m, g in methods]
+    else:
+        grans = (granularity,) if isinstance(granularity, str) else tuple(granularity)
+        metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
+        pairs = list(itertools.product(metrics, grans))
+    for _, g in pairs:
+        if g not in GRANULARITIES:
+            raise ConfigError(f"unknown granularity {g!r}; use one of {', '.join(GRANULARITIES)}")
+    if not pairs:
+        raise ConfigError("no (metric, granularity) pairs to measure; pass metrics= and granularity=")
+    return list(dict.fromkeys(pairs))
+
+
+def pruning_table(lm, data, metrics: Sequence[str] = DEFAULT_METRICS,
+                  sparsities: Sequence[float] = (0.1, 0.2, 0.3, 0.5),
+                  granularity: str | Sequence[str] = ("row", "layer"), seed: int = 0, *,
+                  methods: Sequence[tuple[str, str]] | None = None, n_calib: int = 8,
+                  batch_size: int = 4, eval_batch_size: int = 8, hutchinson_samples: int = 8,
+                  names: Sequence[str] | None = None, scores: Mapping[str, Mapping] | None = None,
+                  progress: bool = True) -> pd.DataFrame:
+    """Perplexity after pruning by each (metric, granularity) at each sparsity.
+
+    ``data`` is an ``esa.data.DataBundle`` (evaluation = ``data.eval_ids``, calibration =
+    ``data.calibration(n_calib, seed)``). The pairs are ``metrics x granularity`` unless
+    ``methods`` lists them explicitly. Each metric is scored once (``compute_scores`` with
+    ``seed``, ``batch_size``, ``hutchinson_samples``, ``names``; default the model's scorable
+    weight matrices) unless ``scores[metric]`` supplies the scores. Every scored tensor is pruned
+    at once; the model is restored bit-exactly after each evaluation.
+
+    Columns: metric, granularity, sparsity, ppl, dense_ppl, ratio (= ppl / dense_ppl), n_pruned,
+    n_weights, achieved_sparsity (n_pruned / n_weights over all pruned tensors). Non-finite
+    perplexities stay ``inf``/``nan``. ``df.attrs`` records the protocol.
+    """
+    from esa.evaluate import evaluate
+    from esa.metrics import compute_scores
+
+    pairs = _methods(metrics, granularity, methods)
+    sparsities = [_check_sparsity(s) for s in sparsities]
+    windows = data.eval_ids
+    calib = data.calibration(n_calib, seed)
+    dense = evaluate(lm.model, windows, batch_size=eval_batch_size, progress=False).ppl
+    rows = []
+    by_metric: dict[str, list[str]] = {}
+    for m, g in pairs:
+        by_metric.setdefault(m, []).append(g)
+    total = len(pairs) * len(sparsities)
+    bar = tqdm(total=total, desc="prune", disable=not progress, leave=False, unit="eval")
+    try:
+        for metric, grans in by_metric.items():
+            if scores is not None and metric in scores:
+                metric_scores = dict(scores[metric])
+            else:
+                metric_scores = compute_scores(lm, metric, calib, seed=seed, batch_size=batch_size,
+                                               hutchinson_samples=hutchinson_samples,
+                                               names=None if names is None else list(names),
+                                               progress=progress)
+            n_weights = sum(int(s.numel()) for s in metric_scores.values())
+            for g in grans:
+                for s in sparsities:
+                    masks = prune_masks(metric_scores, s, g)
+                    n_cut = sum(int((~m).sum()) for m in masks.values())
+                    with pruned(lm.model, masks):
+                        ppl = evaluate(lm.model, windows, batch_size=eval_batch_size, progress=False).ppl
+                    del masks
+                    log.info("esa: prune %s/%s at %.2f: ppl %.4g (dense %.4g)", metric, g, s, ppl, dense)
+                    rows.append({"metric": metric, "granularity": g, "sparsity": s, "ppl": ppl,
+                                 "dense_ppl": dense, "ratio": ppl / dense, "n_pruned": n_cut,
+                                 "n_weights": n_weights,
+                                 "achieved_sparsity": n_cut / n_weights if n_weights else math.nan})
+                    bar.update(1)
+            del metric_scores
+    finally:
+        bar.close()
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    table.attrs.update({"model": lm.name, "seed": int(seed), "n_calib": int(calib.shape[0]),
+                        "eval_windows": int(windows.shape[0]), "window_length": int(windows.shape[1]),
+                        "hutchinson_samples": int(hutchinson_samples), "batch_size": int(batch_size),
+                        "dense_ppl": dense})
+    return table
+
+
+def _ppl_key(ppl: float) -> float:
+    return ppl if not math.isnan(ppl) else math.inf
+
+
+def _improvement(baseline: float, best: float) -> float:
+    """(baseline - best) / baseline; 1.0 when only the baseline is infinite, NaN if undefined."""
+    if math.isfinite(baseline) and math.isfinite(best):
+        return (baseline - best) / baseline
+    if not math.isfinite(baseline) and math.isfinite(best):
+        return 1.0
+    return math.nan
+
+
+def _row(frame: pd.DataFrame) -> dict | None:
+    if frame.empty:
+        return None
+    frame = frame.assign(_key=frame["ppl"].map(_ppl_key)).sort_values(["_key", "metric", "granularity"])
+    r = frame.iloc[0]
+    return {"metric": str(r["metric"]), "granularity": str(r["granularity"]), "ppl": float(r["ppl"])}
+
+
+def compare_at(table: pd.DataFrame, sparsity: float = 0.5) -> dict:
+    """The best sensitivity-guided method vs the magnitude and Wanda baselines at ``sparsity``.
+
+    Sensitivity-guided = every metric other than ``magnitude`` and ``act_mag``; best = lowest
+    perplexity over its granularities (NaN counts as worst). Magnitude baseline = ``magnitude``
+    at ``layer`` granularity (the classic one; ``row`` if only that was measured); Wanda =
+    ``act_mag`` at ``row``. Relative improvement = (ppl_baseline - ppl_best) / ppl_baseline
+    (positive = the sensitivity-guided method is better; 1.0 when only the baseline is
+    infinite; NaN when undefined). Missing entries are None.
+    """
+    at = table[(table["sparsity"] - float(sparsity)).abs() < 1e-9]
+    if at.empty:
+        raise ConfigError(f"no rows at sparsity {sparsity} in the table; measured: "
+                          f"{sorted(set(table['sparsity'].tolist()))}")
+    mags = at[at["metric"] == "magnitude"]
+    mag = _row(mags[mags["granularity"] == "layer"]) or _row(mags)
+    acts = at[at["metric"] == "act_mag"]
+    wanda = _row(acts[acts["granularity"] == "row"])
+    best = _row(at[~at["metric"].isin(BASELINE_METRICS)])
+    out = {"sparsity": float(sparsity), "dense_ppl": float(at["dense_ppl"].iloc[0]),
+           "best": best, "magnitude": mag, "wanda": wanda,
+           "improvement_vs_magnitude": None, "improvement_vs_wanda": None}
+    if best is not None and mag is not None:
+        out["improvement_vs_magnitude"] = _improvement(mag["ppl"], best["ppl"])
+    if best is not None and wanda is not None:
+        out["improvement_vs_wanda"] = _improvement(wanda["ppl"], best["ppl"])
+    return out
