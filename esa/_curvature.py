@@ -73,14 +73,56 @@ def _grads(loss: torch.Tensor, params, create_graph: bool = False):
     return [torch.zeros_like(p) if g is None else g for g, p in zip(out, params)]
 
 
-def gradient_pass(loss_terms: LossTerms, params, square: bool = False) -> list[torch.Tensor]:
+def gradient_pass(loss_terms: LossTerms, params, square: bool = False,
+                  dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
     """Sum over terms of each term's gradient (``square=False``) or of its square (``square=True``),
-    accumulated in fp32."""
-    acc = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
-    for term in loss_terms:
-        for a, g in zip(acc, _grads(term(), params)):
-            g = g.detach().float()
-            a.add_(g * g if square else g)
+    accumulated in place in ``dtype`` (fp32 by default).
+
+    Each term is differentiated with ``backward()``; a post-accumulate hook on every parameter adds
+    its fresh gradient into the accumulator and frees it at once, so at most a few parameter-sized
+    gradients exist at any time (not a second copy of the model).
+    """
+    params = list(params)
+    acc = [torch.zeros(p.shape, dtype=dtype, device=p.device) for p in params]
+    slots: dict[int, list[int]] = {}
+    for i, p in enumerate(params):
+        slots.setdefault(id(p), []).append(i)
+
+    def hook(param):
+        g = param.grad
+        param.grad = None
+        if g is None:
+            return
+        for i in slots[id(param)]:
+            if square:
+                g32 = g.float()
+                if acc[i].dtype == torch.float32:
+                    acc[i].addcmul_(g32, g32)
+                else:
+                    acc[i].add_(g32.square())
+            else:
+                acc[i].add_(g)
+
+    seen, handles = set(), []
+    for p in params:
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if not p.requires_grad:
+            continue
+        p.grad = None
+        handles.append(p.register_post_accumulate_grad_hook(hook))
+    try:
+        for term in loss_terms:
+            loss = term()
+            if loss.requires_grad:
+                loss.backward()
+            del loss
+    finally:
+        for h in handles:
+            h.remove()
+        for p in params:
+            p.grad = None
     return acc
 
 
@@ -141,7 +183,7 @@ def hutchinson_diag(loss_terms: LossTerms, params, samples: int, seed: int,
                 for a, zi, hi in zip(acc, z, hz):
                     a.add_((zi.float() * hi.detach().float()).sum(0))
         del grads
-    return [a / samples for a in acc]
+    return [a.div_(samples) for a in acc]
 
 
 def hessian_diag(loss_terms: LossTerms, params, max_entries: int,

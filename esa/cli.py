@@ -28,6 +28,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
                    help="default fp32 on CPU, bf16 on CUDA")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--device-map", default=None,
+                   help="split a model too large for one GPU over all visible GPUs: auto")
+    p.add_argument("--eval-batch-size", type=int, default=None,
+                   help="windows per evaluation forward (default: about 16k tokens on CUDA, else --batch-size)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decoder layers for evaluation (CUDA)")
     p.add_argument("--verbose", "-v", action="store_true")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -59,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out-dir", required=True)
     run.add_argument("--overwrite", action="store_true", help="replace an out-dir that already holds results")
     run.add_argument("--no-cache", action="store_true", help="recompute scores instead of using the cache")
+    run.add_argument("--score-dtype", choices=["fp32", "bf16"], default="fp32",
+                     help="scores and gradient accumulators: fp32 (default) or bf16 (half the memory)")
 
     ev = sub.add_parser("eval", help="baseline perplexity / accuracy as JSON")
     _common(ev)
@@ -96,7 +103,8 @@ def _run(args) -> int:
         calib_file=args.calib_file, hutchinson_samples=args.hutchinson_samples,
         include_embeddings=args.include_embeddings, include_norms=args.include_norms,
         save_plots=args.save_plots, overwrite=args.overwrite, use_cache=not args.no_cache,
-        progress=not args.no_progress,
+        progress=not args.no_progress, eval_batch_size=args.eval_batch_size, score_dtype=args.score_dtype,
+        device_map=args.device_map, compile=args.compile,
     )
     result = run_experiment(config)
     print(format_summary(result))
@@ -106,16 +114,19 @@ def _run(args) -> int:
 def _eval(args) -> int:
     from esa.artifacts import jsonable
     from esa.data import prepare_data
-    from esa.evaluate import evaluate
+    from esa.evaluate import auto_batch_size, evaluate
     from esa.models import load_model
 
     for name, value in (("--max-samples", args.max_samples), ("--max-length", args.max_length),
                         ("--batch-size", args.batch_size)):
         if value <= 0:
             raise EsaError(f"{name} must be a positive integer, got {value}")
-    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    lm = load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map)
     data = prepare_data(lm.tokenizer, args.data_file, None, args.max_length, args.max_samples, min_calib_windows=0)
-    res = evaluate(lm.model, data.eval_ids, args.batch_size, not args.no_progress, check_leak=True)
+    batch = args.eval_batch_size or auto_batch_size(lm.model, int(data.eval_ids.shape[0]),
+                                                    int(data.eval_ids.shape[1]), args.batch_size)
+    res = evaluate(lm.model, data.eval_ids, batch, not args.no_progress, check_leak=True,
+                   compile=args.compile)
     out = {"model": lm.describe(), "data": data.manifest()["eval"], "max_length": args.max_length,
            "perplexity": res.ppl, **res.to_dict()}
     print(json.dumps(jsonable(out), indent=2))

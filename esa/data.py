@@ -151,6 +151,8 @@ def prepare_data(tokenizer, data=None, calib_data=None, max_length: int = 512,
     """Load and window the evaluation text (and calibration text, disjoint from it)."""
     if max_length < 2:
         raise DataError(f"--max-length {max_length} is too short: use at least 2 tokens")
+    if max_samples is not None and max_samples < 1:
+        raise DataError(f"--max-samples {max_samples}: evaluate at least 1 window")
     eval_src = load_text(data, split="test")
     all_windows = make_windows(tokenizer, eval_src.text, max_length)
     if all_windows.shape[0] == 0:

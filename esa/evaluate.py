@@ -8,6 +8,7 @@ positions, so the full-vocabulary logits of a batch never exist at once in fp32.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import time
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 
 LEAK_PPL = 1.5
 _CHUNK_TOKENS = 4096
+_BATCH_TOKENS = 16384  # tokens per evaluation forward on CUDA (auto_batch_size)
 
 
 class SuspiciousPerplexityWarning(UserWarning):
@@ -49,33 +51,48 @@ class EvalResult:
 
 
 def evaluate(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8,
-             progress: bool = True, check_leak: bool = False, desc: str = "eval") -> EvalResult:
-    """Evaluate a causal LM on ``windows`` ``[n, L]`` of token ids."""
+             progress: bool = True, check_leak: bool = False, desc: str = "eval",
+             compile: bool = False) -> EvalResult:
+    """Evaluate a causal LM on ``windows`` ``[n, L]`` of token ids.
+
+    Runs under ``inference_mode``; sums stay on the device and are read once at the end (no
+    per-batch host sync). ``compile=True`` runs the decoder layers and the loss chunks through
+    ``torch.compile`` (regional: one compiled layer reused by all; CUDA only, else ignored).
+    """
     if windows.ndim != 2 or windows.shape[1] < 2:
         raise ValueError("windows must be [n, L] with L >= 2")
+    if windows.shape[0] == 0:
+        raise ValueError("no windows to evaluate: pass at least one window")
     device = _input_device(model)
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    nll_sum, correct, nonfinite = 0.0, 0, 0
-    window_nll: list[float] = []
     start = time.perf_counter()
     batches = range(0, windows.shape[0], batch_size)
-    with torch.inference_mode():
+    on_device = windows.to(device, non_blocking=True)
+    nll_sum = correct = nonfinite = None
+    per_window = []
+    with torch.inference_mode(), compiled(model, compile and cuda):
         for i in tqdm(batches, desc=desc, disable=not progress, leave=False, unit="batch"):
-            batch = windows[i : i + batch_size].to(device)
-            nll, hits = token_nll(model, batch)
+            nll, hits = token_nll(model, on_device[i : i + batch_size])
             nll64 = nll.double()
-            nonfinite += int((~torch.isfinite(nll64)).sum())
-            nll_sum += float(nll64.sum())
-            correct += int(hits.sum())
-            window_nll += [float(v) for v in nll64.mean(dim=1).cpu()]
+            part = (nll64.sum(), hits.sum(), (~torch.isfinite(nll64)).sum())
+            if nll_sum is None:
+                nll_sum, correct, nonfinite = part
+            else:
+                nll_sum, correct, nonfinite = nll_sum + part[0], correct + part[1], nonfinite + part[2]
+            per_window.append(nll64.mean(dim=1))
+        if nll_sum is None:  # no windows
+            nll_total, correct, nonfinite, window_nll = math.nan, 0, 0, []
+        else:
+            nll_total, correct, nonfinite = float(nll_sum), int(correct), int(nonfinite)
+            window_nll = [float(v) for v in torch.cat(per_window).cpu()]
     if cuda:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     n_tokens = windows.shape[0] * (windows.shape[1] - 1)
-    mean_nll = nll_sum / n_tokens
+    mean_nll = nll_total / n_tokens
     ppl = math.exp(mean_nll) if math.isfinite(mean_nll) and mean_nll < 700 else (
         math.inf if mean_nll == math.inf or (math.isfinite(mean_nll) and mean_nll >= 700) else math.nan)
     result = EvalResult(
@@ -93,29 +110,133 @@ def evaluate(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8,
     return result
 
 
-def token_nll(model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token NLL ``[B, L-1]`` (fp32) and next-token hits, computed in position chunks."""
+def auto_batch_size(model: torch.nn.Module, n_windows: int, length: int, fallback: int = 8,
+                    tokens: int = _BATCH_TOKENS) -> int:
+    """Evaluation batch size: on CUDA about ``tokens`` tokens per forward (large matmuls; the
+    loss is chunked so logits never scale with it), preferring a divisor of ``n_windows`` so every
+    batch has one shape; on the CPU ``fallback``."""
+    if _input_device(model).type != "cuda":
+        return max(1, fallback)
+    cap = max(1, min(n_windows, tokens // max(1, length)))
+    for b in range(cap, max(1, cap // 2) - 1, -1):
+        if n_windows % b == 0:
+            return b
+    return cap
+
+
+def token_nll(model: torch.nn.Module, batch: torch.Tensor,
+              checkpoint: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token NLL ``[B, L-1]`` (fp32) and next-token hits, computed in position chunks.
+
+    ``checkpoint=True`` (gradients only) keeps no logits for the backward pass: each chunk's
+    logits are recomputed there, so the loss costs O(chunk x vocab) memory whatever the batch.
+    """
     hidden = _final_hidden(model, batch)
     head = model.get_output_embeddings()
-    hidden = hidden[:, :-1].to(head.weight.device)
-    targets = batch[:, 1:].to(head.weight.device)
-    B, T, _ = hidden.shape
-    step = max(1, _CHUNK_TOKENS // max(B, 1))
+    B, T = batch.shape[0], batch.shape[1] - 1
+    hidden = hidden[:, :-1].to(head.weight.device).reshape(B * T, -1)
+    targets = batch[:, 1:].to(head.weight.device).reshape(B * T)
+    step = _CHUNK_TOKENS // 4 if checkpoint else _CHUNK_TOKENS
+    fn = _COMPILED.get("chunk") if _COMPILED.get("active") else None
     nll_parts, hit_parts = [], []
-    for s in range(0, T, step):
-        logits = _logits(model, head, hidden[:, s : s + step]).float()
-        tgt = targets[:, s : s + step]
-        logz = torch.logsumexp(logits, dim=-1)
-        picked = logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
-        nll_parts.append(logz - picked)
-        hit_parts.append(logits.argmax(dim=-1) == tgt)
-    return torch.cat(nll_parts, dim=1), torch.cat(hit_parts, dim=1)
+    for s in range(0, B * T, step):
+        h, tgt = hidden[s : s + step], targets[s : s + step]
+        if checkpoint and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint as ckpt
+
+            nll, hits = ckpt(_chunk_nll, model, head, h, tgt, use_reentrant=False)
+        elif fn is not None:
+            nll, hits = fn(model, head, h, tgt)
+        else:
+            nll, hits = _chunk_nll(model, head, h, tgt)
+        nll_parts.append(nll)
+        hit_parts.append(hits)
+    return torch.cat(nll_parts).view(B, T), torch.cat(hit_parts).view(B, T)
 
 
-def lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+def _chunk_nll(model, head, hidden, targets):
+    logits = _logits(model, head, hidden).float()
+    logz = torch.logsumexp(logits, dim=-1)
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return logz - picked, logits.argmax(dim=-1) == targets
+
+
+def lm_loss(model: torch.nn.Module, batch: torch.Tensor, checkpoint: bool = False) -> torch.Tensor:
     """Mean next-token NLL of a batch (differentiable; used for gradients)."""
-    nll, _ = token_nll(model, batch)
+    nll, _ = token_nll(model, batch, checkpoint=checkpoint)
     return nll.mean()
+
+
+# --- decoder layers: checkpointing and regional compilation ----------------------------------
+
+
+def decoder_layers(model: torch.nn.Module, with_prefix: bool = False):
+    """The repeated decoder blocks (the largest ``ModuleList``), and their name prefix."""
+    best, best_name = None, ""
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and (best is None or len(mod) > len(best)):
+            best, best_name = mod, name
+    layers = list(best) if best is not None else []
+    return (layers, best_name) if with_prefix else layers
+
+
+@contextlib.contextmanager
+def checkpointed(model: torch.nn.Module, enabled: bool = True):
+    """Activation checkpointing of every decoder layer for the block (first-order gradients only):
+    each layer keeps its input and recomputes its activations in the backward pass."""
+    layers = decoder_layers(model) if enabled else []
+    saved = []
+    for layer in layers:
+        inner = layer.forward
+        had = "forward" in layer.__dict__
+
+        def forward(*args, _inner=inner, **kwargs):
+            if not torch.is_grad_enabled():
+                return _inner(*args, **kwargs)
+            from torch.utils.checkpoint import checkpoint as ckpt
+
+            return ckpt(_inner, *args, use_reentrant=False, **kwargs)
+
+        saved.append((layer, had, inner))
+        layer.forward = forward
+    try:
+        yield
+    finally:
+        for layer, had, inner in reversed(saved):
+            if had:
+                layer.forward = inner
+            else:
+                del layer.forward
+
+
+_COMPILED: dict = {}
+
+
+@contextlib.contextmanager
+def compiled(model: torch.nn.Module, enabled: bool = True):
+    """Run the decoder layers (and the loss chunks) compiled for the block: each layer gets a
+    ``torch.compile`` of its call once (kept on the layer, reused by all layers of one class)."""
+    if not enabled:
+        yield
+        return
+    layers = decoder_layers(model)
+    previous = []
+    for layer in layers:
+        impl = layer.__dict__.get("_esa_compiled")
+        if impl is None:
+            impl = torch.compile(layer._call_impl, dynamic=False)
+            layer._esa_compiled = impl
+        previous.append((layer, getattr(layer, "_compiled_call_impl", None)))
+        layer._compiled_call_impl = impl
+    if "chunk" not in _COMPILED:
+        _COMPILED["chunk"] = torch.compile(_chunk_nll, dynamic=False)
+    _COMPILED["active"] = True
+    try:
+        yield
+    finally:
+        _COMPILED["active"] = False
+        for layer, impl in previous:
+            layer._compiled_call_impl = impl
 
 
 def _final_hidden(model, batch):

@@ -7,12 +7,15 @@ once, and writes its artifacts through :mod:`esa.artifacts` (atomically: no part
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from esa import stats
 from esa.errors import ConfigError
@@ -23,6 +26,8 @@ log = logging.getLogger("esa")
 CONTROLS = {"random_k": "random", "bottom_k": "bottom"}
 MODES = ("per_layer", "global")
 DEFAULT_SCALE = {"gauss_noise": 0.01, "scale": 0.0}
+SCORE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+SEEDLESS = {"zero", "sign_flip", "scale", "bit_flip"}  # perturbations that draw no random numbers
 
 
 @dataclass
@@ -57,6 +62,11 @@ class ExperimentConfig:
     use_cache: bool = True
     cache_root: str | None = None
     progress: bool = True
+    eval_batch_size: int | None = None  # None: auto (about 16k tokens per forward on CUDA)
+    score_dtype: str = "fp32"  # "bf16": lean scores and accumulators (half the memory)
+    device_map: str | None = None  # e.g. "auto": split a large model over the visible GPUs
+    compile: bool = False  # torch.compile the decoder layers for evaluation (CUDA)
+    reuse_evals: bool = True  # evaluate an identical perturbed model once (e.g. random_k per seed)
 
     def validate(self) -> None:
         """Check every option that needs no model; raise ConfigError naming the fix."""
@@ -77,6 +87,10 @@ class ExperimentConfig:
                             ("--batch-size", self.batch_size), ("--hutchinson-samples", self.hutchinson_samples)):
             if value is not None and value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value}")
+        if self.eval_batch_size is not None and self.eval_batch_size <= 0:
+            raise ConfigError(f"--eval-batch-size must be a positive integer, got {self.eval_batch_size}")
+        if self.score_dtype not in SCORE_DTYPES:
+            raise ConfigError(f"unknown --score-dtype {self.score_dtype!r}: use fp32 or bf16")
         if self.calib_samples is not None and self.calib_samples <= 0:
             raise ConfigError(f"--calib-samples must be a positive integer, got {self.calib_samples}")
         if self.perturb_scale is not None and self.perturb_scale < 0:
@@ -113,58 +127,85 @@ class ExperimentResult:
     timings: dict
     score_summaries: dict
     out_dir: Path | None = None
+    memory: dict = field(default_factory=dict)  # peak accelerator bytes per phase
 
 
 def run_experiment(config: ExperimentConfig, lm: LoadedModel | None = None, data=None) -> ExperimentResult:
     """Run the runbook; write artifacts when ``config.out_dir`` is set."""
     from esa import artifacts
     from esa.data import prepare_data
-    from esa.evaluate import evaluate
+    from esa.evaluate import auto_batch_size, evaluate
     from esa.models import load_model
 
     config.validate()
     staging = artifacts.Staging(config.out_dir, config.overwrite) if config.out_dir else None
     try:
         timings: dict = {}
+        memory: dict = {}
         t0 = time.perf_counter()
         if lm is None:
-            lm = load_model(config.model, dtype=config.dtype, device=config.device)
+            lm = load_model(config.model, dtype=config.dtype, device=config.device,
+                            device_map=config.device_map)
         timings["load_s"] = time.perf_counter() - t0
+        memory["load"] = _peak(reset=True)
         names = lm.param_map.scorable(config.include_embeddings, config.include_norms)
         _check_topk(config, lm, names)
         if data is None:
             data = prepare_data(lm.tokenizer, config.data_file, config.calib_file,
                                 config.max_length, config.max_samples)
+        eval_bs = config.eval_batch_size or auto_batch_size(lm.model, int(data.eval_ids.shape[0]),
+                                                            int(data.eval_ids.shape[1]), config.batch_size)
+        timings["eval_batch_size"] = eval_bs
+        evaluator = functools.partial(evaluate, lm.model, data.eval_ids, eval_bs, config.progress,
+                                      compile=config.compile)
         t = time.perf_counter()
-        base = evaluate(lm.model, data.eval_ids, config.batch_size, config.progress,
-                        check_leak=True, desc="baseline")
+        base = evaluator(check_leak=True, desc="baseline")
         timings["baseline_s"] = time.perf_counter() - t
+        memory["baseline"] = _peak(reset=True)
         scores_by, selections, rows, summaries = {}, {}, [], {}
-        for metric in config.metrics:
-            for seed in config.seeds:
-                t = time.perf_counter()
-                scores = scores_for(lm, data, metric, seed, config, names)
-                timings[f"score_{metric}_seed{seed}_s"] = time.perf_counter() - t
-                if seed == config.seeds[0]:
-                    from esa.metrics import score_summary
+        memo: dict = {}
+        steps = [(metric, seed) for metric in config.metrics for seed in config.seeds]
+        for metric, seed in tqdm(steps, desc="runbook", disable=not config.progress, unit="step"):
+            t = time.perf_counter()
+            scores = scores_for(lm, data, metric, seed, config, names)
+            timings[f"score_{metric}_seed{seed}_s"] = time.perf_counter() - t
+            memory[f"score_{metric}_seed{seed}"] = _peak(reset=True)
+            if seed == config.seeds[0]:
+                from esa.metrics import score_summary
 
-                    summaries[metric] = score_summary(scores)
-                    scores_by[metric] = scores
-                rows += _perturbation_rows(lm, data, base, scores, metric, seed, config, selections, timings)
-                if seed != config.seeds[0]:
-                    del scores
+                summaries[metric] = score_summary(scores)
+                if config.save_plots:  # kept for the plots only, off the accelerator
+                    scores_by[metric] = {n: v.to("cpu") for n, v in scores.items()}
+            rows += _perturbation_rows(lm, data, base, scores, metric, seed, config, selections, timings,
+                                       evaluator, memo)
+            memory[f"perturb_{metric}_seed{seed}"] = _peak(reset=True)
+            del scores  # free before the next scores are built
         stability = _stability(config, selections) if config.stability_check else None
         summary = summarize(rows)
         result = ExperimentResult(config, lm.describe(), data.manifest(), base.to_dict(), rows, summary,
-                                  stability, selections, timings, summaries)
+                                  stability, selections, timings, summaries, memory=memory)
+        timings["evals_reused"] = sum(1 for r in rows if r.get("eval_reused"))
         timings["total_s"] = time.perf_counter() - t0
         if staging is not None:
             artifacts.write_all(staging, result, lm, scores_by)
             result.out_dir = staging.commit()
+        timings["total_s"] = time.perf_counter() - t0
         return result
     finally:
         if staging is not None:
             staging.discard()
+
+
+def _peak(reset: bool = False) -> int:
+    """Peak accelerator memory (bytes, summed over GPUs) since the last reset; 0 without CUDA."""
+    if not torch.cuda.is_available():
+        return 0
+    total = 0
+    for i in range(torch.cuda.device_count()):
+        total += int(torch.cuda.max_memory_allocated(i))
+        if reset:
+            torch.cuda.reset_peak_memory_stats(i)
+    return total
 
 
 def _check_topk(config: ExperimentConfig, lm: LoadedModel, names: list[str]) -> None:
@@ -185,12 +226,12 @@ def scores_for(lm: LoadedModel, data, metric: str, seed: int, config: Experiment
     return cached_scores(lm, data, metric, seed, calib_windows=config.calib_samples or config.max_samples,
                          batch_size=config.batch_size, hutchinson_samples=config.hutchinson_samples,
                          names=names, use_cache=config.use_cache, cache_root=config.cache_root,
-                         progress=config.progress)
+                         progress=config.progress, score_dtype=SCORE_DTYPES[config.score_dtype])
 
 
 def cached_scores(lm: LoadedModel, data, metric: str, seed: int, *, calib_windows: int, batch_size: int,
                   hutchinson_samples: int, names, use_cache: bool = True, cache_root=None,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, score_dtype: torch.dtype = torch.float32) -> dict:
     """Compute (or load from the safetensors cache) ``metric`` scores on ``seed``'s calibration
     windows. The cache key covers model identity, dtype, data, windows and settings."""
     from esa import cache
@@ -201,7 +242,8 @@ def cached_scores(lm: LoadedModel, data, metric: str, seed: int, *, calib_window
                           calib_sha256=data.calib_source.sha256, max_length=data.max_length,
                           calib_windows=int(calib.shape[0]), eval_windows=int(data.eval_ids.shape[0]),
                           batch_size=batch_size, hutchinson_samples=hutchinson_samples,
-                          names=sorted(names))
+                          names=sorted(names),
+                          **({} if score_dtype == torch.float32 else {"score_dtype": str(score_dtype)}))
     root = Path(cache_root) if cache_root else cache_dir()
     device = next(lm.model.parameters()).device
     if use_cache:
@@ -211,17 +253,22 @@ def cached_scores(lm: LoadedModel, data, metric: str, seed: int, *, calib_window
             log.info("esa: scores %s seed %d from cache", metric, seed)
             return hit
     scores = compute_scores(lm, metric, calib, seed=seed, batch_size=batch_size,
-                            hutchinson_samples=hutchinson_samples, names=names, progress=progress)
+                            hutchinson_samples=hutchinson_samples, names=names, progress=progress,
+                            score_dtype=score_dtype)
     if use_cache:
         cache.save_scores(root, key, scores)
     return scores
 
 
-def _perturbation_rows(lm, data, base, scores, metric, seed, config, selections, timings) -> list[dict]:
+def _perturbation_rows(lm, data, base, scores, metric, seed, config, selections, timings,
+                       evaluator=None, memo=None) -> list[dict]:
     from esa.evaluate import evaluate
     from esa.perturb import perturbed
     from esa.select import select
 
+    if evaluator is None:
+        evaluator = functools.partial(evaluate, lm.model, data.eval_ids, config.batch_size, config.progress)
+    memo = {} if memo is None or not config.reuse_evals else memo
     sets = {"super": select(scores, config.topk, "top", config.mode, seed=seed, metric=metric)}
     selections[(metric, seed)] = sets["super"]
     for control in config.controls:
@@ -230,21 +277,41 @@ def _perturbation_rows(lm, data, base, scores, metric, seed, config, selections,
     for method in config.perturbations:
         for condition, selection in sets.items():
             t = time.perf_counter()
-            with perturbed(lm.model, selection, method, scale=config.scale_for(method),
-                           prob=config.perturb_prob, bit=config.perturb_bit, seed=seed) as info:
-                res = evaluate(lm.model, data.eval_ids, config.batch_size, config.progress,
-                               desc=f"{method}/{condition}/seed{seed}")
+            key = _condition_key(selection, method, seed, config)
+            reused = key in memo
+            if reused:  # the same entries perturbed the same way: the same model, the same numbers
+                res, n_changed, verified = memo[key]
+            else:
+                with perturbed(lm.model, selection, method, scale=config.scale_for(method),
+                               prob=config.perturb_prob, bit=config.perturb_bit, seed=seed) as info:
+                    res = evaluator(desc=f"{method}/{condition}/seed{seed}")
+                n_changed, verified = int(info.n_changed), bool(info.verified)
+                memo[key] = (res, n_changed, verified)
             seconds = time.perf_counter() - t
             timings[f"perturb_{metric}_{method}_{condition}_seed{seed}_s"] = seconds
             rows.append({
                 "metric": metric, "perturbation": method, "condition": condition, "seed": int(seed),
                 "k": int(config.topk), "mode": config.mode, "n_weights": int(selection.size),
-                "n_changed": int(info.n_changed), "ppl": res.ppl, "delta_ppl": res.ppl - base.ppl,
+                "n_changed": n_changed, "ppl": res.ppl, "delta_ppl": res.ppl - base.ppl,
                 "ppl_ratio": res.ppl / base.ppl, "accuracy": res.accuracy,
                 "delta_accuracy": res.accuracy - base.accuracy, "finite": res.finite,
-                "restored_bit_exact": bool(info.verified), "seconds": seconds,
+                "restored_bit_exact": verified, "seconds": seconds, "eval_reused": reused,
             })
     return rows
+
+
+def _condition_key(selection, method: str, seed: int, config: ExperimentConfig) -> tuple:
+    """What determines a perturbed model: the entries, the method and its options, and the seed
+    only where the method draws random numbers (gauss_noise, or prob < 1)."""
+    digest = hashlib.sha256()
+    for name in sorted(selection.indices):
+        idx = selection.indices[name]
+        if idx.numel():
+            digest.update(name.encode())
+            digest.update(idx.to(torch.int64).contiguous().numpy().tobytes())
+    seeded = method not in SEEDLESS or config.perturb_prob < 1.0
+    return (digest.hexdigest(), method, config.scale_for(method), config.perturb_prob, config.perturb_bit,
+            int(seed) if seeded else None)
 
 
 def summarize(rows: list[dict]) -> list[dict]:

@@ -24,6 +24,7 @@ fused-expert) kernels are switched to "eager" for their duration and restored af
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from tqdm.auto import tqdm
 
 from esa import _curvature
 from esa.errors import ConfigError
-from esa.evaluate import lm_loss
+from esa.evaluate import checkpointed, decoder_layers, lm_loss
 
 log = logging.getLogger("esa")
 
@@ -87,6 +88,8 @@ class ScoreContext:
     max_entries: int = HESSIAN_MAX_ENTRIES
     progress: bool = True
     desc: str = "score"
+    score_dtype: torch.dtype = torch.float32
+    checkpoint: bool | None = None  # activation checkpointing for first-order gradients (None: auto)
     options: dict = field(default_factory=dict)
 
     @property
@@ -105,25 +108,63 @@ class ScoreContext:
         times its share of all tokens when ``weighted`` (so the terms sum to the overall mean)."""
         n, length = self.calib.shape
         device = self.model.get_input_embeddings().weight.device
+        calib = self.calib.to(device, non_blocking=True)
+        ckpt = bool(self.options.get("_checkpointing"))
         starts = range(0, n, self.batch_size)
         for i in tqdm(starts, desc=self.desc, disable=not self.progress, leave=False, unit="batch"):
-            batch = self.calib[i : i + self.batch_size].to(device)
+            batch = calib[i : i + self.batch_size]
             weight = batch.shape[0] / n if weighted else 1.0
-            yield lambda b=batch, w=weight: lm_loss(self.model, b) * w
+            yield lambda b=batch, w=weight: lm_loss(self.model, b, checkpoint=ckpt) * w
+
+    @contextlib.contextmanager
+    def first_order(self):
+        """Activation checkpointing (decoder layers and loss chunks) for a first-order gradient
+        pass when ``checkpoint`` is True, or when None (auto) and the model is on CUDA."""
+        on = self.checkpoint if self.checkpoint is not None else _needs_checkpointing(self)
+        self.options["_checkpointing"] = on
+        try:
+            with checkpointed(self.model, on):
+                yield on
+        finally:
+            self.options.pop("_checkpointing", None)
+
+    @property
+    def accumulate_dtype(self) -> torch.dtype:
+        """Accumulators are held in the score dtype when it is narrower than fp32 (lean mode)."""
+        return self.score_dtype if self.score_dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
+def _needs_checkpointing(ctx: "ScoreContext") -> bool:
+    """Auto policy: checkpoint first-order passes on CUDA (activations then cost one layer input
+    per layer instead of every intermediate: the 8B scoring pass fits in 40 GB); not on the CPU,
+    where memory is rarely the limit and the recomputation would only cost time."""
+    device = ctx.model.get_input_embeddings().weight.device
+    return device.type == "cuda" and bool(decoder_layers(ctx.model))
 
 
 def compute_scores(lm, metric: str, calib: torch.Tensor | None, *, seed: int = 0,
                    batch_size: int = 4, hutchinson_samples: int = 8, names=None,
                    progress: bool = True, score_dtype: torch.dtype = torch.float32,
-                   max_entries: int = HESSIAN_MAX_ENTRIES) -> dict[str, torch.Tensor]:
+                   max_entries: int = HESSIAN_MAX_ENTRIES,
+                   checkpoint: bool | None = None) -> dict[str, torch.Tensor]:
     """Score the ``names`` parameters of ``lm`` (default ``lm.param_map.scorable()``) by ``metric``
-    on calibration windows ``calib`` ``[n, L]``; returns name -> score (param shape and device)."""
+    on calibration windows ``calib`` ``[n, L]``; returns name -> score (param shape and device).
+
+    Scores are built in place in ``score_dtype``: fp32 (default) costs 4 bytes per scored weight;
+    bf16 halves that and also accumulates the gradient metrics in bf16 (lean mode, for models
+    whose fp32 scores do not fit beside the weights). ``checkpoint`` switches activation
+    checkpointing of first-order gradient passes on/off (None: on when memory asks for it).
+    """
     spec = _spec(metric)
     ctx = _context(lm, spec, calib, names, seed=seed, batch_size=batch_size,
                    hutchinson_samples=hutchinson_samples, progress=progress,
-                   max_entries=max_entries, desc=f"score {metric}")
+                   max_entries=max_entries, desc=f"score {metric}", score_dtype=score_dtype,
+                   checkpoint=checkpoint)
     raw = _run(ctx, spec.fn, spec.needs_grad)
-    return {n: raw[n].detach().to(device=p.device, dtype=score_dtype) for n, p in ctx.items()}
+    out = {}
+    for n, p in ctx.items():
+        out[n] = raw.pop(n).detach().to(device=p.device, dtype=score_dtype)
+    return out
 
 
 def _spec(metric: str) -> MetricSpec:
@@ -177,22 +218,25 @@ def _signed_diag(lm, calib, which: str = "hutchinson", **options) -> dict[str, t
 
 @register_metric("magnitude", needs_grad=False, needs_data=False, description="|w|")
 def _magnitude(ctx: ScoreContext) -> dict:
-    return {n: p.detach().abs() for n, p in ctx.items()}
+    return {n: p.detach().to(ctx.score_dtype, copy=True).abs_() for n, p in ctx.items()}
 
 
 @register_metric("grad_x_weight", needs_grad=True,
                  description="|w * g|, g the gradient of the mean calibration loss")
 def _grad_x_weight(ctx: ScoreContext) -> dict:
-    grads = _curvature.gradient_pass(ctx.loss_terms(), ctx.params)
-    return {n: (p.detach().float() * g).abs() for (n, p), g in zip(ctx.items(), grads)}
+    with ctx.first_order():
+        grads = _curvature.gradient_pass(ctx.loss_terms(), ctx.params, dtype=ctx.accumulate_dtype)
+    return {n: g.mul_(p.detach()).abs_() for (n, p), g in zip(ctx.items(), grads)}
 
 
 @register_metric("grad_squared", needs_grad=True,
                  description="empirical Fisher diagonal: mean over batches of the squared batch "
                              "gradient (depends on batch_size; 1 = per-window Fisher)")
 def _grad_squared(ctx: ScoreContext) -> dict:
-    sums = _curvature.gradient_pass(ctx.loss_terms(weighted=False), ctx.params, square=True)
-    return {n: s / ctx.n_batches for n, s in zip(ctx.names, sums)}
+    with ctx.first_order():
+        sums = _curvature.gradient_pass(ctx.loss_terms(weighted=False), ctx.params, square=True,
+                                        dtype=ctx.accumulate_dtype)
+    return {n: s.div_(ctx.n_batches) for n, s in zip(ctx.names, sums)}
 
 
 def _hutchinson_signed(ctx: ScoreContext) -> dict:
@@ -215,13 +259,13 @@ def _hessian_signed(ctx: ScoreContext) -> dict:
 @register_metric("hutchinson_diag", needs_grad=True,
                  description="|diag(H)| by Hutchinson: mean of z*Hz over seeded Rademacher z")
 def _hutchinson(ctx: ScoreContext) -> dict:
-    return {n: v.abs() for n, v in _hutchinson_signed(ctx).items()}
+    return {n: v.abs_() for n, v in _hutchinson_signed(ctx).items()}
 
 
 @register_metric("hessian_diag", needs_grad=True,
                  description=f"|diag(H)| exactly, one HVP per weight (<= {HESSIAN_MAX_ENTRIES} entries)")
 def _hessian(ctx: ScoreContext) -> dict:
-    return {n: v.abs() for n, v in _hessian_signed(ctx).items()}
+    return {n: v.abs_() for n, v in _hessian_signed(ctx).items()}
 
 
 @register_metric("act_mag", needs_grad=False,

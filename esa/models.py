@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import logging
 import os
 from dataclasses import dataclass, field
@@ -134,13 +135,26 @@ def list_models() -> list[dict]:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``/"auto" -> cuda if available else cpu."""
+    """``None``/"auto" -> cuda if available else cpu. Under pytest-xdist with several GPUs, worker
+    ``gwN`` gets ``cuda:N mod #GPUs`` (one worker per GPU: ``pytest -n <#GPUs>``)."""
     if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device(f"cuda:{worker_gpu()}")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} asked for but CUDA is not available: use --device cpu")
     return dev
+
+
+def worker_gpu() -> int:
+    """The GPU index for this process: ``gwN`` (pytest-xdist worker N) -> N mod #GPUs, else the
+    current device."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = torch.cuda.device_count()
+    if worker.startswith("gw") and worker[2:].isdigit() and count > 1:
+        return int(worker[2:]) % count
+    return torch.cuda.current_device() if count else 0
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -154,6 +168,12 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
+def default_dtype(device=None) -> torch.dtype:
+    """fp32 on CPU, bf16 on CUDA (``None`` = the device esa would pick)."""
+    dev = resolve_device(None) if device is None or str(device) == "auto" else torch.device(device)
+    return resolve_dtype(None, dev)
+
+
 def load_model(name: str, dtype=None, device=None, seed: int = 0,
                device_map: str | None = None) -> LoadedModel:
     """Load ``name`` (see module doc) in eval mode, checking its weights are finite.
@@ -164,7 +184,13 @@ def load_model(name: str, dtype=None, device=None, seed: int = 0,
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if name in REGISTRY:
-        lm = REGISTRY[name].build(dtype=dt, device=dev, seed=seed)
+        build = REGISTRY[name].build
+        if device_map is not None:
+            if "device_map" not in inspect.signature(build).parameters:
+                raise ConfigError(f"model {name!r} cannot be split with device_map; load it on one device")
+            lm = build(dtype=dt, device=dev, seed=seed, device_map=device_map)
+        else:
+            lm = build(dtype=dt, device=dev, seed=seed)
     else:
         from esa import _hf
 
@@ -192,7 +218,14 @@ def check_model_name(name: str) -> None:
 
 
 def check_finite(lm: LoadedModel) -> None:
-    """Raise ModelError if any parameter holds NaN or inf."""
+    """Raise ModelError if any parameter holds NaN or inf (one host sync per device)."""
+    flags: dict = {}
+    with torch.no_grad():
+        for pname, p in lm.model.named_parameters():
+            ok = torch.isfinite(p).all()
+            flags[p.device] = ok if p.device not in flags else flags[p.device] & ok
+    if all(bool(v) for v in flags.values()):
+        return
     for pname, p in lm.model.named_parameters():
         if not torch.isfinite(p).all():
             raise ModelError(

@@ -306,6 +306,7 @@ def pytest_report_header(config: pytest.Config) -> str:
             f"device={o.device} data={o.data or 'built-in corpus'}")
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselection, so `-m "not claim"` sees the marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip `gpu` items without CUDA; mark recorded falsified claims xfail(strict=True)."""
     options, cache, cuda = config.stash[OPTIONS_KEY], {}, None

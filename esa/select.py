@@ -21,6 +21,7 @@ from esa.errors import ConfigError
 
 KINDS = ("top", "bottom", "random")
 MODES = ("per_layer", "global")
+_CHUNK = 1 << 24  # entries per chunk of temporary top-k keys
 COLUMNS = ["tensor", "flat_index", "layer", "component", "expert", "row", "col", "score", "rank"]
 
 
@@ -183,7 +184,7 @@ def select(
     if kind == "random":
         picks = _random_per_layer(scores, k, seed) if mode == "per_layer" else _random_global(scores, k, seed)
     elif mode == "per_layer":
-        picks = {name: _topk_indices(_key(s, kind), k) for name, s in scores.items()}
+        picks = {name: _tensor_topk(s, k, kind) for name, s in scores.items()}
     else:
         picks = _global_extreme(scores, k, kind)
     indices, values = {}, {}
@@ -253,19 +254,36 @@ def _topk_mask(key: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
+def _tensor_topk(score: torch.Tensor, k: int, kind: str) -> torch.Tensor:
+    """Ascending positions of the k most extreme entries of one tensor (ties: lower position),
+    in chunks of ``_CHUNK`` entries so the temporary keys stay small whatever the tensor size."""
+    flat = score.detach().reshape(-1)
+    if flat.numel() <= _CHUNK:
+        return _topk_indices(_key(flat, kind), k)
+    cand_idx, cand_key = [], []
+    for start in range(0, flat.numel(), _CHUNK):
+        key = _key(flat[start : start + _CHUNK], kind)
+        idx = _topk_indices(key, k)
+        cand_idx.append(idx + start)
+        cand_key.append(key[idx])
+    idx, key = torch.cat(cand_idx), torch.cat(cand_key)  # ascending positions
+    return idx[_topk_indices(key, k)]
+
+
 def _global_extreme(scores, k: int, kind: str) -> dict[str, torch.Tensor]:
-    """Streaming global top-k: keep a running best-k of (key, tensor, index) on the CPU."""
+    """Streaming global top-k: per-tensor top-k (on the scores' device), then a running best-k of
+    (key, tensor, index) on the CPU. Extra memory: one chunk of keys plus O(k) candidates."""
     names = list(scores)
     run_key = torch.empty(0, dtype=torch.float64)
     run_tensor = torch.empty(0, dtype=torch.long)
     run_index = torch.empty(0, dtype=torch.long)
     for pos, name in enumerate(names):
-        key = _key(scores[name], kind)
-        idx = _topk_indices(key, k)
-        cand_key = key[idx].to("cpu", torch.float64)
+        idx = _tensor_topk(scores[name], k, kind)
+        cand_key = _key(scores[name].detach().reshape(-1)[idx], kind).to("cpu", torch.float64)
+        idx = idx.cpu()
         run_key = torch.cat([run_key, cand_key])
-        run_tensor = torch.cat([run_tensor, torch.full_like(idx, pos, device="cpu")])
-        run_index = torch.cat([run_index, idx.cpu()])
+        run_tensor = torch.cat([run_tensor, torch.full_like(idx, pos)])
+        run_index = torch.cat([run_index, idx])
         keep = _topk_mask(run_key, k)
         run_key, run_tensor, run_index = run_key[keep], run_tensor[keep], run_index[keep]
     return {name: run_index[run_tensor == pos] for pos, name in enumerate(names)}

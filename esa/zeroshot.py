@@ -273,20 +273,31 @@ def _score_batch(model, seqs: list[list[int]], n_conts: list[int], pad: int) -> 
     for r, s in enumerate(seqs):
         ids[r, : len(s) - 1] = torch.tensor(s[:-1])
         mask[r, : len(s) - 1] = 1
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+    out = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    head = model.get_output_embeddings()
+    # Only the positions that predict continuation tokens go through the LM head.
+    picks = [(r, pos) for r, (s, n) in enumerate(zip(seqs, n_conts)) for pos in range(len(s) - 1 - n, len(s) - 1)]
+    rows_idx = torch.tensor([r for r, _ in picks], device=hidden.device)
+    pos_idx = torch.tensor([p for _, p in picks], device=hidden.device)
+    logits = head(hidden[rows_idx, pos_idx].to(head.weight.device)).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    logp_all = torch.log_softmax(logits, dim=-1)
     out = []
-    for r, (s, n) in enumerate(zip(seqs, n_conts)):
-        stop = len(s) - 1
-        rows = logits[r, stop - n : stop].float()
+    start = 0
+    for s, n in zip(seqs, n_conts):
+        rows, logp = logits[start : start + n], logp_all[start : start + n]
+        start += n
         target = torch.tensor(s[-n:], device=rows.device)
-        logp = torch.log_softmax(rows, dim=-1)
         ll = float(logp.gather(-1, target[:, None]).sum())
         greedy = bool((rows.argmax(-1) == target).all())
         out.append((ll, greedy))
     return out
 
 
-def score_requests(lm, examples: Sequence[Mapping], *, delimiter: str = " ", batch_size: int = 8,
+def score_requests(lm, examples: Sequence[Mapping], *, delimiter: str = " ", batch_size: int = 16,
                    max_length: int | None = None, progress: bool = True) -> list[list[float]]:
     """Log-likelihood of every choice of every example: ``[[ll(choice) for choice] per example]``."""
     if batch_size < 1:
@@ -321,7 +332,7 @@ def _argmax(values: Sequence[float]) -> int:
     return best
 
 
-def evaluate_task(lm, examples: Sequence[Mapping], *, delimiter: str = " ", batch_size: int = 8,
+def evaluate_task(lm, examples: Sequence[Mapping], *, delimiter: str = " ", batch_size: int = 16,
                   max_length: int | None = None, progress: bool = True, details: bool = False) -> dict:
     """Accuracy of ``lm`` on ``examples``: ``{"acc", "acc_norm", "n"}`` (plain floats / int).
 

@@ -219,6 +219,11 @@ def test_bad_window_shapes(bad):
         evaluate(SuccessorLM(), bad, progress=False)
 
 
+def test_zero_windows_is_a_value_error():
+    with pytest.raises(ValueError):
+        evaluate(SuccessorLM(), torch.zeros(0, 8, dtype=torch.long), progress=False)
+
+
 # --------------------------------------------------------------------------- closed form + leak guard
 
 
