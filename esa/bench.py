@@ -319,29 +319,51 @@ def section_eval(bench: Bench) -> None:
                 base = _reset_peak()
                 secs, _ = _timed(lambda: plain_eval(lm.model, windows, bs, labels=False), args.repeats)
                 row.update(plain_logits_tok_s=tokens / secs)
-                # esa
-                evaluate(lm.model, windows[:bs], bs, progress=False)  # warm-up
+                # esa, eager
+                evaluate(lm.model, windows[:bs], bs, progress=False, compile=False)  # warm-up
+                secs, res = _timed(lambda: evaluate(lm.model, windows, bs, progress=False, compile=False),
+                                   args.repeats)
+                row.update(esa_eager_tok_s=tokens / secs, esa_eager_peak_gib=res.peak_memory_bytes / GIB,
+                           esa_eager_nll_diff=abs(res.nll - plain_loss))
+                # esa, its default (compiled on CUDA for models >= 100M params)
+                from esa.evaluate import use_compile
+
+                row["esa_compiled"] = use_compile(lm.model, None)
+                t = time.perf_counter()
+                evaluate(lm.model, windows[:bs], bs, progress=False)  # warm-up (compiles)
+                _sync()
+                row["warmup_s"] = time.perf_counter() - t
                 secs, res = _timed(lambda: evaluate(lm.model, windows, bs, progress=False), args.repeats)
                 row.update(esa_tok_s=tokens / secs, esa_peak_gib=res.peak_memory_bytes / GIB,
                            esa_nll=res.nll, nll_abs_diff=abs(res.nll - plain_loss))
+                row["compile_failed"] = bool(lm.model.__dict__.get("_esa_compile_failed"))
                 row["ratio"] = row["esa_tok_s"] / row["plain_tok_s"]
+                row["eager_ratio"] = row["esa_eager_tok_s"] / row["plain_tok_s"]
                 row["plain_mfu"] = _mfu(params, row["plain_tok_s"])
                 row["esa_mfu"] = _mfu(params, row["esa_tok_s"])
-                if args.compile and arch in args.compile_archs and sec.left() > 90:
-                    with sec.guard(f"{arch} compile"):
-                        t = time.perf_counter()
-                        evaluate(lm.model, windows[:bs], bs, progress=False, compile=True)
-                        _sync()
-                        row["compile_s"] = time.perf_counter() - t
-                        secs, res = _timed(lambda: evaluate(lm.model, windows, bs, progress=False,
-                                                            compile=True), args.repeats)
-                        row.update(esa_compiled_tok_s=tokens / secs,
-                                   esa_compiled_ratio=tokens / secs / row["plain_tok_s"],
-                                   esa_compiled_nll_diff=abs(res.nll - plain_loss))
+                if row["esa_compiled"]:
+                    with sec.guard(f"{arch} compiled sees perturbations"):
+                        row["compiled_sees_perturbation"] = _compiled_sees_perturbation(lm, windows[:bs], bs)
                 sec.row(**row)
                 print(f"[bench] eval {arch}: plain {row['plain_tok_s']:.0f} esa {row['esa_tok_s']:.0f} tok/s "
-                      f"(x{row['ratio']:.2f}) {row.get('esa_compiled_tok_s', 0):.0f} compiled", flush=True)
+                      f"(x{row['ratio']:.2f}; compiled={row['esa_compiled']}) eager {row['esa_eager_tok_s']:.0f}", flush=True)
             bench.drop_model()
+
+
+def _compiled_sees_perturbation(lm, windows, bs) -> dict:
+    """Scale one MLP weight x300 in place: compiled and eager evaluation must both see it, equally."""
+    from esa.evaluate import evaluate
+    from esa.perturb import perturbed
+
+    name = [n for n in lm.param_map.scorable() if lm.param_map[n].component == "mlp_down"][0]
+    numel = dict(lm.model.named_parameters())[name].numel()
+    base = evaluate(lm.model, windows, bs, progress=False).nll
+    with perturbed(lm.model, {name: torch.arange(numel)}, "scale", scale=300.0):
+        compiled = evaluate(lm.model, windows, bs, progress=False, compile=True).nll
+        eager = evaluate(lm.model, windows, bs, progress=False, compile=False).nll
+    after = evaluate(lm.model, windows, bs, progress=False).nll
+    return {"tensor": name, "base": base, "compiled": compiled, "eager": eager, "restored": after,
+            "ok": abs(compiled - base) > 10 * abs(compiled - eager) and abs(after - base) < 1e-6}
 
 
 def section_score(bench: Bench) -> None:
@@ -594,14 +616,14 @@ def markdown(results: dict) -> str:
     if ev:
         lines += ["### Evaluation forward (bf16, sdpa, 512-token windows)", "",
                   "| architecture | params | batch | plain tok/s | esa tok/s | esa / plain | plain MFU | esa MFU "
-                  "| esa compiled tok/s (/ plain) | plain peak GiB | esa peak GiB | |ΔNLL| |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| esa eager tok/s (/ plain) | compiled | warm-up s | plain peak GiB | esa peak GiB | |ΔNLL| |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
         for r in ev:
-            comp = "–" if "esa_compiled_tok_s" not in r else \
-                f"{r['esa_compiled_tok_s']:,.0f} (x{r['esa_compiled_ratio']:.2f}; compile {r['compile_s']:.0f} s)"
+            eager = f"{r['esa_eager_tok_s']:,.0f} (x{r['eager_ratio']:.2f})" if "esa_eager_tok_s" in r else "–"
             lines.append(f"| {r['arch']} | {r['params'] / 1e9:.2f} B | {r['batch_size']} | {_f(r['plain_tok_s'])} "
                          f"| {_f(r['esa_tok_s'])} | x{r['ratio']:.2f} | {r['plain_mfu']:.0%} | {r['esa_mfu']:.0%} "
-                         f"| {comp} | {r['plain_peak_gib']:.1f} | {r['esa_peak_gib']:.1f} | {r['nll_abs_diff']:.1e} |")
+                         f"| {eager} | {r.get('esa_compiled')} | {_f(r.get('warmup_s'), '{:.1f}')} "
+                         f"| {r['plain_peak_gib']:.1f} | {r['esa_peak_gib']:.1f} | {r['nll_abs_diff']:.1e} |")
         lines.append("")
     sc = s.get("score", {}).get("rows", [])
     if sc:
@@ -679,8 +701,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--eval-archs", default=",".join(EVAL_ARCHS))
     p.add_argument("--eval-windows", type=int, default=64, help="windows per timed eval (x2 at 1.4B)")
-    p.add_argument("--compile", action="store_true", help="also time esa's eval with --compile")
-    p.add_argument("--compile-archs", default="pythia-1.4b,llama-3.1-8b")
     p.add_argument("--score-archs", default="pythia-1.4b,llama-3.1-8b")
     p.add_argument("--calib-windows", type=int, default=32)
     p.add_argument("--score-batch", type=int, default=8)
@@ -691,7 +711,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runbook-windows", type=int, default=200)
     p.add_argument("--runbook-calib", type=int, default=128)
     p.add_argument("--runbook-metrics", default=",".join(RUNBOOK_METRICS))
-    p.add_argument("--runbook-compile", action="store_true")
+    p.add_argument("--runbook-no-compile", dest="runbook_compile", action="store_false", default=None)
     p.add_argument("--runbook-score-dtype", default="fp32")
     p.add_argument("--multi-arch", default="mixtral-8x7b")
     p.add_argument("--multi-windows", type=int, default=32)
@@ -716,7 +736,7 @@ def main(argv=None) -> int:
             with open(path) as fh:
                 print(markdown(json.load(fh)))
         return 0
-    for name in ("eval_archs", "compile_archs", "score_archs", "hutchinson_archs", "runbook_metrics"):
+    for name in ("eval_archs", "score_archs", "hutchinson_archs", "runbook_metrics"):
         setattr(args, name, [v for v in getattr(args, name).split(",") if v])
     args.section_s = dict(SECTION_S)
     for part in filter(None, args.section_budgets.split(",")):

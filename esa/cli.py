@@ -32,7 +32,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="split a model too large for one GPU over all visible GPUs: auto")
     p.add_argument("--eval-batch-size", type=int, default=None,
                    help="windows per evaluation forward (default: about 16k tokens on CUDA, else --batch-size)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decoder layers for evaluation (CUDA)")
+    p.add_argument("--compile", dest="compile", action="store_true", default=None,
+                   help="torch.compile evaluation (default: auto, on for models >= 100M params on one GPU)")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="evaluate eagerly")
     p.add_argument("--verbose", "-v", action="store_true")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -79,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(message)s")
+    if getattr(args, "no_progress", False):
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     try:
         return _COMMANDS[args.command](args)
     except EsaError as exc:

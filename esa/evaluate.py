@@ -9,6 +9,7 @@ positions, so the full-vocabulary logits of a batch never exist at once in fp32.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import resource
 import time
@@ -18,8 +19,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+log = logging.getLogger("esa")
+
 LEAK_PPL = 1.5
 _CHUNK_TOKENS = 4096
+COMPILE_MIN_PARAMS = 100_000_000
 _BATCH_TOKENS = 16384  # tokens per evaluation forward on CUDA (auto_batch_size)
 
 
@@ -52,17 +56,49 @@ class EvalResult:
 
 def evaluate(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8,
              progress: bool = True, check_leak: bool = False, desc: str = "eval",
-             compile: bool = False) -> EvalResult:
+             compile: bool | None = None) -> EvalResult:
     """Evaluate a causal LM on ``windows`` ``[n, L]`` of token ids.
 
     Runs under ``inference_mode``; sums stay on the device and are read once at the end (no
-    per-batch host sync). ``compile=True`` runs the decoder layers and the loss chunks through
-    ``torch.compile`` (regional: one compiled layer reused by all; CUDA only, else ignored).
+    per-batch host sync). ``compile`` runs the decoder layers and the loss chunks through
+    ``torch.compile`` (regional: one compiled layer serves all layers; weights stay inputs, so
+    in-place perturbations are seen): True, False, or None = auto (see :func:`use_compile`). A
+    compilation failure falls back to eager with a warning.
     """
     if windows.ndim != 2 or windows.shape[1] < 2:
         raise ValueError("windows must be [n, L] with L >= 2")
     if windows.shape[0] == 0:
         raise ValueError("no windows to evaluate: pass at least one window")
+    if use_compile(model, compile):
+        try:
+            return _evaluate(model, windows, batch_size, progress, check_leak, desc, True)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: run eagerly instead
+            log.warning("esa: compiled evaluation failed (%s: %s); evaluating eagerly",
+                        type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+            model.__dict__["_esa_compile_failed"] = True
+    return _evaluate(model, windows, batch_size, progress, check_leak, desc, False)
+
+
+def use_compile(model: torch.nn.Module, compile: bool | None) -> bool:
+    """Whether evaluation runs compiled. Auto (None): on one CUDA device, for models of at least
+    ``COMPILE_MIN_PARAMS`` weights (compiling takes seconds and pays back on large models; see
+    BENCHMARKS.md), unless a compilation failed before."""
+    if compile is False or model.__dict__.get("_esa_compile_failed"):
+        return False
+    if _input_device(model).type != "cuda" or not hasattr(torch, "compile") or not decoder_layers(model):
+        return False
+    dynamo_config = getattr(getattr(torch, "_dynamo", None), "config", None)
+    if dynamo_config is not None and getattr(dynamo_config, "inline_inbuilt_nn_modules", True) is False:
+        return False  # weights would be baked into the graph as constants: perturbations unseen
+    if compile is True:
+        return True
+    device_map = getattr(model, "hf_device_map", None)
+    if isinstance(device_map, dict) and len({str(d) for d in device_map.values()}) > 1:
+        return False  # split over devices (accelerate hooks): eager
+    return sum(p.numel() for p in model.parameters()) >= COMPILE_MIN_PARAMS
+
+
+def _evaluate(model, windows, batch_size, progress, check_leak, desc, compile) -> EvalResult:
     device = _input_device(model)
     cuda = device.type == "cuda"
     if cuda:
@@ -105,7 +141,7 @@ def evaluate(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8,
         warnings.warn(
             f"baseline perplexity {result.ppl:.3f} < {LEAK_PPL} on natural text: likely a bug "
             "(repeated text in the windows, or labels leaking into the inputs)",
-            SuspiciousPerplexityWarning, stacklevel=2,
+            SuspiciousPerplexityWarning, stacklevel=3,
         )
     return result
 
@@ -230,6 +266,10 @@ def compiled(model: torch.nn.Module, enabled: bool = True):
         layer._compiled_call_impl = impl
     if "chunk" not in _COMPILED:
         _COMPILED["chunk"] = torch.compile(_chunk_nll, dynamic=False)
+        config = torch._dynamo.config  # one entry per (model class, batch shape): allow many
+        for name in ("recompile_limit", "cache_size_limit"):
+            if isinstance(getattr(config, name, None), int) and getattr(config, name) < 64:
+                setattr(config, name, 64)
     _COMPILED["active"] = True
     try:
         yield

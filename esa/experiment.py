@@ -65,7 +65,7 @@ class ExperimentConfig:
     eval_batch_size: int | None = None  # None: auto (about 16k tokens per forward on CUDA)
     score_dtype: str = "fp32"  # "bf16": lean scores and accumulators (half the memory)
     device_map: str | None = None  # e.g. "auto": split a large model over the visible GPUs
-    compile: bool = False  # torch.compile the decoder layers for evaluation (CUDA)
+    compile: bool | None = None  # torch.compile evaluation: None = auto (one CUDA device, >= 100M params)
     reuse_evals: bool = True  # evaluate an identical perturbed model once (e.g. random_k per seed)
 
     def validate(self) -> None:

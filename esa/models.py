@@ -85,7 +85,9 @@ def weights_digest(model: torch.nn.Module) -> str:
     with torch.no_grad():
         for pname, p in model.named_parameters():
             bits = p.detach().reshape(-1).view(_INT_VIEW[p.element_size()])
-            digest.update(f"{pname}:{tuple(p.shape)}:{p.dtype}:{int(bits.sum(dtype=torch.int64))};".encode())
+            total = sum(int(bits[i : i + (1 << 24)].sum(dtype=torch.int64))  # chunks: no int64 copy
+                        for i in range(0, bits.numel(), 1 << 24))
+            digest.update(f"{pname}:{tuple(p.shape)}:{p.dtype}:{total};".encode())
     return digest.hexdigest()[:32]
 
 

@@ -229,8 +229,19 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(_INT_VIEW[_itemsize(t.dtype)])
 
 
+_SUM_CHUNK = 1 << 24
+
+
 def _checksum(param: torch.Tensor) -> int:
-    return int(_bits(param.data).sum(dtype=torch.int64))
+    """Sum of the tensor's integer view as int64, in chunks (no full-size int64 temporary)."""
+    bits = _bits(param.data.reshape(-1))
+    if bits.numel() <= _SUM_CHUNK:
+        return int(bits.sum(dtype=torch.int64))
+    total = None
+    for start in range(0, bits.numel(), _SUM_CHUNK):
+        part = bits[start : start + _SUM_CHUNK].sum(dtype=torch.int64)
+        total = part if total is None else total + part
+    return int(total)
 
 
 def _snapshot(plan) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, int]]:

@@ -150,9 +150,10 @@ def pruning_table(lm, data, metrics: Sequence[str] = DEFAULT_METRICS,
     ``data`` is an ``esa.data.DataBundle`` (evaluation = ``data.eval_ids``, calibration =
     ``data.calibration(n_calib, seed)``). The pairs are ``metrics x granularity`` unless
     ``methods`` lists them explicitly. Each metric is scored once (``compute_scores`` with
-    ``seed``, ``batch_size``, ``hutchinson_samples``, ``names``; default the model's scorable
-    weight matrices) unless ``scores[metric]`` supplies the scores. Every scored tensor is pruned
-    at once; the model is restored bit-exactly after each evaluation.
+    ``seed``, ``batch_size``, ``hutchinson_samples``, ``names``) unless ``scores[metric]``
+    supplies the scores. The default ``names`` are the model's scorable weight matrices, so
+    embeddings, LM head and norms are not pruned (as in Wanda/SparseGPT). Every scored tensor
+    is pruned at once; the model is restored bit-exactly after each evaluation.
 
     Columns: metric, granularity, sparsity, ppl, dense_ppl, ratio (= ppl / dense_ppl), n_pruned,
     n_weights, achieved_sparsity (n_pruned / n_weights over all pruned tensors). Non-finite

@@ -204,3 +204,11 @@ def test_device_map_splits_over_two_gpus():
     scores = compute_scores(lm, "grad_x_weight", windows, batch_size=1, progress=False)
     named = dict(model.named_parameters())
     assert all(s.device == named[n].device and torch.isfinite(s).all() for n, s in scores.items())
+
+
+@pytest.mark.gpu
+def test_compiled_evaluation_sees_in_place_perturbations():
+    lm = load_model("arch-pythia-1.4b", device="cuda")
+    windows = archs.random_windows(8, 128, lm.model.config.vocab_size, seed=0)
+    check = bench._compiled_sees_perturbation(lm, windows, 8)
+    assert check["ok"], check
