@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="baseline perplexity / accuracy as JSON")
     _common(ev)
 
+    rec = sub.add_parser("record", help="record the falsified claims of a claims.json as known outcomes")
+    rec.add_argument("claims_json", help="reports/claims.json of a full run")
+    rec.add_argument("--model", required=True, help="record the claims run on this model")
+    rec.add_argument("--recorded-dir", default="experiments/recorded")
+    rec.add_argument("--note", default="", help="reviewer's note stored with each entry")
+
     sub.add_parser("models", help="list the model registry and hub aliases")
     sub.add_parser("metrics", help="list the sensitivity metrics and perturbations")
     return parser
@@ -139,6 +145,25 @@ def _eval(args) -> int:
     return 0
 
 
+def _record(args) -> int:
+    from esa.report import load_claims, record_outcome
+
+    try:
+        claims = load_claims(args.claims_json)["claims"]
+        tier = load_claims(args.claims_json)["header"]["tier"]["name"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise EsaError(f"cannot read {args.claims_json} ({exc}): pass the claims.json of a full run") from None
+    done = 0
+    for c in claims:
+        ctx_model = (c.get("context") or {}).get("model")
+        if c["verdict"] == "falsified" and ctx_model == args.model:
+            measured = {k: v["value"] for k, v in c["measured"].items()}
+            record_outcome(args.recorded_dir, args.model, c["id"], measured, args.note, tier=tier)
+            done += 1
+    print(f"recorded {done} falsified claims of {args.model} (tier {tier}) in {args.recorded_dir}")
+    return 0
+
+
 def _models(args) -> int:
     from esa.models import list_models
 
@@ -158,7 +183,7 @@ def _metrics(args) -> int:
     return 0
 
 
-_COMMANDS = {"run": _run, "eval": _eval, "models": _models, "metrics": _metrics}
+_COMMANDS = {"run": _run, "eval": _eval, "models": _models, "metrics": _metrics, "record": _record}
 
 if __name__ == "__main__":
     sys.exit(main())

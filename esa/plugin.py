@@ -298,6 +298,18 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[HEADER_KEY] = {}
     if _is_controller(config):
         config.pluginmanager.register(ClaimsSession(config), "esa-claims-session")
+    else:
+        _share_cpu_threads(config)
+
+
+def _share_cpu_threads(config: pytest.Config) -> None:
+    """On an xdist worker, give torch its share of the CPU cores (oversubscribed intra-op
+    threads slow small models down many times over)."""
+    workers = int(config.workerinput.get("workercount", 1))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 def pytest_report_header(config: pytest.Config) -> str:

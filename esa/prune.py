@@ -30,14 +30,14 @@ import contextlib
 import itertools
 import logging
 import math
+from dataclasses import dataclass
 from typing import Iterator, Mapping, Sequence
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from esa.errors import ConfigError
-from esa.perturb import PerturbInfo, perturbed
+from esa.errors import ConfigError, RestoreError
 
 log = logging.getLogger("esa")
 
@@ -87,40 +87,99 @@ def _mask(score: torch.Tensor, sparsity: float, granularity: str) -> torch.Tenso
     key = score.detach()
     if not key.is_floating_point() or key.dtype in (torch.float16, torch.bfloat16):
         key = key.float()
-    key = torch.nan_to_num(key, nan=float("inf"))
+    if torch.isnan(key).any():
+        key = torch.nan_to_num(key, nan=float("inf"))
     if granularity == "row" and key.ndim >= 2:
         groups = key.reshape(-1, key.shape[-1])
     else:
         groups = key.reshape(1, -1)
     k = n_pruned(sparsity, groups.shape[1])
-    keep = torch.ones(groups.shape, dtype=torch.bool, device=key.device)
-    if k > 0 and groups.numel():
-        order = torch.argsort(groups, dim=1, stable=True)  # ascending; ties: lower index first
-        keep.scatter_(1, order[:, :k], False)
-    return keep.reshape(score.shape)
+    if k == 0 or groups.numel() == 0:
+        return torch.ones(score.shape, dtype=torch.bool, device=key.device)
+    if k == groups.shape[1]:
+        return torch.zeros(score.shape, dtype=torch.bool, device=key.device)
+    # The k-th smallest score per group; everything below it goes, then ties at it by index.
+    # Same result as a stable ascending argsort cut at k, in O(n) instead of a sort.
+    threshold = torch.kthvalue(groups, k, dim=1, keepdim=True).values
+    below = groups < threshold
+    ties = groups == threshold
+    need = k - below.sum(dim=1, keepdim=True)
+    if bool((ties.sum(dim=1, keepdim=True) == need).all()):  # no excess ties (the usual case)
+        cut = below | ties
+    else:
+        cut = below | (ties & (ties.cumsum(dim=1) <= need))
+    return (~cut).reshape(score.shape)
 
 
 def mask_indices(masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Flat indices (CPU, ascending) of the pruned entries (mask False) per tensor."""
+    """Flat indices (CPU, ascending) of the pruned entries (mask False) per tensor, e.g. to
+    build a selection for ``esa.perturb.perturbed``."""
     return {n: (~m).reshape(-1).nonzero().flatten().cpu() for n, m in masks.items()}
 
 
+@dataclass
+class PruneInfo:
+    """What ``pruned`` did: entries zeroed (``n_selected``) and the tensors touched."""
+
+    n_selected: int
+    params: tuple[str, ...]
+    verified: bool = False
+
+
+_INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 @contextlib.contextmanager
-def pruned(model, masks: Mapping[str, torch.Tensor]) -> Iterator[PerturbInfo]:
+def pruned(model, masks: Mapping[str, torch.Tensor]) -> Iterator[PruneInfo]:
     """Zero the entries whose mask is False, in place; restore them bit-exactly on exit.
 
-    Built on ``esa.perturb.perturbed(..., "zero")``, which verifies the restore (also on
-    exceptions) and raises ``RestoreError`` otherwise. Yields its ``PerturbInfo``.
+    The contract of ``esa.perturb.perturbed(..., "zero")``: on exit, also on exceptions, every
+    touched tensor is written back and compared bitwise with its saved copy, raising
+    ``RestoreError`` if it differs. Unlike ``perturbed`` it saves a full copy of each masked
+    tensor (on its device) instead of the selected entries and their flat indices: pruning
+    selects a large fraction of every tensor, where an entry-wise copy plus its index costs
+    about as much memory and much more time. Yields a ``PruneInfo``.
     """
     params = dict(model.named_parameters()) if isinstance(model, torch.nn.Module) else dict(model)
+    plan = []
     for name, mask in masks.items():
-        if name in params and tuple(mask.shape) != tuple(params[name].shape):
-            raise ConfigError(f"mask for {name!r} has shape {tuple(mask.shape)}, the parameter "
-                              f"{tuple(params[name].shape)}; rebuild masks from this model's scores")
+        if name not in params:
+            raise ConfigError(f"masked tensor {name!r} is not a parameter of the model; rebuild the masks")
+        param = params[name]
         if mask.dtype != torch.bool:
             raise ConfigError(f"mask for {name!r} must be a bool tensor (True = keep), not {mask.dtype}")
-    with perturbed(params, mask_indices(masks), "zero") as info:
+        if tuple(mask.shape) != tuple(param.shape):
+            raise ConfigError(f"mask for {name!r} has shape {tuple(mask.shape)}, the parameter "
+                              f"{tuple(param.shape)}; rebuild masks from this model's scores")
+        if not param.dtype.is_floating_point:
+            raise ConfigError(f"parameter {name!r} has dtype {param.dtype}; only float weights")
+        plan.append((name, param, mask.to(param.device)))
+    saved = []
+    info = None
+    try:
+        with torch.no_grad():
+            for name, param, keep in plan:  # snapshot everything before changing anything
+                saved.append((name, param, param.data.clone()))
+            n_cut = 0
+            for _, param, keep in plan:
+                cut = ~keep
+                param.data.masked_fill_(cut, 0)
+                n_cut += int(cut.sum())
+        info = PruneInfo(n_cut, tuple(n for n, *_ in plan))
         yield info
+    finally:
+        with torch.no_grad():
+            for _, param, original in reversed(saved):
+                param.data.copy_(original)
+            for name, param, original in saved:
+                if not torch.equal(_int_view(param.data), _int_view(original)):
+                    raise RestoreError(f"restore of {name!r} was not bit-exact; this is an esa bug, report it")
+        if info is not None:
+            info.verified = True
+
+
+def _int_view(t: torch.Tensor) -> torch.Tensor:
+    return t.view(_INT_VIEW[t.element_size()])
 
 
 def _methods(metrics, granularity, methods) -> list[tuple[str, str]]:

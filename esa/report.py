@@ -87,9 +87,9 @@ def decode(obj):
     return obj
 
 
-def dumps(obj) -> str:
+def dumps(obj, indent: int | None = None) -> str:
     """Strict JSON text (no bare NaN) of `obj` after `plain` + `encode`."""
-    return json.dumps(encode(plain(obj)), allow_nan=False, ensure_ascii=False)
+    return json.dumps(encode(plain(obj)), allow_nan=False, ensure_ascii=False, indent=indent)
 
 
 def load_claims(path) -> dict:
@@ -264,14 +264,18 @@ def load_recorded(path) -> dict[str, dict]:
 
 
 def record_outcome(recorded_dir, model: str, claim_id: str, measured: dict, note: str = "",
-                   day: str | None = None) -> Path:
-    """Add (or replace) the recorded falsification of `claim_id` in ``<recorded_dir>/<model>.json``."""
+                   day: str | None = None, tier: str | None = None) -> Path:
+    """Add (or replace) the recorded falsification of `claim_id` in ``<recorded_dir>/<model>.json``.
+
+    With ``tier`` the entry applies only to runs at that tier (verdicts depend on sample sizes)."""
     path = Path(recorded_dir) / f"{model}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     entries = {k: v for k, v in load_recorded(path).items() if k != claim_id}
     entries[claim_id] = {"claim_id": claim_id, "measured": plain(measured),
                          "date": day or datetime.now().date().isoformat(), "note": note}
-    atomic_write(path, dumps(sorted(entries.values(), key=lambda e: e["claim_id"])) + "\n")
+    if tier:
+        entries[claim_id]["tier"] = tier
+    atomic_write(path, dumps(sorted(entries.values(), key=lambda e: e["claim_id"]), indent=1) + "\n")
     return path
 
 

@@ -174,7 +174,8 @@ def test_arch_builds_on_cuda_in_bf16_and_matches_plain_loss():
 
 
 @pytest.mark.gpu
-def test_xdist_worker_gets_its_own_gpu():
+@pytest.mark.parametrize("rep", range(4))
+def test_xdist_worker_gets_its_own_gpu(rep):
     """``pytest -n <#GPUs>``: worker gwN loads its models on cuda:(N mod #GPUs)."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
     count = torch.cuda.device_count()

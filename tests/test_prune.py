@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from esa.data import prepare_data
-from esa.errors import ConfigError
+from esa.errors import ConfigError, RestoreError
 from esa.models import load_model
 from esa.prune import compare_at, mask_indices, n_pruned, prune_masks, pruned, pruning_table
 
@@ -53,6 +53,10 @@ def test_row_masks_have_exact_sparsity_per_row(shape, sparsity, seed, ties):
     for keep, s in zip(rows_keep, rows_score):
         if 0 < k < keep.numel():
             assert s[~keep].max() <= s[keep].min()
+    # Same as cutting a stable ascending sort at k (ties: lower index pruned first).
+    reference = torch.ones_like(rows_keep)
+    reference.scatter_(1, torch.argsort(rows_score, dim=1, stable=True)[:, :k], False)
+    assert torch.equal(rows_keep, reference)
 
 
 @settings(max_examples=60, deadline=None)
@@ -137,6 +141,39 @@ def test_pruned_restores_on_exception_and_checks_masks():
     with pytest.raises(ConfigError, match="bool"):
         with pruned(model, {"weight": torch.ones(4, 8)}):
             pass
+    with pytest.raises(ConfigError, match="not a parameter"):
+        with pruned(model, {"nope": torch.ones(4, 8, dtype=torch.bool)}):
+            pass
+    assert torch.equal(_bits(model.weight), before)
+
+
+def test_pruned_undoes_stray_writes_to_kept_entries_too():
+    model = torch.nn.Linear(8, 4)
+    before = _bits(model.weight)
+    masks = prune_masks({"weight": torch.rand(4, 8)}, 0.5)
+    with pruned(model, masks) as info:
+        with torch.no_grad():
+            model.weight[masks["weight"]] += 1.0  # a kept entry changed inside the block
+    assert info.verified
+    assert torch.equal(_bits(model.weight), before)
+
+
+def test_pruned_raises_restore_error_when_verification_fails(monkeypatch):
+    import esa.prune as prune_mod
+
+    model = torch.nn.Linear(8, 4)
+    masks = prune_masks({"weight": torch.rand(4, 8)}, 0.5)
+    real = prune_mod._int_view
+    calls = {"n": 0}
+
+    def corrupt(t):  # the verification compare sees a flipped bit
+        calls["n"] += 1
+        out = real(t)
+        return out ^ 1 if calls["n"] == 1 else out
+
+    with pytest.raises(RestoreError, match="bit-exact"):
+        with pruned(model, masks):
+            monkeypatch.setattr(prune_mod, "_int_view", corrupt)
 
 
 def test_mask_indices_are_the_pruned_flat_positions():
