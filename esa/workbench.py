@@ -150,6 +150,23 @@ class Workbench:
 
         return self._cached(("perturbed", name, cond), run)
 
+    def zeroshot(self, name: str, tasks: dict, cond: Condition | None = None) -> dict:
+        """Multiple-choice accuracy per task (``tasks``: task name -> examples), at baseline or
+        under ``cond`` (restored bit-exactly afterwards)."""
+        from esa.perturb import perturbed
+        from esa.zeroshot import evaluate_task
+
+        def run():
+            lm = self.model(name)
+            if cond is None:
+                return {t: evaluate_task(lm, ex, progress=False) for t, ex in tasks.items()}
+            sel = self.selection(name, cond.metric, cond.seed, cond.kind, cond.mode, cond.k,
+                                 cond.include_embeddings)
+            with perturbed(lm.model, sel, cond.perturbation, scale=cond.scale, prob=cond.prob, seed=cond.seed):
+                return {t: evaluate_task(lm, ex, progress=False) for t, ex in tasks.items()}
+
+        return self._cached(("zeroshot", name, tuple(sorted(tasks)), cond), run)
+
     def data_manifest(self, name: str) -> dict:
         return self.data(name).manifest()
 

@@ -20,6 +20,8 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("metric", options.metrics)
     if "arch" in metafunc.fixturenames:
         metafunc.parametrize("arch", TINY_ARCHS)
+    if "profiled" in metafunc.fixturenames:  # the session's models and every tiny architecture
+        metafunc.parametrize("profiled", list(dict.fromkeys([*options.models, *TINY_ARCHS])))
     if "perturbation" in metafunc.fixturenames:
         metafunc.parametrize("perturbation", PERTURBATIONS)
 

@@ -21,3 +21,17 @@ P_VALUE = 0.05                  # super vs random over seeds (one-sided paired t
 PERTURBATIONS = ("zero", "sign_flip", "gauss_noise", "bit_flip")
 GAUSS_SCALE = 0.01              # σ relative to |w| for gauss_noise in the hierarchy claims (runbook default)
 DOSE_SCALES = (0.005, 0.01, 0.02, 0.05, 0.1)  # gauss_noise σ for the dose-response claims
+
+# phase 4: scaling and architecture
+SCALING_R2 = 0.80               # power-law fit of a sensitivity measure vs parameter count
+SCALING_PREDICTION = 0.20       # the largest model predicted from the others within 20%
+SCALING_MEASURES = ("concentration", "super_random_ratio", "weights_to_double")
+
+# phase 5: applications
+SUPER_WEIGHT_VS_RANDOM = 3.0    # ΔPPL(zero the detected super weight) >= 3x ΔPPL(zero one random weight)
+ACTIVATION_RECOVERY = 0.50      # restoring the super activation recovers >= half of the damage (in NLL)
+PRUNE_SPARSITY = 0.50           # pruning comparison at 50% unstructured sparsity
+PRUNE_GAIN = 0.15               # best sensitivity-guided method beats magnitude by > 15% (PPL)
+FLIP_RATIO = 10.0               # critical weights fail the model with >= 10x fewer flips than random
+FLIP_FAILURE_FACTOR = 10.0      # "failure" = PPL >= 10x baseline, or non-finite
+ZEROSHOT_TASKS = ("arc_easy", "boolq", "hellaswag", "piqa")  # local samples in fixtures/zeroshot
