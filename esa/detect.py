@@ -349,6 +349,12 @@ def _selection_of(candidates, shapes, metric, scores) -> Selection:
                      {n: tuple(shapes[n]) for n in idx if n in shapes})
 
 
+def candidate_selection(candidates: Sequence[SuperWeight], shapes: dict) -> Selection:
+    """These candidates (e.g. just the strongest one) as a Selection for ``perturbed``."""
+    return _selection_of(candidates, shapes, "super_weight",
+                         {(c.param_name, c.flat_index): abs(c.output_activation) for c in candidates})
+
+
 def random_weight_selection(lm, candidates: Sequence[SuperWeight], seed: int = 0) -> Selection:
     """One uniformly random entry of each candidate's tensor (never the candidate itself), seeded."""
     params = dict(lm.model.named_parameters())

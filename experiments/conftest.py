@@ -1,11 +1,13 @@
 """Parametrize claims over the session's models, metrics, tiny architectures and perturbations."""
 
+from pathlib import Path
+
 import pytest
 
 from esa.models import check_model_name
 from esa.plugin import OPTIONS_KEY
 
-from criteria import PERTURBATIONS
+from criteria import PERTURBATIONS, ZEROSHOT_TASKS
 
 TINY_ARCHS = ("tiny-pythia", "tiny-llama", "tiny-mistral", "tiny-phi3", "tiny-mixtral")
 
@@ -34,3 +36,12 @@ def bench(esa_bench, esa_header, request):
         esa_header.setdefault("data", {})[model] = esa_bench.data_manifest(model)
         esa_header.setdefault("models", {})[model] = esa_bench.model(model).describe()
     return esa_bench
+
+
+@pytest.fixture(scope="session")
+def zeroshot_examples():
+    """The hand-written multiple-choice samples in fixtures/zeroshot (task -> examples)."""
+    from esa.zeroshot import load_task
+
+    folder = Path(__file__).resolve().parent.parent / "fixtures" / "zeroshot"
+    return {t: load_task(folder / f"sample_{t}.jsonl") for t in ZEROSHOT_TASKS}

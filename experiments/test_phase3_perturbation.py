@@ -52,9 +52,15 @@ def _measure_sets(claim, sets):
         claim.measure(f"delta_ppl_{kind}_per_seed", values)
 
 
-def test_super_beats_random(claim, bench, model, metric, perturbation):
+def test_super_beats_random(claim, bench, model, metric, perturbation, zeroshot_examples):
     """ΔPPL(super) >= 3x ΔPPL(random)."""
     sets = {k: deltas(bench, model, metric, perturbation, k) for k in ("super", "random", "bottom")}
+    seed0 = bench.tier.seeds[0]
+    scale = GAUSS_SCALE if perturbation == "gauss_noise" else None
+    zs_base = bench.zeroshot(model, zeroshot_examples)
+    zs_super = bench.zeroshot(model, zeroshot_examples, Condition(metric, seed0, "top", perturbation, scale=scale))
+    claim.measure("zeroshot_acc_baseline", {t: r["acc"] for t, r in zs_base.items()})
+    claim.measure(f"zeroshot_acc_super_seed{seed0}", {t: r["acc"] for t, r in zs_super.items()})
     s, r = _mean(sets["super"]), _mean(sets["random"])
     claim(threshold=SUPER_VS_RANDOM).context(model=model, metric=metric, perturbation=perturbation,
                                              seeds=list(bench.tier.seeds), k=bench.tier.topk)
