@@ -447,7 +447,7 @@ def section_hutchinson(bench: Bench) -> None:
                 del del_
                 free()
                 for samples in (1, 2):
-                    base = _reset_peak()
+                    _reset_peak()
                     t = time.perf_counter()
                     s = compute_scores(lm, "hutchinson_diag", calib, batch_size=calib.shape[0],
                                        hutchinson_samples=samples, progress=False)
@@ -489,7 +489,7 @@ def section_select_perturb(bench: Bench) -> None:
                     with sec.guard(f"{mode} k={k} {kind}"):
                         select(scores, k, kind, mode)  # warm-up (kernels, allocator)
                         base = _reset_peak()
-                        secs, sel = _timed(lambda: select(scores, k, kind, mode), 1)
+                        secs, sel = _timed(lambda s=scores, k=k, kind=kind, m=mode: select(s, k, kind, m), 1)
                         sec.row(arch=arch, mode=mode, k=k, kind=kind, seconds=secs, entries=entries,
                                 selected=sel.size, extra_gib=(_peak() - base) / GIB)
                         selections[(mode, k, kind)] = sel

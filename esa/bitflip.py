@@ -14,7 +14,9 @@ position           fp32   bf16   fp16   meaning
 =================  =====  =====  =====  ======================================================
 ``sign``             31     15     15   the sign bit (MSB of the format)
 ``exponent_msb``     30     14     14   exponent MSB (``esa.perturb.default_bit``); |w| < 1
-                                        becomes |w| x 2^128 (fp32, bf16) / x 2^16 (fp16)
+                                        becomes |w| x 2^128 (fp32, bf16) / x 2^16 (fp16),
+                                        1 <= |w| < 2 becomes inf/NaN, |w| >= 2 is divided
+                                        by 2^128 (fp32, bf16) / 2^16 (fp16)
 ``mantissa``         22      6      9   the TOP mantissa bit (largest relative change a
                                         mantissa flip can make: x 1.5 or x 2/3 or so)
 ``mantissa_lsb``      0      0      0   the lowest mantissa bit (one ulp)
@@ -36,7 +38,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -82,7 +84,7 @@ def bit_position(position: str | int | None, dtype: torch.dtype) -> int:
 
 
 def _mantissa_bits(dtype: torch.dtype) -> int:
-    return int(round(-math.log2(torch.finfo(dtype).eps)))
+    return round(-math.log2(torch.finfo(dtype).eps))
 
 
 # --- candidate orders -------------------------------------------------------------------------

@@ -153,10 +153,12 @@ def _record(args) -> int:
         tier = load_claims(args.claims_json)["header"]["tier"]["name"]
     except (OSError, ValueError, KeyError) as exc:
         raise EsaError(f"cannot read {args.claims_json} ({exc}): pass the claims.json of a full run") from None
+    run_here = args.model in (load_claims(args.claims_json)["header"].get("models") or [])
     done = 0
     for c in claims:
         ctx_model = (c.get("context") or {}).get("model")
-        if c["verdict"] == "falsified" and ctx_model == args.model:
+        session_level = not isinstance(ctx_model, str)  # over several models: kept per --esa-model
+        if c["verdict"] == "falsified" and (ctx_model == args.model or (session_level and run_here)):
             measured = {k: v["value"] for k, v in c["measured"].items()}
             record_outcome(args.recorded_dir, args.model, c["id"], measured, args.note, tier=tier)
             done += 1

@@ -219,10 +219,17 @@ def esa_header(pytestconfig: pytest.Config) -> dict:
 
 # -- recorded outcomes -------------------------------------------------------------------------
 
+MODEL_PARAMS = ("model", "profiled", "arch")  # parameters whose value names the model under test
+
+
 def item_models(item: pytest.Item, options: EsaOptions) -> tuple[str, ...]:
-    """Models whose recorded file may hold this item: its ``model`` parameter, else every --esa-model."""
+    """Models whose recorded file may hold this item: its model parameter (``model``, ``profiled``
+    or ``arch``), else every --esa-model (session-level claims over several models)."""
     params = getattr(getattr(item, "callspec", None), "params", {})
-    return (str(params["model"]),) if "model" in params else options.models
+    for name in MODEL_PARAMS:
+        if name in params:
+            return (str(params[name]),)
+    return options.models
 
 
 # -- options and configuration -----------------------------------------------------------------

@@ -30,8 +30,8 @@ import contextlib
 import itertools
 import logging
 import math
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
 
 import pandas as pd
 import torch
@@ -54,7 +54,7 @@ def n_pruned(sparsity: float, group_size: int) -> int:
     The product is rounded to 6 decimals first so that float noise does not lose an entry
     (0.29 x 100 is 28.999999999999996 in binary floating point; this returns 29).
     """
-    return int(math.floor(round(float(sparsity) * int(group_size), 6)))
+    return math.floor(round(float(sparsity) * int(group_size), 6))
 
 
 def prune_masks(scores: Mapping[str, torch.Tensor], sparsity: float,

@@ -41,9 +41,9 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -139,7 +139,7 @@ def _load_hub(spec: TaskSpec, limit: int | None, split: str | None) -> list[dict
     for path, config in spec.sources:
         try:
             rows = datasets.load_dataset(path, config, split=split)
-        except Exception as exc:  # network, hub, script or cache errors all end the same way
+        except Exception as exc:  # noqa: BLE001 - network, hub, script, cache: all end the same way
             errors.append(f"{path}: {type(exc).__name__}")
             continue
         out = []

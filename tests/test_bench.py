@@ -22,14 +22,6 @@ PUBLISHED_PARAMS = {  # parameter counts of the published checkpoints
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _small(arch: str):
     kw = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
     values = archs.CONFIGS[arch][1]

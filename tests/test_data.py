@@ -28,15 +28,6 @@ TEXT = CORPUS[:30_000]  # natural prose: no two 32-token windows are identical
 L = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """CI boxes share 2 cores: intra-op threads only add contention (10-100x slower) here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return builtin_tokenizer()

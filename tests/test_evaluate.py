@@ -20,15 +20,6 @@ TEXT = load_text(None).text[:20_000]
 REPEATED = "the quick brown fox jumps over the lazy dog. " * 400
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """CI boxes share 2 cores: intra-op threads only add contention (10-100x slower) here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     return load_model("tiny-llama", device="cpu")

@@ -34,15 +34,6 @@ TINY = ["tiny-pythia", "tiny-llama", "tiny-mistral", "tiny-phi3", "tiny-mixtral"
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """CI boxes share 2 cores: intra-op threads only add contention (10-100x slower) here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _state(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 

@@ -41,15 +41,6 @@ LAYER_PARTS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """CI boxes share 2 cores: intra-op threads only add contention (10-100x slower) here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class _Quiet(dict):
     """A dict with a short repr (hypothesis prints fixture arguments of failing examples)."""
 

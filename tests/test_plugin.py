@@ -187,7 +187,7 @@ def test_xdist_matches_serial(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_claims=CLAIMS)
     record_outcome(pytester.path / "experiments" / "recorded", "tiny-b",
                    "test_claims.py::test_ratio[tiny-b]", {"ratio": 1.0}, day="2025-01-01")
-    serial = pytester.runpytest_subprocess("-n", "0", "--esa-report", "serial")
+    pytester.runpytest_subprocess("-n", "0", "--esa-report", "serial")
     par = pytester.runpytest_subprocess("-n", "2", "-p", "xdist", "--esa-report", "par")
     assert "2 workers" in par.stdout.str() or "created: 2/2 workers" in par.stdout.str()
     a, b = (load_claims(pytester.path / d / "claims.json") for d in ("serial", "par"))

@@ -13,7 +13,14 @@ from hypothesis import strategies as st
 from esa.data import prepare_data
 from esa.errors import ConfigError, RestoreError
 from esa.models import load_model
-from esa.prune import compare_at, mask_indices, n_pruned, prune_masks, pruned, pruning_table
+from esa.prune import (
+    compare_at,
+    mask_indices,
+    n_pruned,
+    prune_masks,
+    pruned,
+    pruning_table,
+)
 
 INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
@@ -131,19 +138,15 @@ def test_pruned_restores_on_exception_and_checks_masks():
     model = torch.nn.Linear(8, 4)
     before = _bits(model.weight)
     masks = prune_masks({"weight": torch.rand(4, 8)}, 0.25)
-    with pytest.raises(RuntimeError):
-        with pruned(model, masks):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), pruned(model, masks):
+        raise RuntimeError("boom")
     assert torch.equal(_bits(model.weight), before)
-    with pytest.raises(ConfigError, match="shape"):
-        with pruned(model, {"weight": torch.ones(8, 4, dtype=torch.bool)}):
-            pass
-    with pytest.raises(ConfigError, match="bool"):
-        with pruned(model, {"weight": torch.ones(4, 8)}):
-            pass
-    with pytest.raises(ConfigError, match="not a parameter"):
-        with pruned(model, {"nope": torch.ones(4, 8, dtype=torch.bool)}):
-            pass
+    with pytest.raises(ConfigError, match="shape"), pruned(model, {"weight": torch.ones(8, 4, dtype=torch.bool)}):
+        pass
+    with pytest.raises(ConfigError, match="bool"), pruned(model, {"weight": torch.ones(4, 8)}):
+        pass
+    with pytest.raises(ConfigError, match="not a parameter"), pruned(model, {"nope": torch.ones(4, 8, dtype=torch.bool)}):
+        pass
     assert torch.equal(_bits(model.weight), before)
 
 
@@ -151,9 +154,8 @@ def test_pruned_undoes_stray_writes_to_kept_entries_too():
     model = torch.nn.Linear(8, 4)
     before = _bits(model.weight)
     masks = prune_masks({"weight": torch.rand(4, 8)}, 0.5)
-    with pruned(model, masks) as info:
-        with torch.no_grad():
-            model.weight[masks["weight"]] += 1.0  # a kept entry changed inside the block
+    with pruned(model, masks) as info, torch.no_grad():
+        model.weight[masks["weight"]] += 1.0  # a kept entry changed inside the block
     assert info.verified
     assert torch.equal(_bits(model.weight), before)
 
@@ -171,9 +173,8 @@ def test_pruned_raises_restore_error_when_verification_fails(monkeypatch):
         out = real(t)
         return out ^ 1 if calls["n"] == 1 else out
 
-    with pytest.raises(RestoreError, match="bit-exact"):
-        with pruned(model, masks):
-            monkeypatch.setattr(prune_mod, "_int_view", corrupt)
+    with pytest.raises(RestoreError, match="bit-exact"), pruned(model, masks):
+        monkeypatch.setattr(prune_mod, "_int_view", corrupt)
 
 
 def test_mask_indices_are_the_pruned_flat_positions():
