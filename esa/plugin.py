@@ -45,7 +45,7 @@ MARKERS = {**{f"phase{i}": f"claims of phase {i} of the esa runbook" for i in ra
            "gpu": "needs CUDA; skipped when torch.cuda.is_available() is False",
            "slow": "minutes or more even at the smoke tier",
            "claim": "added to every test that states a claim (uses the claim fixture)"}
-_SKIP_MARKERS = {"parametrize", "usefixtures", "filterwarnings", "xfail", "skip", "skipif"}
+_SKIP_MARKERS = {"parametrize", "usefixtures", "filterwarnings", "xfail", "skip", "skipif", "xdist_group"}
 _OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
         "==": operator.eq, "!=": operator.ne}
 
@@ -174,7 +174,7 @@ class Claim:
             verdict, outcome, msg = ERROR, "error", "test did not run"
         markers = list(dict.fromkeys(m.name for m in item.iter_markers() if m.name not in _SKIP_MARKERS))
         return plain({
-            "id": item.nodeid, "name": item.name, "phase": phase_of(markers), "markers": markers,
+            "id": claim_id(item), "name": item.name, "phase": phase_of(markers), "markers": markers,
             "statement": self.statement, "threshold": self.threshold, "key": self.key,
             "measured": self.measured, "context": self.ctx, "checks": self.checks,
             "figures": self.figures, "recorded": item.stash.get(_RECORDED_KEY, None),
@@ -218,6 +218,14 @@ def esa_header(pytestconfig: pytest.Config) -> dict:
 
 
 # -- recorded outcomes -------------------------------------------------------------------------
+
+def claim_id(item: pytest.Item) -> str:
+    """The item's nodeid without the ``@group`` suffix that xdist's --dist loadgroup appends."""
+    marker = item.get_closest_marker("xdist_group")
+    group = (marker.kwargs.get("name") or (marker.args[0] if marker.args else None)) if marker else None
+    suffix = f"@{group}" if group else None
+    return item.nodeid[: -len(suffix)] if suffix and item.nodeid.endswith(suffix) else item.nodeid
+
 
 MODEL_PARAMS = ("model", "profiled", "arch")  # parameters whose value names the model under test
 
@@ -349,7 +357,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                     cache[model] = load_recorded(options.recorded_dir / f"{model}.json")
                 except EsaError as e:
                     raise pytest.UsageError(str(e)) from None
-            entry = cache[model].get(item.nodeid)
+            entry = cache[model].get(claim_id(item))
             if entry is not None and entry.get("tier", options.tier.name) != options.tier.name:
                 entry = None  # recorded at another tier: verdicts differ with sample sizes
             if entry is not None:

@@ -80,7 +80,9 @@ def test_per_layer_and_global_agree(claim, bench, model, metric):
 def _global_with_embeddings(bench, model, metric):
     seed = bench.tier.seeds[0]
     sel = bench.selection(model, metric, seed, mode="global", include_embeddings=True)
-    return sel, sel.to_frame(bench.model(model).param_map)
+    frame = sel.to_frame(bench.model(model).param_map)
+    frame["layer"] = frame["layer"].fillna(-1).astype(int)  # -1: embeddings / lm_head / final norm
+    return sel, frame
 
 
 def test_topk_not_in_one_tensor(claim, bench, model, metric):
