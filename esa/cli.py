@@ -150,7 +150,8 @@ def _record(args) -> int:
 
     try:
         claims = load_claims(args.claims_json)["claims"]
-        tier = load_claims(args.claims_json)["header"]["tier"]["name"]
+        header = load_claims(args.claims_json)["header"]
+        tier, data_sha = header["tier"]["name"], header.get("data_sha256")
     except (OSError, ValueError, KeyError) as exc:
         raise EsaError(f"cannot read {args.claims_json} ({exc}): pass the claims.json of a full run") from None
     run_here = args.model in (load_claims(args.claims_json)["header"].get("models") or [])
@@ -160,7 +161,8 @@ def _record(args) -> int:
         session_level = not isinstance(ctx_model, str)  # over several models: kept per --esa-model
         if c["verdict"] == "falsified" and (ctx_model == args.model or (session_level and run_here)):
             measured = {k: v["value"] for k, v in c["measured"].items()}
-            record_outcome(args.recorded_dir, args.model, c["id"], measured, args.note, tier=tier)
+            record_outcome(args.recorded_dir, args.model, c["id"], measured, args.note, tier=tier,
+                           data_sha256=data_sha)
             done += 1
     print(f"recorded {done} falsified claims of {args.model} (tier {tier}) in {args.recorded_dir}")
     return 0

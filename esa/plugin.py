@@ -33,7 +33,7 @@ import pytest
 
 from esa.errors import EsaError
 from esa.report import (CHANGED, ERROR, FALSIFIED, HOLDS, RECORDED, SKIPPED, count_verdicts,
-                        decode, dumps, fmt, key_measure, load_recorded, phase_of, plain,
+                        decode, dumps, file_sha256, fmt, key_measure, load_recorded, phase_of, plain,
                         record_outcome)
 from esa.tiers import TIERS, Tier, get_tier
 
@@ -219,6 +219,17 @@ def esa_header(pytestconfig: pytest.Config) -> dict:
 
 # -- recorded outcomes -------------------------------------------------------------------------
 
+def _same_setup(entry: dict, options: EsaOptions, cache: dict) -> bool:
+    """A recorded outcome applies only at the tier and on the data it was measured with."""
+    if entry.get("tier", options.tier.name) != options.tier.name:
+        return False
+    if "data_sha256" in entry:
+        if "__data_sha256__" not in cache:
+            cache["__data_sha256__"] = file_sha256(options.data) if options.data else None
+        return entry["data_sha256"] == cache["__data_sha256__"]
+    return True
+
+
 def claim_id(item: pytest.Item) -> str:
     """The item's nodeid without the ``@group`` suffix that xdist's --dist loadgroup appends."""
     marker = item.get_closest_marker("xdist_group")
@@ -358,8 +369,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 except EsaError as e:
                     raise pytest.UsageError(str(e)) from None
             entry = cache[model].get(claim_id(item))
-            if entry is not None and entry.get("tier", options.tier.name) != options.tier.name:
-                entry = None  # recorded at another tier: verdicts differ with sample sizes
+            if entry is not None and not _same_setup(entry, options, cache):
+                entry = None  # recorded at another tier or on other data: verdicts may differ
             if entry is not None:
                 item.stash[_RECORDED_KEY] = {"model": model, **entry}
                 reason = f"recorded: falsified on {model} ({entry.get('date', '?')}): " \

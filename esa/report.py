@@ -264,10 +264,12 @@ def load_recorded(path) -> dict[str, dict]:
 
 
 def record_outcome(recorded_dir, model: str, claim_id: str, measured: dict, note: str = "",
-                   day: str | None = None, tier: str | None = None) -> Path:
+                   day: str | None = None, tier: str | None = None,
+                   data_sha256: str | None = None) -> Path:
     """Add (or replace) the recorded falsification of `claim_id` in ``<recorded_dir>/<model>.json``.
 
-    With ``tier`` the entry applies only to runs at that tier (verdicts depend on sample sizes)."""
+    With ``tier`` / ``data_sha256`` the entry applies only to runs at that tier and on that data
+    (verdicts depend on both)."""
     path = Path(recorded_dir) / f"{model}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     entries = {k: v for k, v in load_recorded(path).items() if k != claim_id}
@@ -275,6 +277,8 @@ def record_outcome(recorded_dir, model: str, claim_id: str, measured: dict, note
                          "date": day or datetime.now().date().isoformat(), "note": note}
     if tier:
         entries[claim_id]["tier"] = tier
+    if data_sha256:
+        entries[claim_id]["data_sha256"] = data_sha256
     atomic_write(path, dumps(sorted(entries.values(), key=lambda e: e["claim_id"]), indent=1) + "\n")
     return path
 
