@@ -66,6 +66,11 @@ def test_super_weight_detected_and_critical(claim, bench, model, zeroshot_exampl
     claim.measure("ppl_baseline", det["ppl_baseline"])
     claim.measure("ppl_zero_super_weight", det["ppl_zeroed"])
     claim.measure("ppl_zero_random_weight", det["ppl_random"])
+    from esa.detect import rank_under_metric
+
+    seed = bench.tier.seeds[0]
+    claim.measure("rank_under_metric", {m: rank_under_metric(bench.scores(model, m, seed), c.param_name, c.flat_index)
+                                        for m in ("magnitude", "act_mag", "grad_x_weight", "grad_squared")})
     claim.measure("zeroshot_acc_baseline", det["zeroshot_baseline"])
     claim.measure("zeroshot_acc_zero_super_weight", det["zeroshot_zeroed"])
     claim.check(d_sw > 0 and not (math.isinf(d_sw) and math.isinf(d_rand)) and d_sw >= SUPER_WEIGHT_VS_RANDOM * max(d_rand, 0.0),
