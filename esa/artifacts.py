@@ -4,12 +4,8 @@ the manifest, CSV/JSON results, plots and the one-screen summary."""
 from __future__ import annotations
 
 import json
-import math
 import os
-import platform
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -59,46 +55,21 @@ def write_json(path: Path, data) -> None:
 
 
 def jsonable(value):
-    """Plain JSON types; NaN/inf become the strings "nan"/"inf"/"-inf"."""
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return jsonable(value.tolist())
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
+    """Plain JSON types; NaN/inf become the strings "nan"/"inf"/"-inf" (as in the claims report)."""
+    from esa.report import encode, plain
+
+    return encode(plain(value))
 
 
 def environment() -> dict:
-    """Versions, host, device and git commit for manifests and reports."""
-    import transformers
+    """Versions, host and git commit (``esa.report.run_environment``) plus CPU/GPU facts."""
+    from esa.report import run_environment
 
-    import esa
-
-    env = {
-        "esa": esa.__version__, "python": platform.python_version(), "torch": torch.__version__,
-        "transformers": transformers.__version__, "platform": platform.platform(),
-        "host": socket.gethostname(), "cpu_count": os.cpu_count(), "git_commit": git_commit(),
-        "cuda": torch.cuda.is_available(),
-    }
+    env = {**run_environment(Path(__file__).parent), "cpu_count": os.cpu_count(),
+           "cuda": torch.cuda.is_available()}
     if torch.cuda.is_available():
         env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return env
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def write_all(staging: Staging, result, lm, scores_by: dict) -> None:

@@ -24,7 +24,6 @@ import contextlib
 import datetime
 import gc
 import json
-import math
 import os
 import platform
 import sys
@@ -33,6 +32,8 @@ import time
 import traceback
 
 import torch
+
+from esa.artifacts import jsonable
 
 PEAK_BF16_FLOPS = 989.4e12  # H100/H200 SXM dense bf16 (datasheet), the MFU denominator
 EVAL_ARCHS = ("pythia-1.4b", "llama-3.1-8b", "mistral-7b", "phi-3-mini")
@@ -63,7 +64,7 @@ class Bench:
         os.makedirs(os.path.dirname(os.path.abspath(self.out)), exist_ok=True)
         tmp = self.out + ".tmp"
         with open(tmp, "w") as fh:
-            json.dump(_plain(self.results), fh, indent=1)
+            json.dump(jsonable(self.results), fh, indent=1)
         os.replace(tmp, self.out)
 
     def left(self) -> float:
@@ -137,20 +138,6 @@ class _Section:
         self.bench.save()
         free()
         return isinstance(exc, Exception)
-
-
-def _plain(value):
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return _plain(value.tolist())
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
 
 
 def _sync() -> None:

@@ -41,11 +41,10 @@ class TextSource:
 
 
 def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """Hex sha256 of a file's bytes (one implementation: ``esa.report.file_sha256``)."""
+    from esa.report import file_sha256
+
+    return file_sha256(path)
 
 
 def _sha256_text(text: str) -> str:

@@ -10,7 +10,6 @@ from a wheel) nothing is registered and ``family_names()`` is empty.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 from esa.errors import ModelError
+from esa.report import file_sha256
 from esa.models import LoadedModel, from_module, register_model
 
 log = logging.getLogger("esa")
@@ -61,14 +61,6 @@ def family_manifest() -> dict:
     return dict(_manifest() or {})
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_member(name: str, directory: str | Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
     """Load one saved member folder as a LoadedModel (source "fixture")."""
     from transformers import AutoModelForCausalLM
@@ -82,7 +74,7 @@ def load_member(name: str, directory: str | Path, dtype: torch.dtype, device: to
     model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype)
     model.to(device=device)
     return from_module(name, model, builtin_tokenizer(), "fixture",
-                       {"name": name, "sha256": _sha256(weights)})
+                       {"name": name, "sha256": file_sha256(weights)})
 
 
 def _register(row: dict) -> None:

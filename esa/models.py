@@ -74,20 +74,18 @@ class LoadedModel:
         }
 
 
-_INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def weights_digest(model: torch.nn.Module) -> str:
     """A cheap digest of every parameter's bits: per tensor the int64 sum of its integer view."""
     import hashlib
 
+    from esa.perturb import bits_checksum
+
     digest = hashlib.sha256()
     with torch.no_grad():
         for pname, p in model.named_parameters():
-            bits = p.detach().reshape(-1).view(_INT_VIEW[p.element_size()])
-            total = sum(int(bits[i : i + (1 << 24)].sum(dtype=torch.int64))  # chunks: no int64 copy
-                        for i in range(0, bits.numel(), 1 << 24))
-            digest.update(f"{pname}:{tuple(p.shape)}:{p.dtype}:{total};".encode())
+            digest.update(f"{pname}:{tuple(p.shape)}:{p.dtype}:{bits_checksum(p.detach())};".encode())
     return digest.hexdigest()[:32]
 
 

@@ -225,16 +225,17 @@ def _scatter(param: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> No
         data[torch.unravel_index(idx, data.shape)] = values
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
+def bits_view(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's raw bits as a same-width integer view (no copy)."""
     return t.view(_INT_VIEW[_itemsize(t.dtype)])
 
 
 _SUM_CHUNK = 1 << 24
 
 
-def _checksum(param: torch.Tensor) -> int:
+def bits_checksum(param: torch.Tensor) -> int:
     """Sum of the tensor's integer view as int64, in chunks (no full-size int64 temporary)."""
-    bits = _bits(param.data.reshape(-1))
+    bits = bits_view(param.data.reshape(-1))
     if bits.numel() <= _SUM_CHUNK:
         return int(bits.sum(dtype=torch.int64))
     total = None
@@ -245,7 +246,7 @@ def _checksum(param: torch.Tensor) -> int:
 
 
 def _snapshot(plan) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, int]]:
-    return [(n, p, idx, _gather(p, idx), _checksum(p)) for n, p, idx in plan]
+    return [(n, p, idx, _gather(p, idx), bits_checksum(p)) for n, p, idx in plan]
 
 
 def _tensor_seed(seed: int, name: str) -> int:
@@ -263,10 +264,10 @@ def _apply(plan, spec: Perturbation, *, scale, prob, bit, seed) -> PerturbInfo:
             raise ConfigError(f"perturbation {spec.name!r} returned {new.dtype}{tuple(new.shape)}")
         if prob < 1.0:
             hit = torch.rand(old.numel(), generator=gen) < prob
-            new = torch.where(hit.to(old.device), _bits(new), _bits(old)).view(old.dtype)
+            new = torch.where(hit.to(old.device), bits_view(new), bits_view(old)).view(old.dtype)
         _scatter(param, idx, new)
         n_selected += int(idx.numel())
-        n_changed += int((_bits(new) != _bits(old)).sum())
+        n_changed += int((bits_view(new) != bits_view(old)).sum())
     return PerturbInfo(spec.name, n_selected, n_changed, tuple(n for n, _, _ in plan))
 
 
@@ -278,7 +279,7 @@ def _restore(saved) -> None:
 def _verify(saved) -> None:
     for name, param, idx, original, checksum in saved:
         now = _gather(param, idx)
-        if not torch.equal(_bits(now), _bits(original)) or _checksum(param) != checksum:
+        if not torch.equal(bits_view(now), bits_view(original)) or bits_checksum(param) != checksum:
             raise RestoreError(f"restore of {name!r} was not bit-exact; this is an esa bug, report it")
 
 
@@ -287,4 +288,4 @@ def _xor_bit(values: torch.Tensor, bit: int) -> torch.Tensor:
     mask = 1 << bit
     if mask >= 1 << (nbits - 1):
         mask -= 1 << nbits
-    return (_bits(values.contiguous()) ^ mask).view(values.dtype)
+    return (bits_view(values.contiguous()) ^ mask).view(values.dtype)

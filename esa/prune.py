@@ -38,6 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from esa.errors import ConfigError, RestoreError
+from esa.perturb import bits_view
 
 log = logging.getLogger("esa")
 
@@ -126,7 +127,6 @@ class PruneInfo:
     verified: bool = False
 
 
-_INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 @contextlib.contextmanager
@@ -172,14 +172,11 @@ def pruned(model, masks: Mapping[str, torch.Tensor]) -> Iterator[PruneInfo]:
             for _, param, original in reversed(saved):
                 param.data.copy_(original)
             for name, param, original in saved:
-                if not torch.equal(_int_view(param.data), _int_view(original)):
+                if not torch.equal(bits_view(param.data), bits_view(original)):
                     raise RestoreError(f"restore of {name!r} was not bit-exact; this is an esa bug, report it")
         if info is not None:
             info.verified = True
 
-
-def _int_view(t: torch.Tensor) -> torch.Tensor:
-    return t.view(_INT_VIEW[t.element_size()])
 
 
 def _methods(metrics, granularity, methods) -> list[tuple[str, str]]:

@@ -165,7 +165,7 @@ def test_pruned_raises_restore_error_when_verification_fails(monkeypatch):
 
     model = torch.nn.Linear(8, 4)
     masks = prune_masks({"weight": torch.rand(4, 8)}, 0.5)
-    real = prune_mod._int_view
+    real = prune_mod.bits_view
     calls = {"n": 0}
 
     def corrupt(t):  # the verification compare sees a flipped bit
@@ -174,7 +174,7 @@ def test_pruned_raises_restore_error_when_verification_fails(monkeypatch):
         return out ^ 1 if calls["n"] == 1 else out
 
     with pytest.raises(RestoreError, match="bit-exact"), pruned(model, masks):
-        monkeypatch.setattr(prune_mod, "_int_view", corrupt)
+        monkeypatch.setattr(prune_mod, "bits_view", corrupt)
 
 
 def test_mask_indices_are_the_pruned_flat_positions():
