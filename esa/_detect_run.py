@@ -14,10 +14,15 @@ import time
 
 import torch
 
+from esa.analyses.detect import (
+    detect_super_weights,
+    random_weight_selection,
+    rank_under_metric,
+    super_activation_control,
+)
 from esa.data import load_text, make_windows
-from esa.detect import detect_super_weights, random_weight_selection, rank_under_metric, super_activation_control
 from esa.evaluate import evaluate
-from esa.metrics import compute_scores
+from esa.metrics.registry import compute_scores
 from esa.models import load_model
 from esa.perturb import perturbed
 
@@ -41,8 +46,10 @@ def main(argv=None) -> dict:
         return out
     primary = max(report.candidates, key=lambda c: abs(c.output_activation))
     mag = compute_scores(lm, "magnitude", None, progress=False)
-    out["magnitude_rank"] = {f"{c.layer}:{c.row}:{c.col}": rank_under_metric(mag, c.param_name, c.flat_index)
-                             for c in report.candidates}
+    out["magnitude_rank"] = {
+        f"{c.layer}:{c.row}:{c.col}": rank_under_metric(mag, c.param_name, c.flat_index)
+        for c in report.candidates
+    }
     out["magnitude_entries"] = int(sum(s.numel() for s in mag.values()))
     del mag
     ids = make_windows(lm.tokenizer, load_text(args.data).text, args.length)[: args.windows]

@@ -19,21 +19,37 @@ def _csv(text: str) -> list[str]:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="registry name (esa models), hub id, local HF dir or .gguf")
-    p.add_argument("--data-file", default=None,
-                   help="evaluation text (a file, or wikitext-2-raw-v1 via datasets); default: built-in corpus")
-    p.add_argument("--calib-file", default=None, help="calibration text (default: windows after the eval ones)")
+    p.add_argument(
+        "--data-file",
+        default=None,
+        help="evaluation text (a file, or wikitext-2-raw-v1 via datasets); default: built-in corpus",
+    )
+    p.add_argument(
+        "--calib-file", default=None, help="calibration text (default: windows after the eval ones)"
+    )
     p.add_argument("--max-length", type=int, default=512, help="tokens per window (default 512)")
     p.add_argument("--max-samples", type=int, default=32, help="evaluation windows (default 32)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
-                   help="default fp32 on CPU, bf16 on CUDA")
+    p.add_argument(
+        "--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default fp32 on CPU, bf16 on CUDA"
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
-    p.add_argument("--device-map", default=None,
-                   help="split a model too large for one GPU over all visible GPUs: auto")
-    p.add_argument("--eval-batch-size", type=int, default=None,
-                   help="windows per evaluation forward (default: about 16k tokens on CUDA, else --batch-size)")
-    p.add_argument("--compile", dest="compile", action="store_true", default=None,
-                   help="torch.compile evaluation (default: auto, on for models >= 100M params on one GPU)")
+    p.add_argument(
+        "--device-map", default=None, help="split a model too large for one GPU over all visible GPUs: auto"
+    )
+    p.add_argument(
+        "--eval-batch-size",
+        type=int,
+        default=None,
+        help="windows per evaluation forward (default: about 16k tokens on CUDA, else --batch-size)",
+    )
+    p.add_argument(
+        "--compile",
+        dest="compile",
+        action="store_true",
+        default=None,
+        help="torch.compile evaluation (default: auto, on for models >= 100M params on one GPU)",
+    )
     p.add_argument("--no-compile", dest="compile", action="store_false", help="evaluate eagerly")
     p.add_argument("--verbose", "-v", action="store_true")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -45,18 +61,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="baseline, scores, selections, perturbations, artifacts")
     _common(run)
-    run.add_argument("--metric", type=_csv, default=["grad_x_weight"],
-                     help="metric(s), comma-separated (esa metrics lists them)")
+    run.add_argument(
+        "--metric",
+        type=_csv,
+        default=["grad_x_weight"],
+        help="metric(s), comma-separated (esa metrics lists them)",
+    )
     run.add_argument("--mode", choices=["per_layer", "global"], default="per_layer")
-    run.add_argument("--topk", type=int, default=100, help="k weights per tensor (per_layer) or overall (global)")
-    run.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default --max-samples)")
+    run.add_argument(
+        "--topk", type=int, default=100, help="k weights per tensor (per_layer) or overall (global)"
+    )
+    run.add_argument(
+        "--calib-samples", type=int, default=None, help="calibration windows (default --max-samples)"
+    )
     run.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     run.add_argument("--stability-check", action="store_true", help="pairwise Jaccard of top-k across seeds")
-    run.add_argument("--perturb", type=_csv, default=["sign_flip"],
-                     help="zero, sign_flip, gauss_noise, bit_flip, scale (comma-separated)")
-    run.add_argument("--perturb-scale", type=float, default=None,
-                     help="gauss_noise sigma relative to |w| (default 0.01); factor for scale")
-    run.add_argument("--perturb-prob", type=float, default=1.0, help="probability each selected weight is hit")
+    run.add_argument(
+        "--perturb",
+        type=_csv,
+        default=["sign_flip"],
+        help="zero, sign_flip, gauss_noise, bit_flip, scale (comma-separated)",
+    )
+    run.add_argument(
+        "--perturb-scale",
+        type=float,
+        default=None,
+        help="gauss_noise sigma relative to |w| (default 0.01); factor for scale",
+    )
+    run.add_argument(
+        "--perturb-prob", type=float, default=1.0, help="probability each selected weight is hit"
+    )
     run.add_argument("--perturb-bit", type=int, default=None, help="bit for bit_flip (default exponent MSB)")
     run.add_argument("--controls", type=_csv, default=["random_k", "bottom_k"])
     run.add_argument("--hutchinson-samples", type=int, default=8)
@@ -66,8 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out-dir", required=True)
     run.add_argument("--overwrite", action="store_true", help="replace an out-dir that already holds results")
     run.add_argument("--no-cache", action="store_true", help="recompute scores instead of using the cache")
-    run.add_argument("--score-dtype", choices=["fp32", "bf16"], default="fp32",
-                     help="scores and gradient accumulators: fp32 (default) or bf16 (half the memory)")
+    run.add_argument(
+        "--score-dtype",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="scores and gradient accumulators: fp32 (default) or bf16 (half the memory)",
+    )
 
     ev = sub.add_parser("eval", help="baseline perplexity / accuracy as JSON")
     _common(ev)
@@ -85,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
-                        format="%(message)s")
+    logging.basicConfig(
+        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING, format="%(message)s"
+    )
     if getattr(args, "no_progress", False):
         import transformers
 
@@ -102,21 +141,41 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    from esa.artifacts import format_summary
-    from esa.experiment import ExperimentConfig, parse_int_list, run_experiment
+    from esa.runbook.artifacts import format_summary
+    from esa.runbook.experiment import ExperimentConfig, parse_int_list, run_experiment
 
     config = ExperimentConfig(
-        model=args.model, out_dir=args.out_dir, metrics=args.metric, mode=args.mode, topk=args.topk,
-        max_samples=args.max_samples, max_length=args.max_length, batch_size=args.batch_size,
-        calib_samples=args.calib_samples, seeds=parse_int_list(args.seeds),
-        stability_check=args.stability_check, perturbations=args.perturb,
-        perturb_scale=args.perturb_scale, perturb_prob=args.perturb_prob, perturb_bit=args.perturb_bit,
-        controls=args.controls, dtype=args.dtype, device=args.device, data_file=args.data_file,
-        calib_file=args.calib_file, hutchinson_samples=args.hutchinson_samples,
-        include_embeddings=args.include_embeddings, include_norms=args.include_norms,
-        save_plots=args.save_plots, overwrite=args.overwrite, use_cache=not args.no_cache,
-        progress=not args.no_progress, eval_batch_size=args.eval_batch_size, score_dtype=args.score_dtype,
-        device_map=args.device_map, compile=args.compile,
+        model=args.model,
+        out_dir=args.out_dir,
+        metrics=args.metric,
+        mode=args.mode,
+        topk=args.topk,
+        max_samples=args.max_samples,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        calib_samples=args.calib_samples,
+        seeds=parse_int_list(args.seeds),
+        stability_check=args.stability_check,
+        perturbations=args.perturb,
+        perturb_scale=args.perturb_scale,
+        perturb_prob=args.perturb_prob,
+        perturb_bit=args.perturb_bit,
+        controls=args.controls,
+        dtype=args.dtype,
+        device=args.device,
+        data_file=args.data_file,
+        calib_file=args.calib_file,
+        hutchinson_samples=args.hutchinson_samples,
+        include_embeddings=args.include_embeddings,
+        include_norms=args.include_norms,
+        save_plots=args.save_plots,
+        overwrite=args.overwrite,
+        use_cache=not args.no_cache,
+        progress=not args.no_progress,
+        eval_batch_size=args.eval_batch_size,
+        score_dtype=args.score_dtype,
+        device_map=args.device_map,
+        compile=args.compile,
     )
     result = run_experiment(config)
     print(format_summary(result))
@@ -124,36 +183,50 @@ def _run(args) -> int:
 
 
 def _eval(args) -> int:
-    from esa.artifacts import jsonable
     from esa.data import prepare_data
     from esa.evaluate import auto_batch_size, evaluate
     from esa.models import load_model
+    from esa.util.serialize import jsonable
 
-    for name, value in (("--max-samples", args.max_samples), ("--max-length", args.max_length),
-                        ("--batch-size", args.batch_size)):
+    for name, value in (
+        ("--max-samples", args.max_samples),
+        ("--max-length", args.max_length),
+        ("--batch-size", args.batch_size),
+    ):
         if value <= 0:
             raise EsaError(f"{name} must be a positive integer, got {value}")
     lm = load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map)
-    data = prepare_data(lm.tokenizer, args.data_file, None, args.max_length, args.max_samples, min_calib_windows=0)
-    batch = args.eval_batch_size or auto_batch_size(lm.model, int(data.eval_ids.shape[0]),
-                                                    int(data.eval_ids.shape[1]), args.batch_size)
-    res = evaluate(lm.model, data.eval_ids, batch, not args.no_progress, check_leak=True,
-                   compile=args.compile)
-    out = {"model": lm.describe(), "data": data.manifest()["eval"], "max_length": args.max_length,
-           "perplexity": res.ppl, **res.to_dict()}
+    data = prepare_data(
+        lm.tokenizer, args.data_file, None, args.max_length, args.max_samples, min_calib_windows=0
+    )
+    batch = args.eval_batch_size or auto_batch_size(
+        lm.model, int(data.eval_ids.shape[0]), int(data.eval_ids.shape[1]), args.batch_size
+    )
+    res = evaluate(
+        lm.model, data.eval_ids, batch, not args.no_progress, check_leak=True, compile=args.compile
+    )
+    out = {
+        "model": lm.describe(),
+        "data": data.manifest()["eval"],
+        "max_length": args.max_length,
+        "perplexity": res.ppl,
+        **res.to_dict(),
+    }
     print(json.dumps(jsonable(out), indent=2))
     return 0
 
 
 def _record(args) -> int:
-    from esa.report import load_claims, record_outcome
+    from esa.claims.report import load_claims, record_outcome
 
     try:
         claims = load_claims(args.claims_json)["claims"]
         header = load_claims(args.claims_json)["header"]
         tier, data_sha = header["tier"]["name"], header.get("data_sha256")
     except (OSError, ValueError, KeyError) as exc:
-        raise EsaError(f"cannot read {args.claims_json} ({exc}): pass the claims.json of a full run") from None
+        raise EsaError(
+            f"cannot read {args.claims_json} ({exc}): pass the claims.json of a full run"
+        ) from None
     run_here = args.model in (load_claims(args.claims_json)["header"].get("models") or [])
     done = 0
     for c in claims:
@@ -161,8 +234,9 @@ def _record(args) -> int:
         session_level = not isinstance(ctx_model, str)  # over several models: kept per --esa-model
         if c["verdict"] == "falsified" and (ctx_model == args.model or (session_level and run_here)):
             measured = {k: v["value"] for k, v in c["measured"].items()}
-            record_outcome(args.recorded_dir, args.model, c["id"], measured, args.note, tier=tier,
-                           data_sha256=data_sha)
+            record_outcome(
+                args.recorded_dir, args.model, c["id"], measured, args.note, tier=tier, data_sha256=data_sha
+            )
             done += 1
     print(f"recorded {done} falsified claims of {args.model} (tier {tier}) in {args.recorded_dir}")
     return 0
@@ -177,7 +251,7 @@ def _models(args) -> int:
 
 
 def _metrics(args) -> int:
-    from esa.metrics import METRICS
+    from esa.metrics.registry import METRICS
     from esa.perturb import PERTURBATIONS
 
     for name, spec in METRICS.items():

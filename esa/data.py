@@ -8,7 +8,6 @@ the evaluation windows (a separate calibration text, or the windows after the ev
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,8 @@ from pathlib import Path
 import torch
 
 from esa.errors import DataError
+from esa.models.tokenizer import builtin_corpus
+from esa.util.files import file_sha256, text_sha256
 
 log = logging.getLogger("esa")
 
@@ -40,54 +41,47 @@ class TextSource:
         return {"name": self.name, "path": self.path, "sha256": self.sha256, "chars": len(self.text)}
 
 
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes (one implementation: ``esa.report.file_sha256``)."""
-    from esa.report import file_sha256
-
-    return file_sha256(path)
-
-
-def _sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
 def load_text(spec: str | Path | None, split: str = "test") -> TextSource:
     """Text from a file path, a Hugging Face dataset id, or the built-in corpus (``None``)."""
     if spec is None or str(spec) == BUILTIN:
-        from esa.tokenizer import builtin_corpus
-
         text = builtin_corpus()
-        return TextSource("builtin:pydoc_data.topics", text, _sha256_text(text))
+        return TextSource("builtin:pydoc_data.topics", text, text_sha256(text))
     spec = str(spec)
     if spec in HF_DATASETS:
         return _load_hf(spec, split)
     path = Path(spec).expanduser()
     if not path.is_file():
-        raise DataError(f"data file {spec!r} not found: pass an existing text file, "
-                        f"one of {', '.join(HF_DATASETS)}, or omit it for the built-in corpus")
+        raise DataError(
+            f"data file {spec!r} not found: pass an existing text file, "
+            f"one of {', '.join(HF_DATASETS)}, or omit it for the built-in corpus"
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise DataError(f"data file {spec!r} is not UTF-8 text: convert it to UTF-8") from None
     if not text.strip():
         raise DataError(f"data file {spec!r} is empty: pass a file with natural-language text")
-    return TextSource(path.name, text, sha256_file(path), str(path.resolve()))
+    return TextSource(path.name, text, file_sha256(path), str(path.resolve()))
 
 
 def _load_hf(spec: str, split: str) -> TextSource:
     try:
         import datasets
     except ImportError:
-        raise DataError(f"{spec!r} needs the datasets package: pip install datasets, "
-                        "or pass --data-file with a local copy") from None
+        raise DataError(
+            f"{spec!r} needs the datasets package: pip install datasets, "
+            "or pass --data-file with a local copy"
+        ) from None
     repo, config = HF_DATASETS[spec]
     try:
         rows = datasets.load_dataset(repo, config, split=split)["text"]
     except Exception as exc:  # network, hub or cache errors all end the same way
-        raise DataError(f"cannot load {spec!r} split {split!r} from the hub ({type(exc).__name__}): "
-                        "without network access pass --data-file with a local copy") from None
+        raise DataError(
+            f"cannot load {spec!r} split {split!r} from the hub ({type(exc).__name__}): "
+            "without network access pass --data-file with a local copy"
+        ) from None
     text = "\n\n".join(rows)
-    return TextSource(f"{spec}:{split}", text, _sha256_text(text))
+    return TextSource(f"{spec}:{split}", text, text_sha256(text))
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
@@ -135,18 +129,26 @@ class DataBundle:
         same = self.calib_source.sha256 == self.eval_source.sha256
         return {
             "protocol": "tokenize once without special tokens; consecutive non-overlapping windows; "
-                        "remainder dropped; eval = first windows; calibration sampled per seed"
-                        + ("; calibration from the windows after the evaluation ones" if same else ""),
+            "remainder dropped; eval = first windows; calibration sampled per seed"
+            + ("; calibration from the windows after the evaluation ones" if same else ""),
             "max_length": self.max_length,
-            "eval": {**self.eval_source.describe(), "windows_total": self.eval_total_windows,
-                     "windows_used": int(self.eval_ids.shape[0])},
-            "calibration": {**self.calib_source.describe(),
-                            "windows_pool": int(self.calib_pool.shape[0])},
+            "eval": {
+                **self.eval_source.describe(),
+                "windows_total": self.eval_total_windows,
+                "windows_used": int(self.eval_ids.shape[0]),
+            },
+            "calibration": {**self.calib_source.describe(), "windows_pool": int(self.calib_pool.shape[0])},
         }
 
 
-def prepare_data(tokenizer, data=None, calib_data=None, max_length: int = 512,
-                 max_samples: int | None = None, min_calib_windows: int = 1) -> DataBundle:
+def prepare_data(
+    tokenizer,
+    data=None,
+    calib_data=None,
+    max_length: int = 512,
+    max_samples: int | None = None,
+    min_calib_windows: int = 1,
+) -> DataBundle:
     """Load and window the evaluation text (and calibration text, disjoint from it)."""
     if max_length < 2:
         raise DataError(f"--max-length {max_length} is too short: use at least 2 tokens")
@@ -156,18 +158,41 @@ def prepare_data(tokenizer, data=None, calib_data=None, max_length: int = 512,
     all_windows = make_windows(tokenizer, eval_src.text, max_length)
     if all_windows.shape[0] == 0:
         n_tok = tokenize(tokenizer, eval_src.text).numel()
-        raise DataError(f"{eval_src.name} has {n_tok} tokens, fewer than one window of "
-                        f"--max-length {max_length}: use a longer text or a smaller --max-length")
+        raise DataError(
+            f"{eval_src.name} has {n_tok} tokens, fewer than one window of "
+            f"--max-length {max_length}: use a longer text or a smaller --max-length"
+        )
     n_eval = all_windows.shape[0] if max_samples is None else min(max_samples, all_windows.shape[0])
     if max_samples is not None and max_samples > all_windows.shape[0]:
-        log.warning("esa: only %d windows of %d tokens in %s (asked for %d)",
-                    all_windows.shape[0], max_length, eval_src.name, max_samples)
+        log.warning(
+            "esa: only %d windows of %d tokens in %s (asked for %d)",
+            all_windows.shape[0],
+            max_length,
+            eval_src.name,
+            max_samples,
+        )
     if calib_data is not None:
         calib_src = load_text(calib_data, split="train")
         pool = make_windows(tokenizer, calib_src.text, max_length)
     else:
         calib_src, pool = eval_src, all_windows[n_eval:]
     if pool.shape[0] < min_calib_windows:
-        raise DataError(f"no calibration text left after {n_eval} evaluation windows of {eval_src.name}: "
-                        "lower --max-samples or --max-length, or pass --calib-file")
+        raise DataError(
+            f"no calibration text left after {n_eval} evaluation windows of {eval_src.name}: "
+            "lower --max-samples or --max-length, or pass --calib-file"
+        )
     return DataBundle(all_windows[:n_eval], pool, eval_src, calib_src, max_length, int(all_windows.shape[0]))
+
+
+def random_windows(n: int, length: int, vocab_size: int, seed: int = 0) -> torch.Tensor:
+    """``[n, length]`` token ids uniform in ``[0, vocab_size)`` (CPU, seeded)."""
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.randint(0, int(vocab_size), (int(n), int(length)), generator=gen, dtype=torch.long)
+
+
+def random_data(vocab_size: int, n_eval: int, n_calib: int, length: int, seed: int = 0):
+    """A DataBundle of random-id windows (eval + a disjoint calibration pool), for benchmarks."""
+    ids = random_windows(n_eval + n_calib, length, vocab_size, seed)
+    digest = text_sha256(f"random-ids:{vocab_size}:{n_eval}:{n_calib}:{length}:{seed}")
+    src = TextSource(f"random-ids(vocab={vocab_size}, seed={seed})", "", digest)
+    return DataBundle(ids[:n_eval], ids[n_eval:], src, src, int(length), int(n_eval))

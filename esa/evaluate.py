@@ -11,13 +11,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import resource
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm.auto import tqdm
+
+from esa.models.params import decoder_layers
+from esa.util.runtime import peak_memory
 
 log = logging.getLogger("esa")
 
@@ -54,9 +56,15 @@ class EvalResult:
         return out
 
 
-def evaluate(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8,
-             progress: bool = True, check_leak: bool = False, desc: str = "eval",
-             compile: bool | None = None) -> EvalResult:
+def evaluate(
+    model: torch.nn.Module,
+    windows: torch.Tensor,
+    batch_size: int = 8,
+    progress: bool = True,
+    check_leak: bool = False,
+    desc: str = "eval",
+    compile: bool | None = None,
+) -> EvalResult:
     """Evaluate a causal LM on ``windows`` ``[n, L]`` of token ids.
 
     Runs under ``inference_mode``; sums stay on the device and are read once at the end (no
@@ -72,9 +80,12 @@ def evaluate(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8,
     if use_compile(model, compile):
         try:
             return _evaluate(model, windows, batch_size, progress, check_leak, desc, True)
-        except Exception as exc:  # noqa: BLE001 - any compiler failure: run eagerly instead
-            log.warning("esa: compiled evaluation failed (%s: %s); evaluating eagerly",
-                        type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+        except Exception as exc:
+            log.warning(
+                "esa: compiled evaluation failed (%s: %s); evaluating eagerly",
+                type(exc).__name__,
+                str(exc).splitlines()[0][:200] if str(exc) else "",
+            )
             model.__dict__["_esa_compile_failed"] = True
     return _evaluate(model, windows, batch_size, progress, check_leak, desc, False)
 
@@ -129,25 +140,37 @@ def _evaluate(model, windows, batch_size, progress, check_leak, desc, compile) -
     seconds = time.perf_counter() - start
     n_tokens = windows.shape[0] * (windows.shape[1] - 1)
     mean_nll = nll_total / n_tokens
-    ppl = math.exp(mean_nll) if math.isfinite(mean_nll) and mean_nll < 700 else (
-        math.inf if mean_nll == math.inf or (math.isfinite(mean_nll) and mean_nll >= 700) else math.nan)
+    ppl = (
+        math.exp(mean_nll)
+        if math.isfinite(mean_nll) and mean_nll < 700
+        else (math.inf if mean_nll == math.inf or (math.isfinite(mean_nll) and mean_nll >= 700) else math.nan)
+    )
     result = EvalResult(
-        ppl=ppl, nll=mean_nll, accuracy=correct / n_tokens, n_tokens=n_tokens,
-        n_windows=int(windows.shape[0]), tokens_per_s=windows.numel() / max(seconds, 1e-9),
-        seconds=seconds, peak_memory_bytes=_peak_memory(device), finite=math.isfinite(ppl),
-        nonfinite_tokens=nonfinite, window_nll=window_nll,
+        ppl=ppl,
+        nll=mean_nll,
+        accuracy=correct / n_tokens,
+        n_tokens=n_tokens,
+        n_windows=int(windows.shape[0]),
+        tokens_per_s=windows.numel() / max(seconds, 1e-9),
+        seconds=seconds,
+        peak_memory_bytes=peak_memory(device),
+        finite=math.isfinite(ppl),
+        nonfinite_tokens=nonfinite,
+        window_nll=window_nll,
     )
     if check_leak and result.finite and result.ppl < LEAK_PPL:
         warnings.warn(
             f"baseline perplexity {result.ppl:.3f} < {LEAK_PPL} on natural text: likely a bug "
             "(repeated text in the windows, or labels leaking into the inputs)",
-            SuspiciousPerplexityWarning, stacklevel=3,
+            SuspiciousPerplexityWarning,
+            stacklevel=3,
         )
     return result
 
 
-def auto_batch_size(model: torch.nn.Module, n_windows: int, length: int, fallback: int = 8,
-                    tokens: int = _BATCH_TOKENS) -> int:
+def auto_batch_size(
+    model: torch.nn.Module, n_windows: int, length: int, fallback: int = 8, tokens: int = _BATCH_TOKENS
+) -> int:
     """Evaluation batch size: on CUDA about ``tokens`` tokens per forward (large matmuls; the
     loss is chunked so logits never scale with it), preferring a divisor of ``n_windows`` so every
     batch has one shape; on the CPU ``fallback``."""
@@ -160,8 +183,9 @@ def auto_batch_size(model: torch.nn.Module, n_windows: int, length: int, fallbac
     return cap
 
 
-def token_nll(model: torch.nn.Module, batch: torch.Tensor,
-              checkpoint: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def token_nll(
+    model: torch.nn.Module, batch: torch.Tensor, checkpoint: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token NLL ``[B, L-1]`` (fp32) and next-token hits, computed in position chunks.
 
     ``checkpoint=True`` (gradients only) keeps no logits for the backward pass: each chunk's
@@ -204,16 +228,6 @@ def lm_loss(model: torch.nn.Module, batch: torch.Tensor, checkpoint: bool = Fals
 
 
 # --- decoder layers: checkpointing and regional compilation ----------------------------------
-
-
-def decoder_layers(model: torch.nn.Module, with_prefix: bool = False):
-    """The repeated decoder blocks (the largest ``ModuleList``), and their name prefix."""
-    best, best_name = None, ""
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.ModuleList) and (best is None or len(mod) > len(best)):
-            best, best_name = mod, name
-    layers = list(best) if best is not None else []
-    return (layers, best_name) if with_prefix else layers
 
 
 @contextlib.contextmanager
@@ -294,9 +308,3 @@ def _logits(model, head, hidden):
 
 def _input_device(model) -> torch.device:
     return model.get_input_embeddings().weight.device
-
-
-def _peak_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB

@@ -10,14 +10,13 @@ from __future__ import annotations
 import contextlib
 import math
 import zlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping
 
 import torch
 
 from esa.errors import ConfigError, RestoreError
-
-_INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+from esa.util.bits import bit_width, bits_checksum, bits_view
 
 
 @dataclass(frozen=True)
@@ -69,7 +68,7 @@ class PerturbInfo:
 
 def default_bit(dtype: torch.dtype) -> int:
     """The exponent's most significant bit: 30 (fp32), 14 (fp16/bf16), 62 (fp64)."""
-    return 8 * _itemsize(dtype) - 2
+    return bit_width(dtype) - 2
 
 
 @register_perturbation("zero")
@@ -79,7 +78,7 @@ def _zero(values, **_):
 
 @register_perturbation("sign_flip")
 def _sign_flip(values, **_):
-    return _xor_bit(values, 8 * _itemsize(values.dtype) - 1)
+    return _xor_bit(values, bit_width(values.dtype) - 1)
 
 
 @register_perturbation("gauss_noise", needs_scale=True, positive_scale=True)
@@ -157,17 +156,13 @@ def _check_options(method, scale, prob, bit) -> Perturbation:
 
 
 def _check_bit(bit: int, dtype: torch.dtype, name: str) -> None:
-    nbits = 8 * _itemsize(dtype)
+    nbits = bit_width(dtype)
     if not 0 <= bit < nbits:
         raise ConfigError(f"bit={bit} out of range for {name!r} ({dtype}); use 0..{nbits - 1}")
 
 
 def _resolve_bit(bit: int | None, dtype: torch.dtype) -> int:
     return default_bit(dtype) if bit is None else int(bit)
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty(0, dtype=dtype).element_size()
 
 
 def _as_params(model_or_params) -> dict[str, torch.Tensor]:
@@ -225,26 +220,6 @@ def _scatter(param: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> No
         data[torch.unravel_index(idx, data.shape)] = values
 
 
-def bits_view(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's raw bits as a same-width integer view (no copy)."""
-    return t.view(_INT_VIEW[_itemsize(t.dtype)])
-
-
-_SUM_CHUNK = 1 << 24
-
-
-def bits_checksum(param: torch.Tensor) -> int:
-    """Sum of the tensor's integer view as int64, in chunks (no full-size int64 temporary)."""
-    bits = bits_view(param.data.reshape(-1))
-    if bits.numel() <= _SUM_CHUNK:
-        return int(bits.sum(dtype=torch.int64))
-    total = None
-    for start in range(0, bits.numel(), _SUM_CHUNK):
-        part = bits[start : start + _SUM_CHUNK].sum(dtype=torch.int64)
-        total = part if total is None else total + part
-    return int(total)
-
-
 def _snapshot(plan) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, int]]:
     return [(n, p, idx, _gather(p, idx), bits_checksum(p)) for n, p, idx in plan]
 
@@ -284,7 +259,7 @@ def _verify(saved) -> None:
 
 
 def _xor_bit(values: torch.Tensor, bit: int) -> torch.Tensor:
-    nbits = 8 * _itemsize(values.dtype)
+    nbits = bit_width(values.dtype)
     mask = 1 << bit
     if mask >= 1 << (nbits - 1):
         mask -= 1 << nbits

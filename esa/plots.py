@@ -59,8 +59,9 @@ def _sample(scores, max_points: int, seed: int) -> tuple[np.ndarray, int]:
     return (np.concatenate(out) if out else np.empty(0)), total
 
 
-def plot_score_distribution(scores, title: str = "score distribution", *, max_points: int = MAX_POINTS,
-                            seed: int = 0, bins: int = 80) -> Figure:
+def plot_score_distribution(
+    scores, title: str = "score distribution", *, max_points: int = MAX_POINTS, seed: int = 0, bins: int = 80
+) -> Figure:
     """Histogram of |score| on log-log axes (zeros and non-finite values counted in the legend).
 
     `scores` is a dict name -> tensor/array (all pooled) or one array; at most ~`max_points`
@@ -92,8 +93,14 @@ def plot_score_distribution(scores, title: str = "score distribution", *, max_po
     return fig
 
 
-def plot_layer_component_heatmap(df, value: str = "count", title: str = "selected entries",
-                                 *, agg: str = "sum", annotate: bool | None = None) -> Figure:
+def plot_layer_component_heatmap(
+    df,
+    value: str = "count",
+    title: str = "selected entries",
+    *,
+    agg: str = "sum",
+    annotate: bool | None = None,
+) -> Figure:
     """Heatmap of layer (rows) x component (columns) from a DataFrame with those columns.
 
     ``value="count"`` counts rows per cell; any other column is aggregated with `agg`.
@@ -105,13 +112,13 @@ def plot_layer_component_heatmap(df, value: str = "count", title: str = "selecte
     if value == "count" and "count" not in df.columns:
         table = pd.crosstab(df["layer"], df["component"])
     else:
-        table = df.pivot_table(index="layer", columns="component", values=value, aggfunc=agg,
-                               fill_value=0)
+        table = df.pivot_table(index="layer", columns="component", values=value, aggfunc=agg, fill_value=0)
     table = table.sort_index()
     fig, ax = _figure(max(5.0, 1.0 + 0.9 * table.shape[1]), max(3.0, 1.2 + 0.28 * table.shape[0]))
     data = table.to_numpy(dtype=float)
-    im = ax.imshow(data if data.size else np.zeros((1, 1)), aspect="auto", cmap="viridis",
-                   interpolation="nearest")
+    im = ax.imshow(
+        data if data.size else np.zeros((1, 1)), aspect="auto", cmap="viridis", interpolation="nearest"
+    )
     ax.set_xticks(range(table.shape[1]), [str(c) for c in table.columns], rotation=45, ha="right")
     ax.set_yticks(range(table.shape[0]), [str(i) for i in table.index])
     ax.set_xlabel("component")
@@ -122,8 +129,15 @@ def plot_layer_component_heatmap(df, value: str = "count", title: str = "selecte
         vmax = np.nanmax(data) if data.size else 0
         for (r, c), v in np.ndenumerate(data):
             if v:
-                ax.text(c, r, f"{v:.3g}", ha="center", va="center", fontsize=8,
-                        color="black" if v > 0.6 * vmax else "white")
+                ax.text(
+                    c,
+                    r,
+                    f"{v:.3g}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="black" if v > 0.6 * vmax else "white",
+                )
     return fig
 
 
@@ -143,8 +157,13 @@ def _mean_ci(values: np.ndarray) -> tuple[float, float, float]:
     return mean, float(low), float(high)
 
 
-def plot_delta_ppl_bars(conditions: Mapping[str, list], title: str = "Δ perplexity",
-                        *, ylabel: str = "Δ perplexity", log: bool | None = None) -> Figure:
+def plot_delta_ppl_bars(
+    conditions: Mapping[str, list],
+    title: str = "Δ perplexity",
+    *,
+    ylabel: str = "Δ perplexity",
+    log: bool | None = None,
+) -> Figure:
     """Mean bar per condition with a 95% CI error bar; non-finite values are dropped and counted.
 
     `log=None` picks a log y axis when all means are positive and span more than 100x.
@@ -162,14 +181,22 @@ def plot_delta_ppl_bars(conditions: Mapping[str, list], title: str = "Δ perplex
     x = np.arange(len(names))
     colors = [_COLORS[i % len(_COLORS)] for i in range(len(names))]
     err = np.nan_to_num(np.vstack([means - lows, highs - means]).clip(min=0))
-    ax.bar(x, np.nan_to_num(means), color=colors, alpha=0.85, yerr=err, capsize=4,
-           error_kw={"ecolor": "#24292f", "lw": 1})
+    ax.bar(
+        x,
+        np.nan_to_num(means),
+        color=colors,
+        alpha=0.85,
+        yerr=err,
+        capsize=4,
+        error_kw={"ecolor": "#24292f", "lw": 1},
+    )
     for i, (m, _lo, hi, bad, n) in enumerate(stats):
         note = f"{m:.3g}" if math.isfinite(m) else "n/a"
         note += f"\nn={n}" + (f", {bad} non-finite" if bad else "")
         top = max(v for v in (m, hi, 0.0) if math.isfinite(v)) if math.isfinite(m) else 0.0
-        ax.annotate(note, (i, top), textcoords="offset points",
-                    xytext=(0, 4), ha="center", va="bottom", fontsize=8)
+        ax.annotate(
+            note, (i, top), textcoords="offset points", xytext=(0, 4), ha="center", va="bottom", fontsize=8
+        )
     finite = means[np.isfinite(means)]
     if log is None:
         log = bool(finite.size) and finite.min() > 0 and finite.max() / finite.min() > 100
@@ -184,8 +211,15 @@ def plot_delta_ppl_bars(conditions: Mapping[str, list], title: str = "Δ perplex
     return fig
 
 
-def plot_dose_response(scales, series: Mapping[str, list], title: str = "dose response",
-                       *, xlabel: str = "scale", ylabel: str = "perplexity", ylog: bool = False) -> Figure:
+def plot_dose_response(
+    scales,
+    series: Mapping[str, list],
+    title: str = "dose response",
+    *,
+    xlabel: str = "scale",
+    ylabel: str = "perplexity",
+    ylog: bool = False,
+) -> Figure:
     """One line per series over `scales` on a log x axis (symlog when a scale is <= 0)."""
     x = _numpy(scales)
     fig, ax = _figure()

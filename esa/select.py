@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import tempfile
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import numpy as np
 import pandas as pd
@@ -47,13 +47,13 @@ class Selection:
         """The selected entries as a set of ``(name, flat_index)`` pairs."""
         return {(name, int(i)) for name, idx in self.indices.items() for i in idx.tolist()}
 
-    def jaccard(self, other: "Selection") -> float:
+    def jaccard(self, other: Selection) -> float:
         """|A∩B| / |A∪B| (1.0 when both are empty)."""
         a, b = self.keys(), other.keys()
         union = len(a | b)
         return 1.0 if union == 0 else len(a & b) / union
 
-    def overlap(self, other: "Selection") -> float:
+    def overlap(self, other: Selection) -> float:
         """|A∩B| / min(|A|, |B|) (1.0 when both are empty, 0.0 when only one is)."""
         a, b = self.keys(), other.keys()
         if not a and not b:
@@ -78,9 +78,7 @@ class Selection:
             or [np.empty(0, dtype=np.int64)]
         )
         flat = np.concatenate([self.indices[n].numpy() for n in names] or [np.empty(0, np.int64)])
-        score = np.concatenate(
-            [self.values[n].numpy().astype(np.float64) for n in names] or [np.empty(0)]
-        )
+        score = np.concatenate([self.values[n].numpy().astype(np.float64) for n in names] or [np.empty(0)])
         order = np.lexsort((flat, tensor_pos, _rank_keys(self.kind, score)))
         tensor_pos, flat, score = tensor_pos[order], flat[order], score[order]
         columns = {"tensor": [names[i] for i in tensor_pos], "flat_index": flat}
@@ -117,7 +115,7 @@ class Selection:
         seed: int | None = None,
         metric: str | None = None,
         shapes: Mapping[str, tuple[int, ...]] | None = None,
-    ) -> "Selection":
+    ) -> Selection:
         """Rebuild a Selection from ``to_frame`` output (or its CSV read back with pandas).
 
         Metadata not given as arguments comes from ``df.attrs`` (set by ``to_frame``), else

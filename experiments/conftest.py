@@ -3,13 +3,13 @@
 from pathlib import Path
 
 import pytest
-
-from esa.models import check_model_name
-from esa.plugin import OPTIONS_KEY
-
 from criteria import PERTURBATIONS, ZEROSHOT_TASKS
 
-TINY_ARCHS = ("tiny-pythia", "tiny-llama", "tiny-mistral", "tiny-phi3", "tiny-mixtral")
+from esa.claims.plugin import OPTIONS_KEY
+from esa.models import check_model_name
+from esa.models.tiny import tiny_models
+
+TINY_ARCHS = tuple(tiny_models())
 
 
 def pytest_generate_tests(metafunc):
@@ -41,7 +41,7 @@ def bench(esa_bench, esa_header, request):
 @pytest.fixture(scope="session")
 def zeroshot_examples():
     """The hand-written multiple-choice samples in fixtures/zeroshot (task -> examples)."""
-    from esa.zeroshot import load_task
+    from esa.analyses.zeroshot import load_task
 
     folder = Path(__file__).resolve().parent.parent / "fixtures" / "zeroshot"
     return {t: load_task(folder / f"sample_{t}.jsonl") for t in ZEROSHOT_TASKS}

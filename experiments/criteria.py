@@ -2,36 +2,36 @@
 from here; changing one is a change to the research plan, reviewed like one."""
 
 # phase 1: baseline
-LEAK_PPL = 1.5                  # PPL below this on natural text means a bug (repeated text, leaked labels)
-PPL_SEED_VARIATION = 0.05       # relative spread (max-min)/mean of PPL across seeds' window samples
+LEAK_PPL = 1.5  # PPL below this on natural text means a bug (repeated text, leaked labels)
+PPL_SEED_VARIATION = 0.05  # relative spread (max-min)/mean of PPL across seeds' window samples
 
 # phase 2: sensitivity profiling
-JACCARD_STABLE = 0.30           # top-k Jaccard across calibration seeds
-JACCARD_STRONG = 0.50           # reported alongside: "strongly stable"
-HEAVY_TAIL_RATIO = 10.0         # mean of the top 1% of scores / median score
-METRIC_AGREEMENT = 0.60         # grad_x_weight vs grad_squared top-k overlap
-MODE_AGREEMENT = 0.50           # global top-k found inside the per_layer top-k (overlap)
-HUTCHINSON_AGREEMENT = 0.50     # hutchinson_diag vs grad_x_weight top-k overlap
+JACCARD_STABLE = 0.30  # top-k Jaccard across calibration seeds
+JACCARD_STRONG = 0.50  # reported alongside: "strongly stable"
+HEAVY_TAIL_RATIO = 10.0  # mean of the top 1% of scores / median score
+METRIC_AGREEMENT = 0.60  # grad_x_weight vs grad_squared top-k overlap
+MODE_AGREEMENT = 0.50  # global top-k found inside the per_layer top-k (overlap)
+HUTCHINSON_AGREEMENT = 0.50  # hutchinson_diag vs grad_x_weight top-k overlap
 
 # phase 3: perturbation
-SUPER_VS_RANDOM = 3.0           # ΔPPL(super) >= 3 x ΔPPL(random)
-RANDOM_VS_BOTTOM = 3.0          # ΔPPL(random) >= 3 x ΔPPL(bottom)
-MIN_SUPER_DAMAGE = 0.1          # ΔPPL(super) >= 0.1 PPL
-P_VALUE = 0.05                  # super vs random over seeds (one-sided paired t-test)
+SUPER_VS_RANDOM = 3.0  # ΔPPL(super) >= 3 x ΔPPL(random)
+RANDOM_VS_BOTTOM = 3.0  # ΔPPL(random) >= 3 x ΔPPL(bottom)
+MIN_SUPER_DAMAGE = 0.1  # ΔPPL(super) >= 0.1 PPL
+P_VALUE = 0.05  # super vs random over seeds (one-sided paired t-test)
 PERTURBATIONS = ("zero", "sign_flip", "gauss_noise", "bit_flip")
-GAUSS_SCALE = 0.01              # σ relative to |w| for gauss_noise in the hierarchy claims (runbook default)
+GAUSS_SCALE = 0.01  # σ relative to |w| for gauss_noise in the hierarchy claims (runbook default)
 DOSE_SCALES = (0.005, 0.01, 0.02, 0.05, 0.1)  # gauss_noise σ for the dose-response claims
 
 # phase 4: scaling and architecture
-SCALING_R2 = 0.80               # power-law fit of a sensitivity measure vs parameter count
-SCALING_PREDICTION = 0.20       # the largest model predicted from the others within 20%
+SCALING_R2 = 0.80  # power-law fit of a sensitivity measure vs parameter count
+SCALING_PREDICTION = 0.20  # the largest model predicted from the others within 20%
 SCALING_MEASURES = ("concentration", "super_random_ratio", "weights_to_double")
 
 # phase 5: applications
-SUPER_WEIGHT_VS_RANDOM = 3.0    # ΔPPL(zero the detected super weight) >= 3x ΔPPL(zero one random weight)
-ACTIVATION_RECOVERY = 0.50      # restoring the super activation recovers >= half of the damage (in NLL)
-PRUNE_SPARSITY = 0.50           # pruning comparison at 50% unstructured sparsity
-PRUNE_GAIN = 0.15               # best sensitivity-guided method beats magnitude by > 15% (PPL)
-FLIP_RATIO = 10.0               # critical weights fail the model with >= 10x fewer flips than random
-FLIP_FAILURE_FACTOR = 10.0      # "failure" = PPL >= 10x baseline, or non-finite
+SUPER_WEIGHT_VS_RANDOM = 3.0  # ΔPPL(zero the detected super weight) >= 3x ΔPPL(zero one random weight)
+ACTIVATION_RECOVERY = 0.50  # restoring the super activation recovers >= half of the damage (in NLL)
+PRUNE_SPARSITY = 0.50  # pruning comparison at 50% unstructured sparsity
+PRUNE_GAIN = 0.15  # best sensitivity-guided method beats magnitude by > 15% (PPL)
+FLIP_RATIO = 10.0  # critical weights fail the model with >= 10x fewer flips than random
+FLIP_FAILURE_FACTOR = 10.0  # "failure" = PPL >= 10x baseline, or non-finite
 ZEROSHOT_TASKS = ("arc_easy", "boolq", "hellaswag", "piqa")  # local samples in fixtures/zeroshot

@@ -3,7 +3,6 @@
 import math
 
 import pytest
-
 from criteria import LEAK_PPL, PPL_SEED_VARIATION
 
 pytestmark = [pytest.mark.phase1, pytest.mark.smoke]
@@ -49,4 +48,6 @@ def test_untrained_architecture_predicts_uniformly(claim, bench, arch):
     claim(threshold=[vocab / 2, vocab * 2]).context(model=arch)
     claim.measure("ppl", base.ppl, key=True)
     claim.measure("vocab_size", vocab)
-    claim.check(vocab / 2 <= base.ppl <= vocab * 2, f"PPL {base.ppl:.1f} not within [{vocab / 2}, {vocab * 2}]")
+    claim.check(
+        vocab / 2 <= base.ppl <= vocab * 2, f"PPL {base.ppl:.1f} not within [{vocab / 2}, {vocab * 2}]"
+    )

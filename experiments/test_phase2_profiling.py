@@ -4,11 +4,17 @@ and modes, and are not concentrated in one tensor or in the embeddings."""
 import itertools
 
 import pytest
+from criteria import (
+    HEAVY_TAIL_RATIO,
+    HUTCHINSON_AGREEMENT,
+    JACCARD_STABLE,
+    JACCARD_STRONG,
+    METRIC_AGREEMENT,
+    MODE_AGREEMENT,
+)
 
-from criteria import (HEAVY_TAIL_RATIO, HUTCHINSON_AGREEMENT, JACCARD_STABLE, JACCARD_STRONG,
-                      METRIC_AGREEMENT, MODE_AGREEMENT)
 from esa import plots, stats
-from esa.metrics import score_summary
+from esa.metrics.registry import score_summary
 
 pytestmark = [pytest.mark.phase2, pytest.mark.smoke]
 
@@ -19,8 +25,9 @@ def test_topk_stable_across_seeds(claim, bench, model, metric):
     sels = [bench.selection(model, metric, s) for s in seeds]
     pairs = [a.jaccard(b) for a, b in itertools.combinations(sels, 2)]
     mean = sum(pairs) / len(pairs)
-    claim(threshold=JACCARD_STABLE).context(model=model, metric=metric, seeds=list(seeds),
-                                            k=bench.tier.topk, mode="per_layer")
+    claim(threshold=JACCARD_STABLE).context(
+        model=model, metric=metric, seeds=list(seeds), k=bench.tier.topk, mode="per_layer"
+    )
     claim.measure("mean_jaccard", mean, ci=stats.bootstrap_ci(pairs), key=True)
     claim.measure("pairwise_jaccard", pairs)
     claim.measure(f"strongly_stable (> {JACCARD_STRONG})", mean > JACCARD_STRONG)
@@ -46,8 +53,9 @@ def test_gradient_metrics_agree(claim, bench, model):
     a = bench.selection(model, "grad_x_weight", seed)
     b = bench.selection(model, "grad_squared", seed)
     value = a.overlap(b)
-    claim(threshold=METRIC_AGREEMENT).context(model=model, metric="grad_x_weight vs grad_squared",
-                                              seeds=[seed], k=bench.tier.topk)
+    claim(threshold=METRIC_AGREEMENT).context(
+        model=model, metric="grad_x_weight vs grad_squared", seeds=[seed], k=bench.tier.topk
+    )
     claim.measure("overlap", value, key=True)
     claim.measure("jaccard", a.jaccard(b))
     claim.expect(value, ">=", METRIC_AGREEMENT, name="overlap")
@@ -60,8 +68,12 @@ def test_hutchinson_agrees_with_grad_x_weight(claim, bench, model):
     b = bench.selection(model, "grad_x_weight", seed)
     value = a.overlap(b)
     claim(threshold=HUTCHINSON_AGREEMENT).context(
-        model=model, metric="hutchinson_diag vs grad_x_weight", seeds=[seed], k=bench.tier.topk,
-        hutchinson_samples=bench.tier.hutchinson_samples)
+        model=model,
+        metric="hutchinson_diag vs grad_x_weight",
+        seeds=[seed],
+        k=bench.tier.topk,
+        hutchinson_samples=bench.tier.hutchinson_samples,
+    )
     claim.measure("overlap", value, key=True)
     claim.expect(value, ">=", HUTCHINSON_AGREEMENT, name="overlap")
 
@@ -89,20 +101,24 @@ def test_topk_not_in_one_tensor(claim, bench, model, metric):
     """The global top-k (embeddings included) spans more than one tensor."""
     sel, frame = _global_with_embeddings(bench, model, metric)
     counts = sel.by_tensor_counts()
-    claim(threshold=1).context(model=model, metric=metric, k=bench.tier.topk, mode="global",
-                               include_embeddings=True)
+    claim(threshold=1).context(
+        model=model, metric=metric, k=bench.tier.topk, mode="global", include_embeddings=True
+    )
     claim.measure("tensors", len(counts), key=True)
     claim.measure("largest_tensor_share", max(counts.values()) / sel.size)
-    claim.figure(plots.plot_layer_component_heatmap(frame, "count", f"global top-{sel.size}, {model}"),
-                 "layer x component heatmap")
+    claim.figure(
+        plots.plot_layer_component_heatmap(frame, "count", f"global top-{sel.size}, {model}"),
+        "layer x component heatmap",
+    )
     claim.expect(len(counts), ">", 1, name="tensors")
 
 
 def test_topk_not_all_embeddings(claim, bench, model, metric):
     """The global top-k (embeddings included) is not all in the embedding / lm_head tensors."""
-    sel, frame = _global_with_embeddings(bench, model, metric)
+    _sel, frame = _global_with_embeddings(bench, model, metric)
     share = float(frame["component"].isin(["embed", "lm_head"]).mean())
-    claim(threshold=1.0).context(model=model, metric=metric, k=bench.tier.topk, mode="global",
-                                 include_embeddings=True)
+    claim(threshold=1.0).context(
+        model=model, metric=metric, k=bench.tier.topk, mode="global", include_embeddings=True
+    )
     claim.measure("embedding_share", share, key=True)
     claim.expect(share, "<", 1.0, name="embedding_share")

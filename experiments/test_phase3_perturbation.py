@@ -10,11 +10,18 @@ as such and counts as unbounded damage (+inf) in comparisons; inf vs inf proves 
 import math
 
 import pytest
+from criteria import (
+    DOSE_SCALES,
+    GAUSS_SCALE,
+    MIN_SUPER_DAMAGE,
+    P_VALUE,
+    PERTURBATIONS,
+    RANDOM_VS_BOTTOM,
+    SUPER_VS_RANDOM,
+)
 
-from criteria import (DOSE_SCALES, GAUSS_SCALE, MIN_SUPER_DAMAGE, P_VALUE, PERTURBATIONS,
-                      RANDOM_VS_BOTTOM, SUPER_VS_RANDOM)
 from esa import plots, stats
-from esa.workbench import Condition
+from esa.claims.workbench import Condition
 
 pytestmark = [pytest.mark.phase3, pytest.mark.smoke]
 KINDS = {"super": "top", "random": "random", "bottom": "bottom"}
@@ -28,8 +35,10 @@ def deltas(bench, model, metric, perturbation, kind, scale=None) -> list[float]:
     """ΔPPL per seed (non-finite -> +inf) for one set kind."""
     if scale is None and perturbation == "gauss_noise":
         scale = GAUSS_SCALE
-    return [_damage(bench.perturbed_eval(model, Condition(metric, s, KINDS[kind], perturbation, scale=scale)))
-            for s in bench.tier.seeds]
+    return [
+        _damage(bench.perturbed_eval(model, Condition(metric, s, KINDS[kind], perturbation, scale=scale)))
+        for s in bench.tier.seeds
+    ]
 
 
 def at_least(a: float, factor: float, b: float) -> bool:
@@ -58,16 +67,21 @@ def test_super_beats_random(claim, bench, model, metric, perturbation, zeroshot_
     seed0 = bench.tier.seeds[0]
     scale = GAUSS_SCALE if perturbation == "gauss_noise" else None
     zs_base = bench.zeroshot(model, zeroshot_examples)
-    zs_super = bench.zeroshot(model, zeroshot_examples, Condition(metric, seed0, "top", perturbation, scale=scale))
+    zs_super = bench.zeroshot(
+        model, zeroshot_examples, Condition(metric, seed0, "top", perturbation, scale=scale)
+    )
     claim.measure("zeroshot_acc_baseline", {t: r["acc"] for t, r in zs_base.items()})
     claim.measure(f"zeroshot_acc_super_seed{seed0}", {t: r["acc"] for t, r in zs_super.items()})
     s, r = _mean(sets["super"]), _mean(sets["random"])
-    claim(threshold=SUPER_VS_RANDOM).context(model=model, metric=metric, perturbation=perturbation,
-                                             seeds=list(bench.tier.seeds), k=bench.tier.topk)
+    claim(threshold=SUPER_VS_RANDOM).context(
+        model=model, metric=metric, perturbation=perturbation, seeds=list(bench.tier.seeds), k=bench.tier.topk
+    )
     claim.measure("ratio_super_random", stats.effect_ratio(sets["super"], sets["random"]), key=True)
     _measure_sets(claim, sets)
-    claim.figure(plots.plot_delta_ppl_bars(sets, f"{perturbation}: ΔPPL by set ({model}, {metric})"),
-                 "ΔPPL per set with 95% CI")
+    claim.figure(
+        plots.plot_delta_ppl_bars(sets, f"{perturbation}: ΔPPL by set ({model}, {metric})"),
+        "ΔPPL per set with 95% CI",
+    )
     claim.check(at_least(s, SUPER_VS_RANDOM, r), f"ΔPPL super {s:.4g} < {SUPER_VS_RANDOM} x random {r:.4g}")
 
 
@@ -75,18 +89,22 @@ def test_random_beats_bottom(claim, bench, model, metric, perturbation):
     """ΔPPL(random) >= 3x ΔPPL(bottom)."""
     sets = {k: deltas(bench, model, metric, perturbation, k) for k in ("random", "bottom")}
     r, b = _mean(sets["random"]), _mean(sets["bottom"])
-    claim(threshold=RANDOM_VS_BOTTOM).context(model=model, metric=metric, perturbation=perturbation,
-                                              seeds=list(bench.tier.seeds), k=bench.tier.topk)
+    claim(threshold=RANDOM_VS_BOTTOM).context(
+        model=model, metric=metric, perturbation=perturbation, seeds=list(bench.tier.seeds), k=bench.tier.topk
+    )
     claim.measure("ratio_random_bottom", stats.effect_ratio(sets["random"], sets["bottom"]), key=True)
     _measure_sets(claim, sets)
-    claim.check(at_least(r, RANDOM_VS_BOTTOM, b), f"ΔPPL random {r:.4g} < {RANDOM_VS_BOTTOM} x bottom {b:.4g}")
+    claim.check(
+        at_least(r, RANDOM_VS_BOTTOM, b), f"ΔPPL random {r:.4g} < {RANDOM_VS_BOTTOM} x bottom {b:.4g}"
+    )
 
 
 def test_super_damage_material(claim, bench, model, metric, perturbation):
     """Perturbing the super set raises perplexity by at least 0.1."""
     values = deltas(bench, model, metric, perturbation, "super")
-    claim(threshold=MIN_SUPER_DAMAGE).context(model=model, metric=metric, perturbation=perturbation,
-                                              seeds=list(bench.tier.seeds), k=bench.tier.topk)
+    claim(threshold=MIN_SUPER_DAMAGE).context(
+        model=model, metric=metric, perturbation=perturbation, seeds=list(bench.tier.seeds), k=bench.tier.topk
+    )
     claim.measure("delta_ppl_super", _mean(values), ci=stats.bootstrap_ci(values), key=True)
     claim.expect(_mean(values), ">=", MIN_SUPER_DAMAGE)
 
@@ -96,8 +114,9 @@ def test_super_vs_random_significant(claim, bench, model, metric, perturbation):
     sup = deltas(bench, model, metric, perturbation, "super")
     rnd = deltas(bench, model, metric, perturbation, "random")
     test = stats.paired_ttest(sup, rnd, alternative="greater")
-    claim(threshold=P_VALUE).context(model=model, metric=metric, perturbation=perturbation,
-                                     seeds=list(bench.tier.seeds))
+    claim(threshold=P_VALUE).context(
+        model=model, metric=metric, perturbation=perturbation, seeds=list(bench.tier.seeds)
+    )
     claim.measure("pvalue", test["pvalue"], key=True)
     claim.measure("t_statistic", test["statistic"])
     claim.measure("n_seeds", test["n"])
@@ -106,32 +125,49 @@ def test_super_vs_random_significant(claim, bench, model, metric, perturbation):
 
 
 def _dose(bench, model, metric):
-    return {kind: [_mean(deltas(bench, model, metric, "gauss_noise", kind, scale)) for scale in DOSE_SCALES]
-            for kind in ("super", "random", "bottom")}
+    return {
+        kind: [_mean(deltas(bench, model, metric, "gauss_noise", kind, scale)) for scale in DOSE_SCALES]
+        for kind in ("super", "random", "bottom")
+    }
 
 
 def test_dose_response_monotonic(claim, bench, model, metric):
     """ΔPPL(super) increases strictly with the gauss_noise scale (0.005 ... 0.1)."""
     series = _dose(bench, model, metric)
     mono = stats.spearman_monotonic(list(DOSE_SCALES), series["super"])
-    claim(threshold="strictly increasing").context(model=model, metric=metric, perturbation="gauss_noise",
-                                                   seeds=list(bench.tier.seeds), scales=list(DOSE_SCALES))
+    claim(threshold="strictly increasing").context(
+        model=model,
+        metric=metric,
+        perturbation="gauss_noise",
+        seeds=list(bench.tier.seeds),
+        scales=list(DOSE_SCALES),
+    )
     claim.measure("spearman_rho", mono["rho"], key=True)
     claim.measure("delta_ppl_super_by_scale", series["super"])
-    claim.figure(plots.plot_dose_response(list(DOSE_SCALES), series, f"gauss_noise dose response ({model})"),
-                 "mean ΔPPL vs σ/|w|")
-    claim.check(mono["strictly_increasing"], f"ΔPPL(super) by scale {series['super']} is not strictly increasing")
+    claim.figure(
+        plots.plot_dose_response(list(DOSE_SCALES), series, f"gauss_noise dose response ({model})"),
+        "mean ΔPPL vs σ/|w|",
+    )
+    claim.check(
+        mono["strictly_increasing"], f"ΔPPL(super) by scale {series['super']} is not strictly increasing"
+    )
 
 
 def test_dose_hierarchy_kept(claim, bench, model, metric):
     """At every gauss_noise scale ΔPPL(super) >= 3x random and ΔPPL(random) >= 3x bottom."""
     series = _dose(bench, model, metric)
-    links = [(at_least(s, SUPER_VS_RANDOM, r), at_least(r, RANDOM_VS_BOTTOM, b))
-             for s, r, b in zip(series["super"], series["random"], series["bottom"])]
+    links = [
+        (at_least(s, SUPER_VS_RANDOM, r), at_least(r, RANDOM_VS_BOTTOM, b))
+        for s, r, b in zip(series["super"], series["random"], series["bottom"])
+    ]
     kept = [a and b for a, b in links]
     claim(threshold=[SUPER_VS_RANDOM, RANDOM_VS_BOTTOM]).context(
-        model=model, metric=metric, perturbation="gauss_noise", seeds=list(bench.tier.seeds),
-        scales=list(DOSE_SCALES))
+        model=model,
+        metric=metric,
+        perturbation="gauss_noise",
+        seeds=list(bench.tier.seeds),
+        scales=list(DOSE_SCALES),
+    )
     claim.measure("scales_kept", sum(kept), key=True)
     claim.measure("super_vs_random_by_scale", [a for a, _ in links])
     claim.measure("random_vs_bottom_by_scale", [b for _, b in links])
@@ -147,7 +183,9 @@ def test_perturbations_restored_bit_exactly(claim, bench, model, metric):
         for kind in KINDS.values():
             for seed in bench.tier.seeds:
                 scale = GAUSS_SCALE if perturbation == "gauss_noise" else None
-                rows.append(bench.perturbed_eval(model, Condition(metric, seed, kind, perturbation, scale=scale)))
+                rows.append(
+                    bench.perturbed_eval(model, Condition(metric, seed, kind, perturbation, scale=scale))
+                )
     same = bench.current_sha256(model) == bench.original_sha256(model)
     claim(threshold="sha256 equal").context(model=model, metric=metric, perturbation=list(PERTURBATIONS))
     claim.measure("conditions", len(rows), key=True)
@@ -160,12 +198,17 @@ def test_architecture_perturb_restore(claim, bench, arch):
     """On each architecture every perturbation of its top-k is undone bit-exactly and PPL returns
     exactly to baseline."""
     base = bench.baseline(arch)
-    rows = {p: bench.perturbed_eval(arch, Condition("grad_x_weight", 0, "top", p,
-                                                    scale=GAUSS_SCALE if p == "gauss_noise" else None))
-            for p in PERTURBATIONS}
+    rows = {
+        p: bench.perturbed_eval(
+            arch, Condition("grad_x_weight", 0, "top", p, scale=GAUSS_SCALE if p == "gauss_noise" else None)
+        )
+        for p in PERTURBATIONS
+    }
     from esa.evaluate import evaluate
 
-    again = evaluate(bench.model(arch).model, bench.data(arch).eval_ids, bench.tier.batch_size, progress=False)
+    again = evaluate(
+        bench.model(arch).model, bench.data(arch).eval_ids, bench.tier.batch_size, progress=False
+    )
     same = bench.current_sha256(arch) == bench.original_sha256(arch)
     claim(threshold="bit-exact").context(model=arch, metric="grad_x_weight", perturbation=list(PERTURBATIONS))
     claim.measure("delta_ppl", {p: r["delta_ppl"] for p, r in rows.items()}, key=True)

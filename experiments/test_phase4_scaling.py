@@ -3,10 +3,10 @@ count (fit on the trained GPT-NeoX family in fixtures/scaling, and on --esa-mode
 or more models), and where in the architecture the most sensitive weights sit."""
 
 import pytest
-
 from criteria import SCALING_MEASURES, SCALING_PREDICTION, SCALING_R2
-from esa import analyze
-from esa.plugin import OPTIONS_KEY
+
+from esa.analyses import components as analyze
+from esa.claims.plugin import OPTIONS_KEY
 
 pytestmark = [pytest.mark.phase4, pytest.mark.smoke]
 
@@ -25,17 +25,23 @@ _ROWS: dict = {}
 
 def series_rows(series, bench, esa_options):
     """Per-model measurements of one series (computed once per worker)."""
-    from esa.family import family_names
-    from esa.scaling import measure_family
+    from esa.analyses.scaling import measure_family
+    from esa.models.family import family_names
 
     if series not in _ROWS:
         names = family_names() if series == "scaling-family" else list(esa_options.models)
         if len(names) < 3:
             pytest.skip(f"{series}: fewer than 3 models (fixtures/scaling missing?)")
         t = bench.tier
-        _ROWS[series] = measure_family(names, data=str(esa_options.data) if esa_options.data else None,
-                                       max_length=t.max_length, max_samples=t.eval_windows,
-                                       n_calib=t.calib_windows, seed=t.seeds[0], device=bench.device or "cpu")
+        _ROWS[series] = measure_family(
+            names,
+            data=str(esa_options.data) if esa_options.data else None,
+            max_length=t.max_length,
+            max_samples=t.eval_windows,
+            n_calib=t.calib_windows,
+            seed=t.seeds[0],
+            device=bench.device or "cpu",
+        )
     return _ROWS[series]
 
 
@@ -44,36 +50,41 @@ def _fit(claim, series, measure, bench, esa_options):
     finite on every model has no power law (the claim is falsified, with the values)."""
     import math
 
-    from esa.scaling import fit_scaling
+    from esa.analyses.scaling import fit_scaling
 
     rows = series_rows(series, bench, esa_options)
     points = [(r["params_non_embedding"], r[measure]) for r in rows]
     claim.measure("points", {r["name"]: [r["params_non_embedding"], r[measure]] for r in rows})
-    claim.check(all(math.isfinite(y) and y > 0 for _, y in points),
-                f"{measure} is not positive and finite on every model: {[y for _, y in points]}")
+    claim.check(
+        all(math.isfinite(y) and y > 0 for _, y in points),
+        f"{measure} is not positive and finite on every model: {[y for _, y in points]}",
+    )
     return rows, points, fit_scaling(points, seed=bench.tier.seeds[0])
 
 
 def test_scaling_power_law(claim, bench, esa_options, series, measure):
     """The sensitivity measure follows a power law in (non-embedding) parameter count: R² > 0.8."""
-    from esa.scaling import plot_scaling
+    from esa.analyses.scaling import plot_scaling
 
-    claim(threshold=SCALING_R2).context(series=series, metric="grad_x_weight", measure=measure,
-                                        seeds=[bench.tier.seeds[0]])
+    claim(threshold=SCALING_R2).context(
+        series=series, metric="grad_x_weight", measure=measure, seeds=[bench.tier.seeds[0]]
+    )
     rows, points, fit = _fit(claim, series, measure, bench, esa_options)
     claim.measure("r2", fit["r2"], ci=fit["r2_ci"], key=True)
     claim.measure("alpha", fit["alpha"])
     claim.measure("alpha_stderr", fit["alpha_stderr"])
     claim.measure("baseline_ppl", {r["name"]: r["baseline_ppl"] for r in rows})
-    claim.figure(plot_scaling(points, fit, labels=[r["name"] for r in rows], ylabel=measure),
-                 f"{measure} vs non-embedding parameters (log-log)")
+    claim.figure(
+        plot_scaling(points, fit, labels=[r["name"] for r in rows], ylabel=measure),
+        f"{measure} vs non-embedding parameters (log-log)",
+    )
     claim.expect(fit["r2"], ">", SCALING_R2, name="r2")
 
 
 def test_scaling_predicts_largest(claim, bench, esa_options, series, measure):
     """A fit on the smaller models predicts the largest model's measure within 20%."""
     claim(threshold=SCALING_PREDICTION).context(series=series, measure=measure)
-    rows, _, fit = _fit(claim, series, measure, bench, esa_options)
+    _rows, _, fit = _fit(claim, series, measure, bench, esa_options)
     err = fit["largest_from_others"]["rel_error"]
     claim.measure("abs_rel_error", abs(err), key=True)
     claim.measure("largest_from_others", fit["largest_from_others"])
@@ -101,8 +112,9 @@ def test_mlp_overrepresented(claim, bench, profiled, metric):
     """MLP weights hold a larger share of the global top-k than of the scored weights."""
     lm, frame, table, ratios, param_share = _profile(bench, profiled, metric)
     top_mlp, par_mlp = ratios["topk"].get("mlp", 0.0), param_share.get("mlp", 0.0)
-    claim(threshold="share_topk(mlp) > share_params(mlp)").context(model=profiled, metric=metric,
-                                                                    mode="global", k=int(len(frame)))
+    claim(threshold="share_topk(mlp) > share_params(mlp)").context(
+        model=profiled, metric=metric, mode="global", k=len(frame)
+    )
     claim.measure("mlp_topk_share", top_mlp, key=True)
     claim.measure("mlp_param_share", par_mlp)
     claim.measure("topk_share_by_group", ratios["topk"])
@@ -112,8 +124,10 @@ def test_mlp_overrepresented(claim, bench, profiled, metric):
     experts = analyze.per_expert(frame, lm.param_map)
     if len(experts):
         claim.measure("experts", experts.to_dict("records"))
-    claim.figure(analyze.heatmap(table, "share", f"{profiled}: share of global top-{len(frame)} ({metric})"),
-                 "layer x component heatmap")
+    claim.figure(
+        analyze.heatmap(table, "share", f"{profiled}: share of global top-{len(frame)} ({metric})"),
+        "layer x component heatmap",
+    )
     claim.expect(top_mlp, ">", par_mlp, name="mlp_topk_share")
 
 

@@ -2,25 +2,39 @@
 sensitivity-guided pruning vs magnitude and Wanda, and bit-flip fault tolerance."""
 
 import math
-import pytest
 
-from criteria import (ACTIVATION_RECOVERY, FLIP_FAILURE_FACTOR, FLIP_RATIO, PRUNE_GAIN, PRUNE_SPARSITY,
-                      SUPER_WEIGHT_VS_RANDOM)
+import pytest
+from criteria import (
+    ACTIVATION_RECOVERY,
+    FLIP_FAILURE_FACTOR,
+    FLIP_RATIO,
+    PRUNE_GAIN,
+    PRUNE_SPARSITY,
+    SUPER_WEIGHT_VS_RANDOM,
+)
+
 from esa import plots
 from esa.evaluate import evaluate
 from esa.perturb import perturbed
 
 pytestmark = [pytest.mark.phase5]
 smoke = pytest.mark.smoke
-PRUNE_METHODS = [("magnitude", "layer"), ("magnitude", "row"), ("act_mag", "row"), ("grad_x_weight", "row"),
-                 ("grad_x_weight", "layer"), ("grad_squared", "row"), ("hutchinson_diag", "row")]
+PRUNE_METHODS = [
+    ("magnitude", "layer"),
+    ("magnitude", "row"),
+    ("act_mag", "row"),
+    ("grad_x_weight", "row"),
+    ("grad_x_weight", "layer"),
+    ("grad_squared", "row"),
+    ("hutchinson_diag", "row"),
+]
 _MEMO: dict = {}
 
 
 def detection(bench, model, tasks):
     """Detector report, top candidate and the zeroing measurements (once per worker)."""
-    from esa.detect import candidate_selection, detect_super_weights, random_weight_selection
-    from esa.zeroshot import evaluate_task
+    from esa.analyses.detect import candidate_selection, detect_super_weights, random_weight_selection
+    from esa.analyses.zeroshot import evaluate_task
 
     if model not in _MEMO:
         lm, data = bench.model(model), bench.data(model)
@@ -37,8 +51,14 @@ def detection(bench, model, tasks):
             with perturbed(lm.model, rand, "zero"):
                 random = evaluate(lm.model, data.eval_ids, bench.tier.batch_size, progress=False)
             zs_base = {t: r["acc"] for t, r in bench.zeroshot(model, tasks).items()}
-            out.update(candidate=cand, ppl_baseline=base.ppl, ppl_zeroed=zeroed.ppl, ppl_random=random.ppl,
-                       zeroshot_baseline=zs_base, zeroshot_zeroed=zs_zeroed)
+            out.update(
+                candidate=cand,
+                ppl_baseline=base.ppl,
+                ppl_zeroed=zeroed.ppl,
+                ppl_random=random.ppl,
+                zeroshot_baseline=zs_base,
+                zeroshot_zeroed=zs_zeroed,
+            )
         _MEMO[model] = out
     return _MEMO[model]
 
@@ -53,45 +73,81 @@ def test_super_weight_detected_and_critical(claim, bench, model, zeroshot_exampl
     3x more than zeroing a random weight of the same tensor."""
     det = detection(bench, model, zeroshot_examples)
     report = det["report"]
-    claim(threshold=SUPER_WEIGHT_VS_RANDOM).context(model=model, prompt=report.prompt,
-                                                    spike_threshold=report.threshold)
+    claim(threshold=SUPER_WEIGHT_VS_RANDOM).context(
+        model=model, prompt=report.prompt, spike_threshold=report.threshold
+    )
     claim.measure("spike_layers", report.spike_layers)
-    claim.measure("candidates", [{k: getattr(c, k) for k in ("layer", "param_name", "row", "col", "expert",
-                                                             "weight", "input_activation", "output_activation")}
-                                 for c in report.candidates])
+    claim.measure(
+        "candidates",
+        [
+            {
+                k: getattr(c, k)
+                for k in (
+                    "layer",
+                    "param_name",
+                    "row",
+                    "col",
+                    "expert",
+                    "weight",
+                    "input_activation",
+                    "output_activation",
+                )
+            }
+            for c in report.candidates
+        ],
+    )
     claim.check(det["candidate"] is not None, "no activation spike: the detector found no super weight")
     c = det["candidate"]
-    d_sw, d_rand = _damage(det["ppl_zeroed"], det["ppl_baseline"]), _damage(det["ppl_random"], det["ppl_baseline"])
+    d_sw, d_rand = (
+        _damage(det["ppl_zeroed"], det["ppl_baseline"]),
+        _damage(det["ppl_random"], det["ppl_baseline"]),
+    )
     claim.measure("super_weight", f"{c.param_name}[{c.row}, {c.col}]", key=True)
     claim.measure("ppl_baseline", det["ppl_baseline"])
     claim.measure("ppl_zero_super_weight", det["ppl_zeroed"])
     claim.measure("ppl_zero_random_weight", det["ppl_random"])
-    from esa.detect import rank_under_metric
+    from esa.analyses.detect import rank_under_metric
 
     seed = bench.tier.seeds[0]
-    claim.measure("rank_under_metric", {m: rank_under_metric(bench.scores(model, m, seed), c.param_name, c.flat_index)
-                                        for m in ("magnitude", "act_mag", "grad_x_weight", "grad_squared")})
+    claim.measure(
+        "rank_under_metric",
+        {
+            m: rank_under_metric(bench.scores(model, m, seed), c.param_name, c.flat_index)
+            for m in ("magnitude", "act_mag", "grad_x_weight", "grad_squared")
+        },
+    )
     claim.measure("zeroshot_acc_baseline", det["zeroshot_baseline"])
     claim.measure("zeroshot_acc_zero_super_weight", det["zeroshot_zeroed"])
-    claim.check(d_sw > 0 and not (math.isinf(d_sw) and math.isinf(d_rand)) and d_sw >= SUPER_WEIGHT_VS_RANDOM * max(d_rand, 0.0),
-                f"ΔPPL zero super weight {d_sw:.4g} < {SUPER_WEIGHT_VS_RANDOM} x ΔPPL zero random weight {d_rand:.4g}")
+    claim.check(
+        d_sw > 0
+        and not (math.isinf(d_sw) and math.isinf(d_rand))
+        and d_sw >= SUPER_WEIGHT_VS_RANDOM * max(d_rand, 0.0),
+        f"ΔPPL zero super weight {d_sw:.4g} < {SUPER_WEIGHT_VS_RANDOM} x ΔPPL zero random weight {d_rand:.4g}",
+    )
 
 
 @smoke
 def test_super_activation_restore_recovers(claim, bench, model, zeroshot_examples):
     """Zeroing the super weight but restoring its super activation recovers at least half of the
     damage (in mean NLL)."""
-    from esa.detect import super_activation_control
+    from esa.analyses.detect import super_activation_control
 
     det = detection(bench, model, zeroshot_examples)
     claim(threshold=ACTIVATION_RECOVERY).context(model=model, positions="spike")
     claim.check(det["candidate"] is not None, "no super weight detected")
-    res = super_activation_control(bench.model(model), det["candidate"], bench.data(model).eval_ids,
-                                   positions="spike", batch_size=bench.tier.batch_size)
+    res = super_activation_control(
+        bench.model(model),
+        det["candidate"],
+        bench.data(model).eval_ids,
+        positions="spike",
+        batch_size=bench.tier.batch_size,
+    )
     damage = res.nll_zeroed - res.nll_baseline
     recovery = (res.nll_zeroed - res.nll_restored) / damage if damage > 0 else math.nan
     claim.measure("recovery", recovery, key=True)
-    claim.measure("ppl", {"baseline": res.ppl_baseline, "zeroed": res.ppl_zeroed, "restored": res.ppl_restored})
+    claim.measure(
+        "ppl", {"baseline": res.ppl_baseline, "zeroed": res.ppl_zeroed, "restored": res.ppl_restored}
+    )
     claim.measure("positions_restored", res.n_restored)
     claim.check(damage > 0, f"zeroing did not raise the NLL ({damage:.4g})")
     claim.expect(recovery, ">=", ACTIVATION_RECOVERY, name="recovery")
@@ -100,7 +156,7 @@ def test_super_activation_restore_recovers(claim, bench, model, zeroshot_example
 @smoke
 def test_super_weight_ranked_by_metric(claim, bench, model, metric, zeroshot_examples):
     """The detected super weight is within the metric's global top-k."""
-    from esa.detect import rank_under_metric
+    from esa.analyses.detect import rank_under_metric
 
     det = detection(bench, model, zeroshot_examples)
     k = bench.tier.topk
@@ -116,24 +172,35 @@ def test_super_weight_ranked_by_metric(claim, bench, model, metric, zeroshot_exa
 def test_pruning_beats_magnitude(claim, bench, model):
     """At 50% unstructured sparsity the best sensitivity-guided pruning beats magnitude pruning by
     more than 15% in perplexity (reported beside Wanda = act_mag per output row)."""
-    from esa.prune import compare_at, pruning_table
+    from esa.analyses.prune import compare_at, pruning_table
 
     seed = bench.tier.seeds[0]
     scores = {m: bench.scores(model, m, seed) for m in dict.fromkeys(m for m, _ in PRUNE_METHODS)}
-    table = pruning_table(bench.model(model), bench.data(model), methods=PRUNE_METHODS,
-                          sparsities=(0.1, 0.2, 0.3, 0.5), scores=scores, eval_batch_size=bench.tier.batch_size,
-                          progress=False)
+    table = pruning_table(
+        bench.model(model),
+        bench.data(model),
+        methods=PRUNE_METHODS,
+        sparsities=(0.1, 0.2, 0.3, 0.5),
+        scores=scores,
+        eval_batch_size=bench.tier.batch_size,
+        progress=False,
+    )
     cmp = compare_at(table, PRUNE_SPARSITY)
     gain = cmp["improvement_vs_magnitude"]
-    claim(threshold=PRUNE_GAIN).context(model=model, seeds=[seed], sparsity=PRUNE_SPARSITY,
-                                        methods=[f"{m}/{g}" for m, g in PRUNE_METHODS])
+    claim(threshold=PRUNE_GAIN).context(
+        model=model, seeds=[seed], sparsity=PRUNE_SPARSITY, methods=[f"{m}/{g}" for m, g in PRUNE_METHODS]
+    )
     claim.measure("improvement_vs_magnitude", gain, key=True)
     claim.measure("improvement_vs_wanda", cmp["improvement_vs_wanda"])
     claim.measure("best", cmp["best"])
     claim.measure("dense_ppl", cmp["dense_ppl"])
     claim.measure("table", table[["metric", "granularity", "sparsity", "ppl"]].to_dict("records"))
-    series = {f"{m}/{g}": table[(table.metric == m) & (table.granularity == g)].sort_values("sparsity")["ppl"].tolist()
-              for m, g in PRUNE_METHODS}
+    series = {
+        f"{m}/{g}": table[(table.metric == m) & (table.granularity == g)]
+        .sort_values("sparsity")["ppl"]
+        .tolist()
+        for m, g in PRUNE_METHODS
+    }
     fig = plots.plot_dose_response([0.1, 0.2, 0.3, 0.5], series, f"pruning: PPL vs sparsity ({model})")
     claim.figure(fig, "PPL after unstructured pruning by each method")
     claim.check(gain is not None and math.isfinite(gain), f"no comparison possible: {cmp}")
@@ -141,19 +208,34 @@ def test_pruning_beats_magnitude(claim, bench, model):
 
 
 def _flip_claim(claim, bench, model, metric, lm, position="exponent_msb"):
-    from esa.bitflip import flip_comparison, plot_flip_curves
+    from esa.analyses.bitflip import flip_comparison, plot_flip_curves
 
-    out = flip_comparison(lm, bench.data(model), bench.scores(model, metric, bench.tier.seeds[0]),
-                          bit=position, seed=bench.tier.seeds[0], failure_factor=FLIP_FAILURE_FACTOR,
-                          batch_size=bench.tier.batch_size, metric=metric, progress=False)
+    out = flip_comparison(
+        lm,
+        bench.data(model),
+        bench.scores(model, metric, bench.tier.seeds[0]),
+        bit=position,
+        seed=bench.tier.seeds[0],
+        failure_factor=FLIP_FAILURE_FACTOR,
+        batch_size=bench.tier.batch_size,
+        metric=metric,
+        progress=False,
+    )
     cvr = out["critical_vs_random"]
     claim.measure("ratio", cvr["ratio"], key=True)
     claim.measure("ratio_text", cvr["text"])
     claim.measure("flips_to_failure", out["flips_to_failure"])
     claim.measure("baseline_ppl", out["baseline_ppl"])
     claim.measure("curves", {k: [[p["n_flips"], p["ppl"]] for p in c] for k, c in out["curves"].items()})
-    claim.figure(plot_flip_curves(out["curves"], baseline_ppl=out["baseline_ppl"], failure_ppl=out["failure_ppl"],
-                                  title=f"{position} flips ({model}, {lm.dtype})"), "PPL vs number of bit flips")
+    claim.figure(
+        plot_flip_curves(
+            out["curves"],
+            baseline_ppl=out["baseline_ppl"],
+            failure_ppl=out["failure_ppl"],
+            title=f"{position} flips ({model}, {lm.dtype})",
+        ),
+        "PPL vs number of bit flips",
+    )
     claim.check(cvr["ratio"] is not None, cvr["text"])
     claim.expect(cvr["ratio"], ">=", FLIP_RATIO, name="ratio")
 

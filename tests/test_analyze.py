@@ -1,4 +1,4 @@
-"""Tests for esa.analyze: shares sum to 1, score statistics match brute force on fused tensors,
+"""Tests for esa.analyses.components: shares sum to 1, score statistics match brute force on fused tensors,
 per-head / per-expert counts add up, comparison and heatmap shapes."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from matplotlib.figure import Figure
 
-from esa.analyze import (
+from esa.analyses.components import (
     GROUPS,
-    component_table,
     compare_models,
+    component_table,
     group_of,
     group_ratios,
     heatmap,
@@ -24,9 +24,9 @@ from esa.analyze import (
     per_head,
 )
 from esa.errors import ConfigError
-from esa.metrics import compute_scores
+from esa.metrics.registry import compute_scores
 from esa.models import load_model
-from esa.params import ParamMap
+from esa.models.params import ParamMap
 from esa.select import select
 
 ARCHS = ("tiny-llama", "tiny-phi3", "tiny-pythia", "tiny-mixtral")
@@ -44,8 +44,13 @@ def models():
 
 
 @FIXED
-@given(arch=st.sampled_from(ARCHS), k=st.integers(1, 40), kind=st.sampled_from(["top", "random", "bottom"]),
-       mode=st.sampled_from(["per_layer", "global"]), seed=st.integers(0, 3))
+@given(
+    arch=st.sampled_from(ARCHS),
+    k=st.integers(1, 40),
+    kind=st.sampled_from(["top", "random", "bottom"]),
+    mode=st.sampled_from(["per_layer", "global"]),
+    seed=st.integers(0, 3),
+)
 def test_shares_sum_to_one(models, arch, k, kind, mode, seed):
     lm, scores = models[arch]
     sel = select(scores, k, kind=kind, mode=mode, seed=seed)
@@ -83,7 +88,7 @@ def test_table_without_scores_and_located_components(models):
 
 def _with_qkv_parts(param_map):
     """The phi3 map with qkv_proj described as fused q/k/v parts (built by hand, so this test of
-    esa.analyze does not depend on how esa.params classifies fused qkv names)."""
+    esa.analyses.components does not depend on how esa.models.params classifies fused qkv names)."""
     infos = dict(param_map.infos)
     for name, info in infos.items():
         if name.endswith("qkv_proj.weight"):
@@ -99,8 +104,13 @@ def test_score_stats_match_brute_force_on_fused_parts(models):
     table = component_table(sel.to_frame(pmap), pmap, scores).set_index(["layer", "component", "expert"])
     qkv = scores["model.layers.2.self_attn.qkv_proj.weight"]
     gate_up = scores["model.layers.2.mlp.gate_up_proj.weight"]
-    expect = {"attn_q": qkv[:64], "attn_k": qkv[64:96], "attn_v": qkv[96:],
-              "mlp_gate": gate_up[:176], "mlp_up": gate_up[176:]}
+    expect = {
+        "attn_q": qkv[:64],
+        "attn_k": qkv[64:96],
+        "attn_v": qkv[96:],
+        "mlp_gate": gate_up[:176],
+        "mlp_up": gate_up[176:],
+    }
     for comp, part in expect.items():
         row = table.loc[(2, comp, -1)]
         assert row["entries"] == part.numel()
@@ -112,8 +122,10 @@ def test_score_stats_match_brute_force_on_fused_parts(models):
     # per head on the fused tensor: 4 query heads, 2 key-value heads (head_dim 16)
     everything = select({"model.layers.2.self_attn.qkv_proj.weight": qkv}, qkv.numel())
     heads = per_head(everything, pmap, lm.model.config).set_index(["component", "head"])["count"]
-    assert heads.to_dict() == {**{("attn_q", h): 16 * 64 for h in range(4)},
-                               **{(c, h): 16 * 64 for c in ("attn_k", "attn_v") for h in range(2)}}
+    assert heads.to_dict() == {
+        **{("attn_q", h): 16 * 64 for h in range(4)},
+        **{(c, h): 16 * 64 for c in ("attn_k", "attn_v") for h in range(2)},
+    }
 
 
 def test_per_expert_on_mixtral(models):
@@ -127,8 +139,11 @@ def test_per_expert_on_mixtral(models):
     assert len(table) == 4 * 4 * 2
     assert int(table["count"].sum()) == len(moe)
     # score mass: every expert tensor entry and every router entry is counted once
-    moe_mass = sum(float(s.double().sum()) for n, s in scores.items()
-                   if ".experts." in n or lm.param_map[n].component == "router")
+    moe_mass = sum(
+        float(s.double().sum())
+        for n, s in scores.items()
+        if ".experts." in n or lm.param_map[n].component == "router"
+    )
     total = sum(float(s.double().sum()) for s in scores.values())
     assert table["score_share"].sum() == pytest.approx(moe_mass / total)
     router = table[(table["part"] == "router") & (table["layer"] == 1)].set_index("expert")["score_sum"]
@@ -177,7 +192,7 @@ def test_compare_models_and_heatmap(models):
 
 def test_unknown_tensor_is_rejected(models):
     lm, _ = models["tiny-llama"]
-    other, other_scores = models["tiny-pythia"]
+    _other, other_scores = models["tiny-pythia"]
     sel = select(other_scores, 2)
     with pytest.raises(ConfigError):
         component_table(sel, lm.param_map)

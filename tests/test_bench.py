@@ -1,4 +1,4 @@
-"""Tests for esa.bench (CPU smoke run on tiny models), esa.archs (exact published configs,
+"""Tests for esa.bench.harness (CPU smoke run on tiny models), esa.models.archs (exact published configs,
 random-init builds, random-id windows) and the speed paths they exercise (checkpointed and lean
 scoring, evaluation reuse in the runbook). GPU tests are marked ``gpu`` (skipped without CUDA)."""
 
@@ -10,10 +10,12 @@ import os
 import pytest
 import torch
 
-from esa import archs, bench
+from esa.bench import harness as bench
+from esa.data import random_data, random_windows
 from esa.evaluate import auto_batch_size, evaluate
-from esa.metrics import compute_scores
-from esa.models import load_model, worker_gpu
+from esa.metrics.registry import compute_scores
+from esa.models import archs, load_model
+from esa.util.runtime import worker_gpu
 
 PUBLISHED_PARAMS = {  # parameter counts of the published checkpoints
     "pythia-1.4b": 1_414_647_808,
@@ -61,7 +63,7 @@ def test_build_random_is_seeded_and_matches_transformers_loss(arch):
     assert any(not torch.equal(pa[n], pc[n]) for n in pa)
     assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in a.parameters())
     assert not any(p.is_meta for p in a.parameters()) and not any(t.is_meta for t in a.buffers())
-    windows = archs.random_windows(3, 16, config.vocab_size, seed=1)
+    windows = random_windows(3, 16, config.vocab_size, seed=1)
     res = evaluate(a, windows, batch_size=2, progress=False)
     with torch.no_grad():
         ref = float(a(windows, labels=windows, use_cache=False).loss)
@@ -69,10 +71,10 @@ def test_build_random_is_seeded_and_matches_transformers_loss(arch):
 
 
 def test_random_windows_and_data():
-    w = archs.random_windows(5, 7, 50304, seed=0)
-    assert w.shape == (5, 7) and w.dtype == torch.long and 0 <= int(w.min()) and int(w.max()) < 50304
-    assert torch.equal(w, archs.random_windows(5, 7, 50304, seed=0))
-    data = archs.random_data(1000, n_eval=4, n_calib=6, length=8, seed=1)
+    w = random_windows(5, 7, 50304, seed=0)
+    assert w.shape == (5, 7) and w.dtype == torch.long and int(w.min()) >= 0 and int(w.max()) < 50304
+    assert torch.equal(w, random_windows(5, 7, 50304, seed=0))
+    data = random_data(1000, n_eval=4, n_calib=6, length=8, seed=1)
     assert data.eval_ids.shape == (4, 8) and data.calib_pool.shape == (6, 8)
     assert data.calibration(3, seed=0).shape == (3, 8)
     assert data.manifest()["max_length"] == 8
@@ -96,7 +98,7 @@ def test_auto_batch_size_on_cpu_is_the_fallback():
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-mixtral"])
 def test_checkpointed_and_lean_scoring_match(name):
     lm = load_model(name, device="cpu")
-    calib = archs.random_windows(4, 24, lm.model.config.vocab_size, seed=0)
+    calib = random_windows(4, 24, lm.model.config.vocab_size, seed=0)
     for metric in ("grad_x_weight", "grad_squared"):
         plain = compute_scores(lm, metric, calib, batch_size=2, progress=False, checkpoint=False)
         ckpt = compute_scores(lm, metric, calib, batch_size=2, progress=False, checkpoint=True)
@@ -110,33 +112,77 @@ def test_checkpointed_and_lean_scoring_match(name):
 
 
 def test_runbook_reuses_identical_evaluations():
-    from esa.experiment import ExperimentConfig, run_experiment
+    from esa.runbook.experiment import ExperimentConfig, run_experiment
 
     lm = load_model("tiny-llama", device="cpu")
-    data = archs.random_data(lm.model.config.vocab_size, 3, 12, 16, seed=0)
-    common = dict(model="tiny-llama", metrics=["magnitude", "grad_x_weight"], seeds=[0, 1], topk=4,
-                  perturbations=["sign_flip", "gauss_noise"], progress=False, use_cache=False, device="cpu",
-                  max_samples=3, max_length=16, calib_samples=4)
+    data = random_data(lm.model.config.vocab_size, 3, 12, 16, seed=0)
+    common = dict(
+        model="tiny-llama",
+        metrics=["magnitude", "grad_x_weight"],
+        seeds=[0, 1],
+        topk=4,
+        perturbations=["sign_flip", "gauss_noise"],
+        progress=False,
+        use_cache=False,
+        device="cpu",
+        max_samples=3,
+        max_length=16,
+        calib_samples=4,
+    )
     fast = run_experiment(ExperimentConfig(**common), lm=lm, data=data)
     slow = run_experiment(ExperimentConfig(**common, reuse_evals=False), lm=lm, data=data)
     assert fast.timings["evals_reused"] > 0 and slow.timings["evals_reused"] == 0
     for a, b in zip(fast.rows, slow.rows):
-        assert (a["metric"], a["perturbation"], a["condition"], a["seed"]) == \
-               (b["metric"], b["perturbation"], b["condition"], b["seed"])
+        assert (a["metric"], a["perturbation"], a["condition"], a["seed"]) == (
+            b["metric"],
+            b["perturbation"],
+            b["condition"],
+            b["seed"],
+        )
         assert a["ppl"] == b["ppl"] and a["n_changed"] == b["n_changed"]
     assert set(fast.memory) >= {"load", "baseline"}
 
 
 def test_bench_smoke_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
-    rc = bench.main(["--sections", "env,eval,score,hutchinson,select,perturb,runbook", "--device", "cpu",
-                     "--out", str(out), "--length", "16", "--repeats", "1",
-                     "--eval-archs", "tiny-llama", "--eval-windows", "4",
-                     "--score-archs", "tiny-llama", "--calib-windows", "4", "--score-batch", "2",
-                     "--hutchinson-archs", "tiny-llama", "--hutchinson-windows", "1",
-                     "--select-arch", "tiny-llama", "--runbook-arch", "tiny-llama",
-                     "--runbook-windows", "3", "--runbook-calib", "2",
-                     "--runbook-metrics", "magnitude,grad_x_weight"])
+    rc = bench.main(
+        [
+            "--sections",
+            "env,eval,score,hutchinson,select,perturb,runbook",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--length",
+            "16",
+            "--repeats",
+            "1",
+            "--eval-archs",
+            "tiny-llama",
+            "--eval-windows",
+            "4",
+            "--score-archs",
+            "tiny-llama",
+            "--calib-windows",
+            "4",
+            "--score-batch",
+            "2",
+            "--hutchinson-archs",
+            "tiny-llama",
+            "--hutchinson-windows",
+            "1",
+            "--select-arch",
+            "tiny-llama",
+            "--runbook-arch",
+            "tiny-llama",
+            "--runbook-windows",
+            "3",
+            "--runbook-calib",
+            "2",
+            "--runbook-metrics",
+            "magnitude,grad_x_weight",
+        ]
+    )
     assert rc == 0
     results = json.loads(out.read_text())
     sections = results["sections"]
@@ -159,7 +205,7 @@ def test_bench_smoke_on_cpu(tmp_path):
 def test_arch_builds_on_cuda_in_bf16_and_matches_plain_loss():
     lm = load_model("arch-pythia-1.4b", device="cuda")
     assert all(p.device.type == "cuda" and p.dtype == torch.bfloat16 for p in lm.model.parameters())
-    windows = archs.random_windows(4, 128, lm.model.config.vocab_size, seed=0)
+    windows = random_windows(4, 128, lm.model.config.vocab_size, seed=0)
     res = evaluate(lm.model, windows, batch_size=4, progress=False)
     plain = bench.plain_eval(lm.model, windows, 4)
     assert abs(res.nll - plain) < 2e-2
@@ -171,7 +217,9 @@ def test_xdist_worker_gets_its_own_gpu(rep):
     """``pytest -n <#GPUs>``: worker gwN loads its models on cuda:(N mod #GPUs)."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
     count = torch.cuda.device_count()
-    expected = int(worker[2:]) % count if worker.startswith("gw") and count > 1 else torch.cuda.current_device()
+    expected = (
+        int(worker[2:]) % count if worker.startswith("gw") and count > 1 else torch.cuda.current_device()
+    )
     assert worker_gpu() == expected
     lm = load_model("tiny-llama")
     assert next(lm.model.parameters()).device == torch.device(f"cuda:{expected}")
@@ -190,7 +238,7 @@ def test_device_map_splits_over_two_gpus():
     from esa.models import from_module
 
     lm = from_module("split", model, None, "arch")
-    windows = archs.random_windows(2, 32, config.vocab_size)
+    windows = random_windows(2, 32, config.vocab_size)
     res = evaluate(model, windows, 2, progress=False)
     plain = bench.plain_eval(model, windows, 2)
     assert abs(res.nll - plain) < 2e-2
@@ -202,6 +250,6 @@ def test_device_map_splits_over_two_gpus():
 @pytest.mark.gpu
 def test_compiled_evaluation_sees_in_place_perturbations():
     lm = load_model("arch-pythia-1.4b", device="cuda")
-    windows = archs.random_windows(8, 128, lm.model.config.vocab_size, seed=0)
+    windows = random_windows(8, 128, lm.model.config.vocab_size, seed=0)
     check = bench._compiled_sees_perturbation(lm, windows, 8)
     assert check["ok"], check

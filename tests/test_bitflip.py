@@ -1,4 +1,4 @@
-"""Tests for esa.bitflip: bit positions, single-bit changes, curves, failure logic, plots."""
+"""Tests for esa.analyses.bitflip: bit positions, single-bit changes, curves, failure logic, plots."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from matplotlib.figure import Figure
 
-from esa.bitflip import (
+from esa.analyses.bitflip import (
     bit_position,
     critical_vs_random,
     failure_threshold,
@@ -64,7 +64,9 @@ def test_bit_position_semantics():
     mant = (ints ^ (1 << bit_position("mantissa", torch.float32))).view(torch.float32)
     assert mant.tolist() == [0.5, -1.0, 2.0]  # top mantissa bit: 1.5 x 2^e <-> 1.0 x 2^e
     exp = (torch.tensor([0.5, 1.0, 2.0]).view(torch.int32) ^ (1 << 30)).view(torch.float32)
-    assert exp[0].item() == 2.0**127 and math.isinf(exp[1].item()) and exp[2].item() == 0.0  # 2.0 -> exponent 0: zero
+    assert (
+        exp[0].item() == 2.0**127 and math.isinf(exp[1].item()) and exp[2].item() == 0.0
+    )  # 2.0 -> exponent 0: zero
 
 
 @pytest.mark.parametrize("bad", [32, -1, "exponent", True])
@@ -74,8 +76,12 @@ def test_bad_bit_positions(bad):
 
 
 @settings(max_examples=40, deadline=None)
-@given(dtype=st.sampled_from(DTYPES), position=st.sampled_from(sorted(EXPECTED) + [None]),
-       seed=st.integers(0, 2**16), n=st.integers(1, 20))
+@given(
+    dtype=st.sampled_from(DTYPES),
+    position=st.sampled_from([*sorted(EXPECTED), None]),
+    seed=st.integers(0, 2**16),
+    n=st.integers(1, 20),
+)
 def test_flip_changes_exactly_the_requested_bit(dtype, position, seed, n):
     gen = torch.Generator().manual_seed(seed)
     params = {"w": torch.nn.Parameter(torch.randn(5, 6, generator=gen).to(dtype))}

@@ -8,9 +8,19 @@ import pytest
 import torch
 
 from esa.cli import main
+from esa.models.tiny import tiny_models
 
-TINY = ["--model", "tiny-llama", "--max-length", "32", "--max-samples", "2", "--batch-size", "2",
-        "--no-progress"]
+TINY = [
+    "--model",
+    "tiny-llama",
+    "--max-length",
+    "32",
+    "--max-samples",
+    "2",
+    "--batch-size",
+    "2",
+    "--no-progress",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -27,24 +37,53 @@ def run_cli(argv, capsys):
 
 def test_run_writes_every_artifact(tmp_path, capsys):
     out = tmp_path / "out"
-    code, stdout, err = run_cli(["run", *TINY, "--metric", "grad_x_weight", "--mode", "per_layer",
-                                 "--topk", "5", "--perturb", "sign_flip", "--controls", "random_k,bottom_k",
-                                 "--seeds", "0,1", "--stability-check", "--save-plots",
-                                 "--out-dir", str(out)], capsys)
+    code, stdout, err = run_cli(
+        [
+            "run",
+            *TINY,
+            "--metric",
+            "grad_x_weight",
+            "--mode",
+            "per_layer",
+            "--topk",
+            "5",
+            "--perturb",
+            "sign_flip",
+            "--controls",
+            "random_k,bottom_k",
+            "--seeds",
+            "0,1",
+            "--stability-check",
+            "--save-plots",
+            "--out-dir",
+            str(out),
+        ],
+        capsys,
+    )
     assert code == 0, err
     names = {p.name for p in out.iterdir()}
-    assert {"experiment_manifest.json", "config.json", "top_weights.csv", "results.csv",
-            "results.json", "stability.json", "plots"} <= names
+    assert {
+        "experiment_manifest.json",
+        "config.json",
+        "top_weights.csv",
+        "results.csv",
+        "results.json",
+        "stability.json",
+        "plots",
+    } <= names
     results = json.loads((out / "results.json").read_text())
     rows = results["rows"]
-    assert {(r["condition"], r["seed"]) for r in rows} == {(c, s) for c in ("super", "random_k", "bottom_k")
-                                                           for s in (0, 1)}
+    assert {(r["condition"], r["seed"]) for r in rows} == {
+        (c, s) for c in ("super", "random_k", "bottom_k") for s in (0, 1)
+    }
     base = results["baseline"]["ppl"]
     for r in rows:
         assert r["restored_bit_exact"] is True
         assert math.isclose(r["delta_ppl"], r["ppl"] - base, rel_tol=1e-9, abs_tol=1e-9)
     top = pd.read_csv(out / "top_weights.csv")
-    assert {"tensor", "layer", "component", "row", "col", "score", "rank", "metric", "seed"} <= set(top.columns)
+    assert {"tensor", "layer", "component", "row", "col", "score", "rank", "metric", "seed"} <= set(
+        top.columns
+    )
     manifest = json.loads((out / "experiment_manifest.json").read_text())
     assert manifest["seeds"] == [0, 1] and manifest["data"]["eval"]["windows_used"] == 2
     assert "sha256" in manifest["data"]["eval"] and manifest["environment"]["torch"]
@@ -61,12 +100,12 @@ def test_scores_are_cached_and_reused(tmp_path, capsys, monkeypatch):
     cached = list((tmp_path / "cache" / "scores").glob("*.safetensors"))
     assert len(cached) == 1
 
-    import esa.metrics
+    import esa.metrics.registry
 
     def fail(*a, **k):
         raise AssertionError("scores should come from the cache")
 
-    monkeypatch.setattr(esa.metrics, "compute_scores", fail)
+    monkeypatch.setattr(esa.metrics.registry, "compute_scores", fail)
     assert run_cli([*args, "--perturb", "sign_flip", "--out-dir", str(tmp_path / "b")], capsys)[0] == 0
     a = pd.read_csv(tmp_path / "a" / "top_weights.csv")
     b = pd.read_csv(tmp_path / "b" / "top_weights.csv")
@@ -95,8 +134,7 @@ def test_eval_prints_json(capsys):
 def test_models_lists_registry(capsys):
     code, stdout, _ = run_cli(["models"], capsys)
     assert code == 0
-    for name in ("tiny-pythia", "tiny-llama", "tiny-mistral", "tiny-phi3", "tiny-mixtral", "smollm2-135m",
-                 "pythia-1.4b", "llama-3.1-8b"):
+    for name in (*tiny_models(), "smollm2-135m", "pythia-1.4b", "llama-3.1-8b"):
         assert name in stdout
 
 
@@ -133,14 +171,23 @@ def test_bad_input_one_line_error(case, tmp_path, capsys):
     extra, needle = BAD[case]
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "short.txt").write_text("A short text.")
-    subst = {"EMPTY": str(tmp_path / "empty.txt"), "SHORT": str(tmp_path / "short.txt"),
-             "MISSING": str(tmp_path / "missing.txt")}
+    subst = {
+        "EMPTY": str(tmp_path / "empty.txt"),
+        "SHORT": str(tmp_path / "short.txt"),
+        "MISSING": str(tmp_path / "missing.txt"),
+    }
     if "NANMODEL" in extra:
         subst["NANMODEL"] = _nan_model_dir(tmp_path)
         capsys.readouterr()  # drop save_pretrained's own output
     extra = [subst.get(a, a) for a in extra]
-    options = {"--model": "tiny-llama", "--max-length": "32", "--max-samples": "2", "--batch-size": "2",
-               "--topk": "3", "--seeds": "0"}
+    options = {
+        "--model": "tiny-llama",
+        "--max-length": "32",
+        "--max-samples": "2",
+        "--batch-size": "2",
+        "--topk": "3",
+        "--seeds": "0",
+    }
     options.update(zip(extra[::2], extra[1::2]))
     argv = ["run", "--no-progress", *[x for kv in options.items() for x in kv]]
     out = tmp_path / "out"
@@ -154,8 +201,20 @@ def test_bad_input_one_line_error(case, tmp_path, capsys):
 
 def test_existing_results_refused_without_overwrite(tmp_path, capsys):
     out = tmp_path / "out"
-    args = ["run", *TINY, "--topk", "3", "--perturb", "zero", "--controls", "random_k", "--seeds", "0",
-            "--out-dir", str(out)]
+    args = [
+        "run",
+        *TINY,
+        "--topk",
+        "3",
+        "--perturb",
+        "zero",
+        "--controls",
+        "random_k",
+        "--seeds",
+        "0",
+        "--out-dir",
+        str(out),
+    ]
     assert run_cli(args, capsys)[0] == 0
     before = (out / "results.json").read_text()
     code, _, err = run_cli(args, capsys)

@@ -16,12 +16,12 @@ from esa.data import (
     load_text,
     make_windows,
     prepare_data,
-    sha256_file,
     tokenize,
     windows_of,
 )
 from esa.errors import DataError
-from esa.tokenizer import builtin_corpus, builtin_tokenizer
+from esa.models.tokenizer import builtin_corpus, builtin_tokenizer
+from esa.util.files import file_sha256
 
 CORPUS = builtin_corpus()
 TEXT = CORPUS[:30_000]  # natural prose: no two 32-token windows are identical
@@ -101,7 +101,7 @@ def test_load_text_file(text_file):
     src = load_text(str(text_file))
     assert src.text == TEXT
     assert src.path == str(text_file.resolve())
-    assert src.sha256 == hashlib.sha256(text_file.read_bytes()).hexdigest() == sha256_file(text_file)
+    assert src.sha256 == hashlib.sha256(text_file.read_bytes()).hexdigest() == file_sha256(text_file)
 
 
 def test_missing_file(tmp_path):

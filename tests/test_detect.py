@@ -1,4 +1,4 @@
-"""Tests for esa.detect: planted super weights are found exactly (dense and fused experts), ranks
+"""Tests for esa.analyses.detect: planted super weights are found exactly (dense and fused experts), ranks
 match brute force, and the super-activation control restores the baseline exactly."""
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from esa.data import make_windows
-from esa.detect import (
+from esa.analyses.detect import (
     SuperWeight,
     detect_super_weights,
     expert_down_io,
@@ -20,11 +19,12 @@ from esa.detect import (
     rank_under_metric,
     super_activation_control,
 )
+from esa.data import make_windows
 from esa.errors import ConfigError
 from esa.models import load_model
+from esa.models.tokenizer import builtin_corpus
 from esa.perturb import perturbed
 from esa.select import Selection
-from esa.tokenizer import builtin_corpus
 
 CONST_DIM = 5  # residual dimension made constant (and so dominant) for every token
 LAYER = 1
@@ -53,7 +53,12 @@ def planted_llama(lm, row, col, value=1.0):
     intermediate channel ``col`` is ~1600 on every token) and column ``col`` of down_proj is zero
     except ``row``."""
     mlp = f"model.layers.{LAYER}.mlp."
-    names = ["model.embed_tokens.weight", mlp + "gate_proj.weight", mlp + "up_proj.weight", mlp + "down_proj.weight"]
+    names = [
+        "model.embed_tokens.weight",
+        mlp + "gate_proj.weight",
+        mlp + "up_proj.weight",
+        mlp + "down_proj.weight",
+    ]
     with _restoring(lm, names) as p, torch.no_grad():
         p[names[0]][:, CONST_DIM] = 1.0
         for n in names[1:3]:
@@ -69,8 +74,12 @@ def planted_mixtral(lm, expert, row, col):
     """The same plant inside fused expert ``expert`` of layer 1, whose router row reads only the
     constant dimension, so every token is routed to it."""
     pre = f"model.layers.{LAYER}.mlp."
-    names = ["model.embed_tokens.weight", pre + "gate.weight", pre + "experts.gate_up_proj",
-             pre + "experts.down_proj"]
+    names = [
+        "model.embed_tokens.weight",
+        pre + "gate.weight",
+        pre + "experts.gate_up_proj",
+        pre + "experts.down_proj",
+    ]
     inter = lm.model.config.intermediate_size
     with _restoring(lm, names) as p, torch.no_grad():
         p[names[0]][:, CONST_DIM] = 1.0
@@ -122,8 +131,11 @@ def test_finds_planted_weight_exactly(llama):
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(row=st.integers(0, 63).filter(lambda r: r != CONST_DIM), col=st.integers(0, 175),
-       value=st.sampled_from([1.0, -1.0, 0.5]))
+@given(
+    row=st.integers(0, 63).filter(lambda r: r != CONST_DIM),
+    col=st.integers(0, 175),
+    value=st.sampled_from([1.0, -1.0, 0.5]),
+)
 def test_planted_weight_found_anywhere(llama, row, col, value):
     with planted_llama(llama, row, col, value):
         rep = detect_super_weights(llama)
@@ -166,8 +178,11 @@ def test_fused_expert_replay_matches_module(mixtral):
     seen = {}
 
     def hook(mod, args, kwargs, out):
-        x, index, weights = args if len(args) == 3 else (kwargs["hidden_states"], kwargs["top_k_index"],
-                                                          kwargs["top_k_weights"])
+        x, index, weights = (
+            args
+            if len(args) == 3
+            else (kwargs["hidden_states"], kwargs["top_k_index"], kwargs["top_k_weights"])
+        )
         total = torch.zeros_like(out)
         for slot in range(index.shape[1]):
             for e in range(mod.num_experts):
@@ -201,10 +216,15 @@ def test_finds_planted_weight_in_fused_experts(mixtral, expert, row, col):
 
 def _scores_strategy():
     shapes = st.lists(st.tuples(st.integers(1, 6), st.integers(1, 6)), min_size=1, max_size=4)
-    return shapes.flatmap(lambda ss: st.tuples(
-        st.just(ss),
-        st.lists(st.integers(-3, 3), min_size=sum(a * b for a, b in ss), max_size=sum(a * b for a, b in ss)),
-        st.sampled_from([torch.float32, torch.float16, torch.float64, torch.bfloat16])))
+    return shapes.flatmap(
+        lambda ss: st.tuples(
+            st.just(ss),
+            st.lists(
+                st.integers(-3, 3), min_size=sum(a * b for a, b in ss), max_size=sum(a * b for a, b in ss)
+            ),
+            st.sampled_from([torch.float32, torch.float16, torch.float64, torch.bfloat16]),
+        )
+    )
 
 
 @settings(max_examples=60, deadline=None)
@@ -248,7 +268,7 @@ def test_control_all_positions_restores_baseline_exactly(llama, eval_ids):
     assert 0 <= spike.n_restored <= spike.n_positions == eval_ids.numel()
     assert json.loads(json.dumps(full.to_dict())) == full.to_dict()
     assert all(torch.equal(before[n], v) for n, v in _bits(llama.model).items())
-    (name, idx), = rnd.keys()
+    ((name, idx),) = rnd.keys()
     assert name == cand.param_name and idx != cand.flat_index
 
 
@@ -265,7 +285,18 @@ def test_control_restores_fused_experts_exactly(mixtral, eval_ids):
 def test_control_validation(llama, eval_ids):
     with pytest.raises(ConfigError):
         super_activation_control(llama, [], eval_ids)
-    cand = SuperWeight(1, "model.layers.1.mlp.down_proj.weight", "model.layers.1.mlp.down_proj",
-                       0, 0, None, 0, 0.0, 0.0, 0.0, 0)
+    cand = SuperWeight(
+        1,
+        "model.layers.1.mlp.down_proj.weight",
+        "model.layers.1.mlp.down_proj",
+        0,
+        0,
+        None,
+        0,
+        0.0,
+        0.0,
+        0.0,
+        0,
+    )
     with pytest.raises(ConfigError):
         super_activation_control(llama, cand, eval_ids, positions="some")

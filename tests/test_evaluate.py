@@ -203,8 +203,14 @@ def test_nan_lm_head_everywhere(tiny_windows):
     assert all(math.isnan(v) for v in r.window_nll)
 
 
-@pytest.mark.parametrize("bad", [torch.zeros(5, dtype=torch.long), torch.zeros(3, 1, dtype=torch.long),
-                                 torch.zeros(2, 3, 4, dtype=torch.long)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        torch.zeros(5, dtype=torch.long),
+        torch.zeros(3, 1, dtype=torch.long),
+        torch.zeros(2, 3, 4, dtype=torch.long),
+    ],
+)
 def test_bad_window_shapes(bad):
     with pytest.raises(ValueError, match="L >= 2"):
         evaluate(SuccessorLM(), bad, progress=False)
@@ -219,8 +225,12 @@ def test_zero_windows_is_a_value_error():
 
 
 @settings(max_examples=40, deadline=None)
-@given(data=st.data(), sharpness=st.floats(0.5, 12.0), softcap=st.sampled_from([None, 5.0, 30.0]),
-       batch_size=st.integers(1, 4))
+@given(
+    data=st.data(),
+    sharpness=st.floats(0.5, 12.0),
+    softcap=st.sampled_from([None, 5.0, 30.0]),
+    batch_size=st.integers(1, 4),
+)
 def test_closed_form_nll_and_accuracy(data, sharpness, softcap, batch_size):
     vocab = 16
     n = data.draw(st.integers(1, 4))
@@ -231,7 +241,7 @@ def test_closed_form_nll_and_accuracy(data, sharpness, softcap, batch_size):
     r = evaluate(model, windows, batch_size=batch_size, progress=False)
     s = softcap * math.tanh(sharpness / softcap) if softcap else sharpness
     log_z = math.log(math.exp(s) + vocab - 1)
-    successor = ((windows[:, :-1] + 1) % vocab == windows[:, 1:])
+    successor = (windows[:, :-1] + 1) % vocab == windows[:, 1:]
     k, total = int(successor.sum()), n * (length - 1)
     expected_nll = (k * (log_z - s) + (total - k) * log_z) / total
     assert r.nll == pytest.approx(expected_nll, rel=1e-5, abs=1e-6)
@@ -294,9 +304,28 @@ def test_smollm2_repeated_text_triggers_leak_guard(smollm2):
 
 
 def test_eval_result_to_dict_plain_types():
-    r = EvalResult(ppl=float("inf"), nll=float("inf"), accuracy=0.0, n_tokens=3, n_windows=1,
-                   tokens_per_s=1.0, seconds=1.0, peak_memory_bytes=1, finite=False, window_nll=[1.0])
+    r = EvalResult(
+        ppl=float("inf"),
+        nll=float("inf"),
+        accuracy=0.0,
+        n_tokens=3,
+        n_windows=1,
+        tokens_per_s=1.0,
+        seconds=1.0,
+        peak_memory_bytes=1,
+        finite=False,
+        window_nll=[1.0],
+    )
     d = r.to_dict()
     assert d["ppl"] == math.inf and set(d) == {
-        "ppl", "nll", "accuracy", "n_tokens", "n_windows", "tokens_per_s", "seconds",
-        "peak_memory_bytes", "finite", "nonfinite_tokens"}
+        "ppl",
+        "nll",
+        "accuracy",
+        "n_tokens",
+        "n_windows",
+        "tokens_per_s",
+        "seconds",
+        "peak_memory_bytes",
+        "finite",
+        "nonfinite_tokens",
+    }

@@ -1,24 +1,26 @@
-"""Tests for the trained scaling family (fixtures/scaling, esa.family)."""
+"""Tests for the trained scaling family (fixtures/scaling, esa.models.family)."""
 
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import math
 
 import pytest
 
-from esa import family
-from esa.models import list_models, load_model
+from esa.models import family, list_models, load_model
 
-pytestmark = pytest.mark.skipif(not (family.FIXTURE_DIR / "family.json").is_file(),
-                                reason="fixtures/scaling/family.json is absent")
+pytestmark = pytest.mark.skipif(
+    not (family.FIXTURE_DIR / "family.json").is_file(), reason="fixtures/scaling/family.json is absent"
+)
 
 TRAIN_SCRIPT = family.FIXTURE_DIR.parent / "train_scaling_family.py"
 TEST_TEXT = family.FIXTURE_DIR.parent.parent.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 TRAIN_TEXT = family.FIXTURE_DIR.parent.parent.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
-needs_data = pytest.mark.skipif(not (TEST_TEXT.is_file() and TRAIN_TEXT.is_file()),
-                                reason="../shared/data/wikitext-2* is absent")
+needs_data = pytest.mark.skipif(
+    not (TEST_TEXT.is_file() and TRAIN_TEXT.is_file()), reason="../shared/data/wikitext-2* is absent"
+)
 
 
 def _manifest() -> dict:
@@ -49,8 +51,17 @@ def test_manifest_is_complete_and_weights_small():
     assert "train_scaling_family.py" in man["command"]
     total_bytes = 0
     for m in man["models"]:
-        for key in ("name", "params_total", "params_non_embedding", "final_train_loss", "heldout_loss",
-                    "steps", "tokens", "seed", "sha256"):
+        for key in (
+            "name",
+            "params_total",
+            "params_non_embedding",
+            "final_train_loss",
+            "heldout_loss",
+            "steps",
+            "tokens",
+            "seed",
+            "sha256",
+        ):
             assert key in m
         assert m["steps"] == man["models"][0]["steps"] and m["tokens"] == man["models"][0]["tokens"]
         weights = family.FIXTURE_DIR / m["dir"] / "model.safetensors"
@@ -62,7 +73,7 @@ def test_manifest_is_complete_and_weights_small():
 @pytest.fixture(scope="module")
 def heldout():
     from esa.data import prepare_data
-    from esa.tokenizer import builtin_tokenizer
+    from esa.models.tokenizer import builtin_tokenizer
 
     if not TEST_TEXT.is_file():
         pytest.skip("../shared/data/wikitext-2-raw is absent")
@@ -75,7 +86,7 @@ def random_init_ppl(heldout):
     from transformers import AutoModelForCausalLM
 
     from esa.evaluate import evaluate
-    from esa.models import seeded
+    from esa.util.runtime import seeded
 
     script = _script()
     m = family.family_members()[0]
@@ -103,13 +114,15 @@ def test_member_loads_and_beats_random_init(name, heldout, random_init_ppl):
 def test_larger_members_have_lower_heldout_loss(heldout):
     from esa.evaluate import evaluate
 
-    losses = [evaluate(load_model(n, dtype="fp32", device="cpu").model, heldout, progress=False).nll
-              for n in family.family_names()]
-    assert all(a > b for a, b in zip(losses, losses[1:])), losses
+    losses = [
+        evaluate(load_model(n, dtype="fp32", device="cpu").model, heldout, progress=False).nll
+        for n in family.family_names()
+    ]
+    assert all(a > b for a, b in itertools.pairwise(losses)), losses
     recorded = [m["heldout_loss"] for m in family.family_members()]
-    assert all(a > b for a, b in zip(recorded, recorded[1:])), recorded
+    assert all(a > b for a, b in itertools.pairwise(recorded)), recorded
     train = [m["final_train_loss"] for m in family.family_members()]
-    assert all(a > b for a, b in zip(train, train[1:])), train
+    assert all(a > b for a, b in itertools.pairwise(train)), train
 
 
 @needs_data
@@ -123,8 +136,11 @@ def test_smallest_member_retrains_bitwise():
     windows = script.train_windows(TRAIN_TEXT, recipe["seq_len"])
     assert windows.shape[0] == man["train_data"]["windows"]
     model, losses = script.train_model(m["hidden_size"], m["num_layers"], windows, recipe)
-    same_env = all(man["environment"][k] == v for k, v in script.environment(recipe).items()
-                   if k in ("torch", "cpu_capability", "threads"))
+    same_env = all(
+        man["environment"][k] == v
+        for k, v in script.environment(recipe).items()
+        if k in ("torch", "cpu_capability", "threads")
+    )
     if same_env:
         same, bad = script.state_equal(model, family.FIXTURE_DIR / m["dir"])
         assert same, f"weights differ: {bad[:5]}"

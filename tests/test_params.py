@@ -1,4 +1,4 @@
-"""Tests for esa.params: every parameter mapped, layers, the component vocabulary, and that the
+"""Tests for esa.models.params: every parameter mapped, layers, the component vocabulary, and that the
 parts of fused tensors match how transformers' modeling code actually splits them.
 
 The fused-tensor checks are functional: perturb rows of the real tensor, run the real module and
@@ -14,23 +14,54 @@ from hypothesis import strategies as st
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from esa.models import load_model
-from esa.params import ParamInfo, ParamMap, build_param_map, head_of_row
+from esa.models.params import ParamInfo, ParamMap, build_param_map, head_of_row
+from esa.models.tiny import tiny_models
 
-TINY = ["tiny-pythia", "tiny-llama", "tiny-mistral", "tiny-phi3", "tiny-mixtral"]
+TINY = tiny_models()
 LAYERS = 4
 HEAD_DIM = 16  # hidden 64 / 4 heads
 
 PER_LAYER = {"attn_q", "attn_k", "attn_v", "attn_o", "mlp_gate", "mlp_up", "mlp_down"}
 # Tensor-level components (fused tensors keep a fused name) and part-level components per layer.
 COMPONENTS = {
-    "tiny-llama": {"embed", "attn_q", "attn_k", "attn_v", "attn_o", "mlp_gate", "mlp_up", "mlp_down",
-                   "norm", "lm_head"},
-    "tiny-mistral": {"embed", "attn_q", "attn_k", "attn_v", "attn_o", "mlp_gate", "mlp_up", "mlp_down",
-                     "norm", "lm_head"},
+    "tiny-llama": {
+        "embed",
+        "attn_q",
+        "attn_k",
+        "attn_v",
+        "attn_o",
+        "mlp_gate",
+        "mlp_up",
+        "mlp_down",
+        "norm",
+        "lm_head",
+    },
+    "tiny-mistral": {
+        "embed",
+        "attn_q",
+        "attn_k",
+        "attn_v",
+        "attn_o",
+        "mlp_gate",
+        "mlp_up",
+        "mlp_down",
+        "norm",
+        "lm_head",
+    },
     "tiny-pythia": {"embed", "attn_qkv", "attn_o", "mlp_up", "mlp_down", "norm", "lm_head"},
     "tiny-phi3": {"embed", "attn_qkv", "attn_o", "mlp_gate_up", "mlp_down", "norm", "lm_head"},
-    "tiny-mixtral": {"embed", "attn_q", "attn_k", "attn_v", "attn_o", "router", "mlp_gate_up", "mlp_down",
-                     "norm", "lm_head"},
+    "tiny-mixtral": {
+        "embed",
+        "attn_q",
+        "attn_k",
+        "attn_v",
+        "attn_o",
+        "router",
+        "mlp_gate_up",
+        "mlp_down",
+        "norm",
+        "lm_head",
+    },
 }
 LAYER_PARTS = {
     "tiny-llama": PER_LAYER,
@@ -100,8 +131,9 @@ def test_component_vocabulary(models, name):
     pm = models[name].param_map
     assert {i.component for i in pm.values()} == COMPONENTS[name]
     for layer in range(LAYERS):
-        parts = set().union(*(_part_components(i) for i in pm.values()
-                              if i.layer == layer and i.kind in ("matrix", "router")))
+        parts = set().union(
+            *(_part_components(i) for i in pm.values() if i.layer == layer and i.kind in ("matrix", "router"))
+        )
         assert parts == LAYER_PARTS[name], layer
     non_layer = {i.component for i in pm.values() if i.layer is None}
     assert non_layer == {"embed", "norm", "lm_head"}
@@ -123,8 +155,12 @@ def test_kinds(models, name):
             assert info.kind == "bias" and pname.endswith(".bias")
         else:
             assert info.kind == "matrix"
-    assert lm.model.get_input_embeddings().weight is dict(lm.model.named_parameters())[
-        next(n for n, i in lm.param_map.infos.items() if i.kind == "embedding")]
+    assert (
+        lm.model.get_input_embeddings().weight
+        is dict(lm.model.named_parameters())[
+            next(n for n, i in lm.param_map.infos.items() if i.kind == "embedding")
+        ]
+    )
 
 
 def test_llama_names(models):
@@ -272,11 +308,16 @@ def _capture_qkv(model, ids):
 
 
 ATTN_TENSORS = {
-    "tiny-pythia": ["gpt_neox.layers.0.attention.query_key_value.weight",
-                    "gpt_neox.layers.0.attention.query_key_value.bias"],
+    "tiny-pythia": [
+        "gpt_neox.layers.0.attention.query_key_value.weight",
+        "gpt_neox.layers.0.attention.query_key_value.bias",
+    ],
     "tiny-phi3": ["model.layers.0.self_attn.qkv_proj.weight"],
-    "tiny-llama": ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
-                   "model.layers.0.self_attn.v_proj.weight"],
+    "tiny-llama": [
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.self_attn.k_proj.weight",
+        "model.layers.0.self_attn.v_proj.weight",
+    ],
 }
 
 
@@ -308,8 +349,11 @@ def test_qkv_rows_match_modeling_code(models, qkv_baseline, name, data):
     finally:
         with torch.no_grad():
             p.copy_(saved)
-    changed = {c for c, before, after in zip(("attn_q", "attn_k", "attn_v"), base, now)
-               if not torch.equal(before, after)}
+    changed = {
+        c
+        for c, before, after in zip(("attn_q", "attn_k", "attn_v"), base, now)
+        if not torch.equal(before, after)
+    }
     assert changed == {component}
     t = ("attn_q", "attn_k", "attn_v").index(component)
     heads = {h for h in range(base[t].shape[1]) if not torch.equal(base[t][:, h], now[t][:, h])}
@@ -329,8 +373,11 @@ def test_qkv_parts_partition_rows(models, name):
         assert sorted(covered) == list(range(rows))
         counts = {c: sum(b - a for a, b, x in info.parts if x == c) for c in ("attn_q", "attn_k", "attn_v")}
         kv = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
-        assert counts == {"attn_q": cfg.num_attention_heads * HEAD_DIM,
-                          "attn_k": kv * HEAD_DIM, "attn_v": kv * HEAD_DIM}
+        assert counts == {
+            "attn_q": cfg.num_attention_heads * HEAD_DIM,
+            "attn_k": kv * HEAD_DIM,
+            "attn_v": kv * HEAD_DIM,
+        }
 
 
 # --------------------------------------------------------------------------- fused gate/up and experts
@@ -394,8 +441,14 @@ def test_mixtral_gate_up_parts(models, expert, unit):
     assert info.experts == 4 and info.component == "mlp_gate_up" and info.layer == 2
     h = torch.randn(6, 64, generator=torch.Generator().manual_seed(expert))
     with torch.no_grad():
-        _gate_up_check(lambda: _experts_call(experts, h, expert), experts.gate_up_proj,
-                       experts.down_proj, info, unit, expert)
+        _gate_up_check(
+            lambda: _experts_call(experts, h, expert),
+            experts.gate_up_proj,
+            experts.down_proj,
+            info,
+            unit,
+            expert,
+        )
 
 
 @settings(max_examples=20, deadline=None)
@@ -411,7 +464,7 @@ def test_mixtral_locate_names_the_expert_that_computes(models, data):
     assert info.experts == p.shape[0] == lm.model.config.num_local_experts
     assert info.component == ("mlp_gate_up" if which == "gate_up_proj" else "mlp_down")
     flat = data.draw(st.integers(0, p.numel() - 1))
-    _, located, row, col = info.locate(flat)
+    _, located, _row, _col = info.locate(flat)
     h = torch.randn(4, 64, generator=torch.Generator().manual_seed(flat))
     with torch.no_grad():
         before = [_experts_call(experts, h, e) for e in range(info.experts)]
@@ -429,8 +482,10 @@ def test_mixtral_locate_names_the_expert_that_computes(models, data):
 
 
 def test_param_map_container():
-    infos = {"a": ParamInfo("a", (2, 3), 0, "attn_q", "matrix"),
-             "b": ParamInfo("b", (3,), None, "norm", "norm")}
+    infos = {
+        "a": ParamInfo("a", (2, 3), 0, "attn_q", "matrix"),
+        "b": ParamInfo("b", (3,), None, "norm", "norm"),
+    }
     pm = ParamMap(infos)
     assert len(pm) == 2 and list(pm) == ["a", "b"] and "a" in pm and "c" not in pm
     assert pm["b"].numel == 3 and pm["a"].numel == 6

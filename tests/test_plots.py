@@ -49,8 +49,13 @@ def test_sampling_is_bounded_and_seeded() -> None:
 
 
 def test_layer_component_heatmap() -> None:
-    df = pd.DataFrame({"layer": [0, 0, 1, 1, 1, 3], "component": ["q", "k", "q", "q", "down", "down"],
-                       "score": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]})
+    df = pd.DataFrame(
+        {
+            "layer": [0, 0, 1, 1, 1, 3],
+            "component": ["q", "k", "q", "q", "down", "down"],
+            "score": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+        }
+    )
     fig = plots.plot_layer_component_heatmap(df, title="counts")
     image = fig.axes[0].images[0].get_array()
     assert image.shape == (3, 3) and image.sum() == 6 and image.max() == 2
@@ -63,8 +68,9 @@ def test_layer_component_heatmap() -> None:
 
 
 def test_delta_ppl_bars_ci() -> None:
-    fig = plots.plot_delta_ppl_bars({"top": [100.0, 120.0, 140.0, math.inf], "random": [0.1, 0.3, 0.2],
-                                     "single": [0.5]}, "delta")
+    fig = plots.plot_delta_ppl_bars(
+        {"top": [100.0, 120.0, 140.0, math.inf], "random": [0.1, 0.3, 0.2], "single": [0.5]}, "delta"
+    )
     ax = fig.axes[0]
     heights = [p.get_height() for p in ax.patches]
     assert heights == pytest.approx([120.0, 0.2, 0.5])
@@ -100,8 +106,12 @@ def test_save_figure_atomic_and_pyplot_closed(tmp_path) -> None:
 
     path = plots.save_figure(plots.plot_dose_response([1, 2], {"a": [1, 2]}), tmp_path / "sub" / "d.png")
     assert path.read_bytes().startswith(PNG) and not list(path.parent.glob(".*.tmp"))
-    assert plots.save_figure(plots.plot_dose_response([1, 2], {"a": [1, 2]}), tmp_path / "d.svg") \
-        .read_text().lstrip().startswith("<?xml")
+    assert (
+        plots.save_figure(plots.plot_dose_response([1, 2], {"a": [1, 2]}), tmp_path / "d.svg")
+        .read_text()
+        .lstrip()
+        .startswith("<?xml")
+    )
     fig = plt.figure()
     fig.add_subplot().plot([1, 2])
     assert plt.fignum_exists(fig.number)

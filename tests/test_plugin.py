@@ -10,8 +10,8 @@ import pytest
 import torch  # imported before any in-process pytester run: pytester drops modules a run imports
 
 import esa.plots  # noqa: F401  (same reason: matplotlib must not be re-imported)
-from esa.plugin import Claim, load_recorded, record_outcome
-from esa.report import load_claims
+from esa.claims.plugin import Claim, load_recorded, record_outcome
+from esa.claims.report import load_claims
 
 pytest_plugins = ["pytester"]
 
@@ -111,34 +111,43 @@ def test_verdicts_numbers_and_reports(pytester: pytest.Pytester) -> None:
     for text in ("12.25", "42.5", "[11.5, 13]", "falsified", "Phase 2", "teardown exploded"):
         assert text in md and text in html
     assert "delta = 3.25 < 1.5" in md and "delta = 3.25 &lt; 1.5" in html  # html is escaped
-    result.stdout.fnmatch_lines([
-        "*= esa claims =*",
-        "FALSIFIED *test_claims.py::test_falsified*",
-        "HOLDS *test_claims.py::test_ratio?tiny-a?*ratio=42.5*",
-        "ERROR *test_claims.py::test_setup_error*",
-        "SKIPPED *test_claims.py::test_skipped*",
-        "esa report: *claims.json*claims.md*claims.html",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "*= esa claims =*",
+            "FALSIFIED *test_claims.py::test_falsified*",
+            "HOLDS *test_claims.py::test_ratio?tiny-a?*ratio=42.5*",
+            "ERROR *test_claims.py::test_setup_error*",
+            "SKIPPED *test_claims.py::test_skipped*",
+            "esa report: *claims.json*claims.md*claims.html",
+        ]
+    )
     assert "test_not_a_claim" not in result.stdout.str().split("esa claims")[1]
 
 
 def test_esa_error_is_one_line(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_claims=CLAIMS)
-    pytester.makepyfile(test_collect='''
+    pytester.makepyfile(
+        test_collect="""
 from esa.errors import ModelError
 raise ModelError("unknown model 'nope': run `esa models` to list the available models")
-''')
-    result = pytester.runpytest("test_claims.py::test_setup_error", "test_collect.py",
-                                "--continue-on-collection-errors")
-    result.stdout.fnmatch_lines(["*ERROR collecting test_collect.py*",
-                                 "ModelError: unknown model 'nope': run `esa models`*",
-                                 "*ERROR at setup of test_setup_error*",
-                                 "ModelError: unknown model 'nope': run `esa models`*"])
+"""
+    )
+    result = pytester.runpytest(
+        "test_claims.py::test_setup_error", "test_collect.py", "--continue-on-collection-errors"
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR collecting test_collect.py*",
+            "ModelError: unknown model 'nope': run `esa models`*",
+            "*ERROR at setup of test_setup_error*",
+            "ModelError: unknown model 'nope': run `esa models`*",
+        ]
+    )
     out = result.stdout.str()
     assert "Traceback" not in out and "def broken_model" not in out and "raise ModelError" not in out
 
 
-RECORDED = '''
+RECORDED = """
 import pytest
 
 @pytest.mark.phase4
@@ -155,26 +164,38 @@ def test_now_true(claim, model):
 @pytest.mark.xfail(strict=True, reason="known to fail on tiny models")
 def test_marked_by_hand(claim):
     claim.expect(0.0, ">", 1.0, name="ratio")
-'''
+"""
 
 
 def test_recorded_outcomes(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_rec=RECORDED)
     rec_dir = pytester.path / "experiments" / "recorded"
-    record_outcome(rec_dir, "tiny-a", "test_rec.py::test_still_false[tiny-a]", {"ratio": 0.25},
-                   note="seed 0", day="2025-01-02")
-    record_outcome(rec_dir, "tiny-a", "test_rec.py::test_now_true[tiny-a]", {"ratio": 0.75},
-                   day="2025-01-03")
-    assert set(load_recorded(rec_dir / "tiny-a.json")) == {"test_rec.py::test_still_false[tiny-a]",
-                                                            "test_rec.py::test_now_true[tiny-a]"}
+    record_outcome(
+        rec_dir,
+        "tiny-a",
+        "test_rec.py::test_still_false[tiny-a]",
+        {"ratio": 0.25},
+        note="seed 0",
+        day="2025-01-02",
+    )
+    record_outcome(rec_dir, "tiny-a", "test_rec.py::test_now_true[tiny-a]", {"ratio": 0.75}, day="2025-01-03")
+    assert set(load_recorded(rec_dir / "tiny-a.json")) == {
+        "test_rec.py::test_still_false[tiny-a]",
+        "test_rec.py::test_now_true[tiny-a]",
+    }
     result = pytester.runpytest("-rxX")
     result.assert_outcomes(xfailed=2, failed=1)
     result.stdout.fnmatch_lines(["*recorded: falsified on tiny-a (2025-01-02): ratio=0.25*"])
     claims = {c["id"]: c for c in load_claims(pytester.path / "reports" / "claims.json")["claims"]}
     still = claims["test_rec.py::test_still_false[tiny-a]"]
     assert still["verdict"] == "falsified (recorded)" and still["outcome"] == "xfailed"
-    assert still["recorded"] == {"model": "tiny-a", "claim_id": still["id"], "measured": {"ratio": 0.25},
-                                 "date": "2025-01-02", "note": "seed 0"}
+    assert still["recorded"] == {
+        "model": "tiny-a",
+        "claim_id": still["id"],
+        "measured": {"ratio": 0.25},
+        "date": "2025-01-02",
+        "note": "seed 0",
+    }
     now = claims["test_rec.py::test_now_true[tiny-a]"]
     assert now["verdict"] == "changed" and "XPASS(strict)" in now["message"]
     assert claims["test_rec.py::test_marked_by_hand"]["verdict"] == "falsified (recorded)"
@@ -185,8 +206,13 @@ def test_recorded_outcomes(pytester: pytest.Pytester) -> None:
 
 def test_xdist_matches_serial(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_claims=CLAIMS)
-    record_outcome(pytester.path / "experiments" / "recorded", "tiny-b",
-                   "test_claims.py::test_ratio[tiny-b]", {"ratio": 1.0}, day="2025-01-01")
+    record_outcome(
+        pytester.path / "experiments" / "recorded",
+        "tiny-b",
+        "test_claims.py::test_ratio[tiny-b]",
+        {"ratio": 1.0},
+        day="2025-01-01",
+    )
     pytester.runpytest_subprocess("-n", "0", "--esa-report", "serial")
     par = pytester.runpytest_subprocess("-n", "2", "-p", "xdist", "--esa-report", "par")
     assert "2 workers" in par.stdout.str() or "created: 2/2 workers" in par.stdout.str()
@@ -194,9 +220,13 @@ def test_xdist_matches_serial(pytester: pytest.Pytester) -> None:
     expected = {**VERDICTS, "test_claims.py::test_ratio[tiny-b]": "changed"}
     assert _verdicts(pytester.path / "serial" / "claims.json") == expected
     assert _verdicts(pytester.path / "par" / "claims.json") == expected
+
     def comparable(doc):  # everything but timings, as JSON text (NaN-safe)
-        return json.dumps([{k: v for k, v in c.items() if k != "duration"} for c in doc["claims"]],
-                          sort_keys=True, default=str)
+        return json.dumps(
+            [{k: v for k, v in c.items() if k != "duration"} for c in doc["claims"]],
+            sort_keys=True,
+            default=str,
+        )
 
     assert comparable(a) == comparable(b)
     assert b["header"]["windows_sha256"] == "abc123"  # written on a worker, merged by the controller
@@ -205,7 +235,8 @@ def test_xdist_matches_serial(pytester: pytest.Pytester) -> None:
 
 
 def test_markers_and_gpu_skip(pytester: pytest.Pytester) -> None:
-    pytester.makepyfile(test_marks='''
+    pytester.makepyfile(
+        test_marks="""
 import pytest
 
 @pytest.mark.phase1
@@ -221,7 +252,8 @@ def test_all_markers(claim):
 @pytest.mark.gpu
 def test_needs_gpu(claim):
     claim.check(True, "ran on a GPU")
-''')
+"""
+    )
     result = pytester.runpytest("--strict-markers", "-W", "error::pytest.PytestUnknownMarkWarning", "-rs")
     if torch.cuda.is_available():
         result.assert_outcomes(passed=2)
@@ -233,14 +265,16 @@ def test_needs_gpu(claim):
 
 
 def test_figure_lands_in_html_only(pytester: pytest.Pytester) -> None:
-    pytester.makepyfile(test_fig='''
+    pytester.makepyfile(
+        test_fig="""
 import numpy as np
 from esa.plots import plot_dose_response
 
 def test_fig(claim):
     claim("figure").figure(plot_dose_response([1, 2, 4], {"a": [1, 2, 3]}), "dose curve")
     claim.figure(b"\\x89PNG\\r\\n\\x1a\\n-not-really", "raw bytes")
-''')
+"""
+    )
     pytester.runpytest().assert_outcomes(passed=1)
     html = (pytester.path / "reports" / "claims.html").read_text()
     md = (pytester.path / "reports" / "claims.md").read_text()
@@ -249,17 +283,21 @@ def test_fig(claim):
 
 
 def test_compare_with_previous(pytester: pytest.Pytester) -> None:
-    pytester.makepyfile(test_cmp='''
+    pytester.makepyfile(
+        test_cmp="""
 def test_a(claim): claim.check(True, "a")
 def test_b(claim): claim.check(True, "b")
 def test_c(claim): claim.check(True, "c")
-''')
+"""
+    )
     pytester.runpytest("--esa-report", "old").assert_outcomes(passed=3)
-    pytester.makepyfile(test_cmp='''
+    pytester.makepyfile(
+        test_cmp="""
 def test_a(claim): claim.check(True, "a")
 def test_b(claim): claim.check(False, "b broke")
 def test_d(claim): claim.check(True, "d")
-''')
+"""
+    )
     result = pytester.runpytest("--esa-compare", "old/claims.json")
     doc = load_claims(pytester.path / "reports" / "claims.json")
     status = {c["id"].split("::")[1]: c["compare"]["status"] for c in doc["claims"]}
@@ -271,30 +309,56 @@ def test_d(claim): claim.check(True, "d")
 
 
 def test_options_ini_and_fixtures(pytester: pytest.Pytester) -> None:
-    pytester.makeini("[pytest]\nesa_models =\n    tiny-x\n    tiny-y\n"
-                     "esa_tier = standard\nesa_report = out\n")
-    pytester.makepyfile(test_opts='''
+    pytester.makeini(
+        "[pytest]\nesa_models =\n    tiny-x\n    tiny-y\nesa_tier = standard\nesa_report = out\n"
+    )
+    pytester.makepyfile(
+        test_opts="""
 import json
 def test_opts(esa_options, request):
     o = esa_options
     plugins = [p for p in request.config.pluginmanager.get_plugins()
-               if getattr(p, "__name__", "") == "esa.plugin"]
+               if getattr(p, "__name__", "") == "esa.claims.plugin"]
     print("OPTS", json.dumps({"models": o.models, "metrics": o.metrics, "tier": o.tier.name,
                               "max_length": o.tier.max_length, "device": o.device,
                               "data": o.data and str(o.data), "report": o.report_dir.name,
                               "n_plugins": len(plugins)}))
-''')
+"""
+    )
+
     def opts(*args):
         result = pytester.runpytest("-s", *args)
         line = next(ln for ln in result.outlines if "OPTS " in ln)
         return json.loads(line.split("OPTS ", 1)[1])
 
     o = opts()
-    assert o == {"models": ["tiny-x", "tiny-y"], "metrics": ["grad_x_weight"], "tier": "standard",
-                 "max_length": 512, "device": "auto", "data": None, "report": "out", "n_plugins": 1}
+    assert o == {
+        "models": ["tiny-x", "tiny-y"],
+        "metrics": ["grad_x_weight"],
+        "tier": "standard",
+        "max_length": 512,
+        "device": "auto",
+        "data": None,
+        "report": "out",
+        "n_plugins": 1,
+    }
     (pytester.path / "corpus.txt").write_text("hello world\n" * 10)
-    o = opts("--esa-model", "m1", "--esa-model", "m2", "--esa-metric", "hessian", "--esa-tier",
-             "smoke", "--esa-device", "cpu", "--esa-data", "corpus.txt", "--esa-report", "r2")
+    o = opts(
+        "--esa-model",
+        "m1",
+        "--esa-model",
+        "m2",
+        "--esa-metric",
+        "hessian",
+        "--esa-tier",
+        "smoke",
+        "--esa-device",
+        "cpu",
+        "--esa-data",
+        "corpus.txt",
+        "--esa-report",
+        "r2",
+    )
     assert o["models"] == ["m1", "m2"] and o["metrics"] == ["hessian"] and o["tier"] == "smoke"
     assert o["device"] == "cpu" and o["data"].endswith("corpus.txt") and o["report"] == "r2"
     bad = pytester.runpytest("--esa-data", "missing.txt")

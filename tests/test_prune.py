@@ -1,4 +1,4 @@
-"""Tests for esa.prune: exact per-group sparsity, tie-breaking, bit-exact restore, the table."""
+"""Tests for esa.analyses.prune: exact per-group sparsity, tie-breaking, bit-exact restore, the table."""
 
 from __future__ import annotations
 
@@ -10,10 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from esa.data import prepare_data
-from esa.errors import ConfigError, RestoreError
-from esa.models import load_model
-from esa.prune import (
+from esa.analyses.prune import (
     compare_at,
     mask_indices,
     n_pruned,
@@ -21,6 +18,9 @@ from esa.prune import (
     pruned,
     pruning_table,
 )
+from esa.data import prepare_data
+from esa.errors import ConfigError, RestoreError
+from esa.models import load_model
 
 INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
@@ -42,8 +42,7 @@ shapes = st.one_of(
 
 
 @settings(max_examples=60, deadline=None)
-@given(shape=shapes, sparsity=st.floats(0.0, 1.0), seed=st.integers(0, 2**16),
-       ties=st.booleans())
+@given(shape=shapes, sparsity=st.floats(0.0, 1.0), seed=st.integers(0, 2**16), ties=st.booleans())
 def test_row_masks_have_exact_sparsity_per_row(shape, sparsity, seed, ties):
     gen = torch.Generator().manual_seed(seed)
     score = torch.rand(shape, generator=gen)
@@ -141,11 +140,17 @@ def test_pruned_restores_on_exception_and_checks_masks():
     with pytest.raises(RuntimeError), pruned(model, masks):
         raise RuntimeError("boom")
     assert torch.equal(_bits(model.weight), before)
-    with pytest.raises(ConfigError, match="shape"), pruned(model, {"weight": torch.ones(8, 4, dtype=torch.bool)}):
+    with (
+        pytest.raises(ConfigError, match="shape"),
+        pruned(model, {"weight": torch.ones(8, 4, dtype=torch.bool)}),
+    ):
         pass
     with pytest.raises(ConfigError, match="bool"), pruned(model, {"weight": torch.ones(4, 8)}):
         pass
-    with pytest.raises(ConfigError, match="not a parameter"), pruned(model, {"nope": torch.ones(4, 8, dtype=torch.bool)}):
+    with (
+        pytest.raises(ConfigError, match="not a parameter"),
+        pruned(model, {"nope": torch.ones(4, 8, dtype=torch.bool)}),
+    ):
         pass
     assert torch.equal(_bits(model.weight), before)
 
@@ -161,7 +166,7 @@ def test_pruned_undoes_stray_writes_to_kept_entries_too():
 
 
 def test_pruned_raises_restore_error_when_verification_fails(monkeypatch):
-    import esa.prune as prune_mod
+    import esa.analyses.prune as prune_mod
 
     model = torch.nn.Linear(8, 4)
     masks = prune_masks({"weight": torch.rand(4, 8)}, 0.5)
@@ -185,9 +190,15 @@ def test_mask_indices_are_the_pruned_flat_positions():
 def test_pruning_table_on_tiny_model_restores_weights(tiny):
     data = prepare_data(tiny.tokenizer, None, max_length=32, max_samples=2)
     before = {n: _bits(p) for n, p in tiny.model.named_parameters()}
-    table = pruning_table(tiny, data, methods=[("magnitude", "layer"), ("act_mag", "row"),
-                                               ("grad_x_weight", "row")],
-                          sparsities=(0.0, 0.5), n_calib=2, batch_size=2, progress=False)
+    table = pruning_table(
+        tiny,
+        data,
+        methods=[("magnitude", "layer"), ("act_mag", "row"), ("grad_x_weight", "row")],
+        sparsities=(0.0, 0.5),
+        n_calib=2,
+        batch_size=2,
+        progress=False,
+    )
     for n, p in tiny.model.named_parameters():
         assert torch.equal(_bits(p), before[n]), n
     assert list(table.columns[:6]) == ["metric", "granularity", "sparsity", "ppl", "dense_ppl", "ratio"]
@@ -205,15 +216,17 @@ def _table(rows):
 
 
 def test_compare_at_picks_best_sensitivity_method():
-    table = _table([
-        ("magnitude", "layer", 0.5, 40.0, 10.0, 4.0),
-        ("magnitude", "row", 0.5, 30.0, 10.0, 3.0),
-        ("act_mag", "row", 0.5, 20.0, 10.0, 2.0),
-        ("grad_x_weight", "row", 0.5, 16.0, 10.0, 1.6),
-        ("grad_x_weight", "layer", 0.5, float("nan"), 10.0, float("nan")),
-        ("grad_squared", "row", 0.5, 25.0, 10.0, 2.5),
-        ("grad_x_weight", "row", 0.1, 11.0, 10.0, 1.1),
-    ])
+    table = _table(
+        [
+            ("magnitude", "layer", 0.5, 40.0, 10.0, 4.0),
+            ("magnitude", "row", 0.5, 30.0, 10.0, 3.0),
+            ("act_mag", "row", 0.5, 20.0, 10.0, 2.0),
+            ("grad_x_weight", "row", 0.5, 16.0, 10.0, 1.6),
+            ("grad_x_weight", "layer", 0.5, float("nan"), 10.0, float("nan")),
+            ("grad_squared", "row", 0.5, 25.0, 10.0, 2.5),
+            ("grad_x_weight", "row", 0.1, 11.0, 10.0, 1.1),
+        ]
+    )
     out = compare_at(table, 0.5)
     assert out["best"] == {"metric": "grad_x_weight", "granularity": "row", "ppl": 16.0}
     assert out["magnitude"]["granularity"] == "layer"
@@ -224,8 +237,9 @@ def test_compare_at_picks_best_sensitivity_method():
 
 
 def test_compare_at_infinite_baseline_and_missing_wanda():
-    table = _table([("magnitude", "layer", 0.5, math.inf, 10.0, math.inf),
-                    ("grad_squared", "row", 0.5, 50.0, 10.0, 5.0)])
+    table = _table(
+        [("magnitude", "layer", 0.5, math.inf, 10.0, math.inf), ("grad_squared", "row", 0.5, 50.0, 10.0, 5.0)]
+    )
     out = compare_at(table, 0.5)
     assert out["improvement_vs_magnitude"] == 1.0
     assert out["wanda"] is None and out["improvement_vs_wanda"] is None

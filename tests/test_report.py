@@ -1,4 +1,4 @@
-"""esa.report: JSON/Markdown/HTML claims reports, NaN handling, compare, plain coercion."""
+"""esa.claims.report: JSON/Markdown/HTML claims reports, NaN handling, compare, plain coercion."""
 
 from __future__ import annotations
 
@@ -9,26 +9,42 @@ import numpy as np
 import pytest
 import torch
 
-from esa.report import (compare_claims, count_verdicts, decode, dumps, encode, fmt, key_measure,
-                        load_claims, plain, write_reports)
+from esa.claims.report import compare_claims, count_verdicts, fmt, key_measure, load_claims, write_reports
+from esa.util.serialize import decode, dumps, encode, plain
 
 PNG_B64 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
 
 
 def _claims() -> list[dict]:
     return [
-        {"id": "experiments/test_p2.py::test_b", "phase": "phase2", "markers": ["phase2"],
-         "statement": "Bits flip <script>alert(1)</script> | pipes", "threshold": 1.5, "key": None,
-         "measured": {"delta": {"value": math.nan, "ci": [math.inf, -math.inf]}},
-         "context": {"model": "tiny-a"}, "figures": [], "verdict": "falsified",
-         "message": "delta = nan > 1.5 does not hold", "recorded": None, "duration": 0.5},
-        {"id": "experiments/test_p1.py::test_a[tiny-a]", "markers": ["phase1", "smoke"],
-         "statement": "Top weights matter", "threshold": None, "key": "ratio",
-         "measured": {"ppl": {"value": 12.0, "ci": None}, "ratio": {"value": 40.0, "ci": [30.0, 50.0]}},
-         "context": {"model": "tiny-a", "seeds": [0, 1, 2]},
-         "figures": [{"caption": "score histogram", "png_base64": PNG_B64}],
-         "verdict": "falsified (recorded)", "message": "",
-         "recorded": {"model": "tiny-a", "date": "2025-01-02", "measured": {"ratio": 0.5}, "note": "n"}},
+        {
+            "id": "experiments/test_p2.py::test_b",
+            "phase": "phase2",
+            "markers": ["phase2"],
+            "statement": "Bits flip <script>alert(1)</script> | pipes",
+            "threshold": 1.5,
+            "key": None,
+            "measured": {"delta": {"value": math.nan, "ci": [math.inf, -math.inf]}},
+            "context": {"model": "tiny-a"},
+            "figures": [],
+            "verdict": "falsified",
+            "message": "delta = nan > 1.5 does not hold",
+            "recorded": None,
+            "duration": 0.5,
+        },
+        {
+            "id": "experiments/test_p1.py::test_a[tiny-a]",
+            "markers": ["phase1", "smoke"],
+            "statement": "Top weights matter",
+            "threshold": None,
+            "key": "ratio",
+            "measured": {"ppl": {"value": 12.0, "ci": None}, "ratio": {"value": 40.0, "ci": [30.0, 50.0]}},
+            "context": {"model": "tiny-a", "seeds": [0, 1, 2]},
+            "figures": [{"caption": "score histogram", "png_base64": PNG_B64}],
+            "verdict": "falsified (recorded)",
+            "message": "",
+            "recorded": {"model": "tiny-a", "date": "2025-01-02", "measured": {"ratio": 0.5}, "note": "n"},
+        },
         {"id": "experiments/test_x.py::test_minimal", "verdict": "error"},  # minimal record renders
     ]
 
@@ -62,8 +78,9 @@ def test_write_reports_files_and_content(tmp_path) -> None:
 
 
 def test_markdown_table_cells_escape_pipes(tmp_path) -> None:
-    claims = [{"id": "t.py::test_a[x|y]", "verdict": "holds",
-               "measured": {"a|b": {"value": 1.0, "ci": None}}}]
+    claims = [
+        {"id": "t.py::test_a[x|y]", "verdict": "holds", "measured": {"a|b": {"value": 1.0, "ci": None}}}
+    ]
     md = write_reports(claims, {}, tmp_path)["md"].read_text()
     assert "`t.py::test_a[x\\|y]`" in md and "| a\\|b | 1 |" in md
 
@@ -74,10 +91,14 @@ def test_compare_claims_statuses(tmp_path) -> None:
     new[0]["verdict"] = "holds"
     new.append({"id": "experiments/test_new.py::test_n", "verdict": "holds"})
     annotated, summary = compare_claims(new, old)
-    status = {c["id"].rsplit("::", 1)[1]: (c["compare"]["status"], c["compare"]["previous"])
-              for c in annotated}
-    assert status == {"test_b": ("changed verdict", "falsified"), "test_n": ("new", None),
-                      "test_a[tiny-a]": ("same", "falsified (recorded)")}
+    status = {
+        c["id"].rsplit("::", 1)[1]: (c["compare"]["status"], c["compare"]["previous"]) for c in annotated
+    }
+    assert status == {
+        "test_b": ("changed verdict", "falsified"),
+        "test_n": ("new", None),
+        "test_a[tiny-a]": ("same", "falsified (recorded)"),
+    }
     assert summary["removed"] == [{"id": "experiments/test_x.py::test_minimal", "verdict": "error"}]
     assert summary["counts"] == {"new": 1, "same": 1, "changed verdict": 1, "removed": 1}
     paths = write_reports(new, {}, tmp_path / "new", compare=old)
@@ -88,12 +109,33 @@ def test_compare_claims_statuses(tmp_path) -> None:
 
 
 def test_plain_coercion() -> None:
-    value = {"f": np.float32(1.5), "i": np.int64(3), "b": np.bool_(False), "t": torch.tensor(2.5),
-             "ti": torch.tensor([1, 2]), "bf": torch.tensor(1.0, dtype=torch.bfloat16),
-             "a": np.array([[1, 2]]), "tup": (1, "x"), "s": {3, 1}, "n": None, 4: "key"}
+    value = {
+        "f": np.float32(1.5),
+        "i": np.int64(3),
+        "b": np.bool_(False),
+        "t": torch.tensor(2.5),
+        "ti": torch.tensor([1, 2]),
+        "bf": torch.tensor(1.0, dtype=torch.bfloat16),
+        "a": np.array([[1, 2]]),
+        "tup": (1, "x"),
+        "s": {3, 1},
+        "n": None,
+        4: "key",
+    }
     out = plain(value)
-    assert out == {"f": 1.5, "i": 3, "b": False, "t": 2.5, "ti": [1, 2], "bf": 1.0, "a": [[1, 2]],
-                   "tup": [1, "x"], "s": [1, 3], "n": None, "4": "key"}
+    assert out == {
+        "f": 1.5,
+        "i": 3,
+        "b": False,
+        "t": 2.5,
+        "ti": [1, 2],
+        "bf": 1.0,
+        "a": [[1, 2]],
+        "tup": [1, "x"],
+        "s": [1, 3],
+        "n": None,
+        "4": "key",
+    }
     assert type(out["f"]) is float and type(out["i"]) is int and type(out["b"]) is bool
     assert type(plain(np.float64(2.0))) is float
 
@@ -119,19 +161,31 @@ def test_helpers() -> None:
 
 
 def test_recorded_outcomes_file(tmp_path) -> None:
+    from esa.claims.report import load_recorded, record_outcome
     from esa.errors import ConfigError
-    from esa.report import load_recorded, record_outcome
 
     assert load_recorded(tmp_path / "missing.json") == {}
-    path = record_outcome(tmp_path, "tiny-a", "experiments/t.py::test_x[tiny-a]", {"ratio": math.nan},
-                          note="first", day="2025-01-01")
+    path = record_outcome(
+        tmp_path,
+        "tiny-a",
+        "experiments/t.py::test_x[tiny-a]",
+        {"ratio": math.nan},
+        note="first",
+        day="2025-01-01",
+    )
     record_outcome(tmp_path, "tiny-a", "experiments/t.py::test_x[tiny-a]", {"ratio": 0.5}, day="2025-02-01")
     record_outcome(tmp_path, "tiny-a", "experiments/t.py::test_a[tiny-a]", {"ratio": np.float32(2)})
     entries = json.loads(path.read_text())
-    assert [e["claim_id"] for e in entries] == ["experiments/t.py::test_a[tiny-a]",
-                                                "experiments/t.py::test_x[tiny-a]"]
-    assert entries[1] == {"claim_id": "experiments/t.py::test_x[tiny-a]", "measured": {"ratio": 0.5},
-                          "date": "2025-02-01", "note": ""}
+    assert [e["claim_id"] for e in entries] == [
+        "experiments/t.py::test_a[tiny-a]",
+        "experiments/t.py::test_x[tiny-a]",
+    ]
+    assert entries[1] == {
+        "claim_id": "experiments/t.py::test_x[tiny-a]",
+        "measured": {"ratio": 0.5},
+        "date": "2025-02-01",
+        "note": "",
+    }
     (tmp_path / "bad.json").write_text('{"not": "a list"}')
     with pytest.raises(ConfigError, match="expected a JSON list"):
         load_recorded(tmp_path / "bad.json")

@@ -1,4 +1,4 @@
-"""Tests for esa.scaling: power-law fitting, exact order statistics, plots and the measures."""
+"""Tests for esa.analyses.scaling: power-law fitting, exact order statistics, plots and the measures."""
 
 from __future__ import annotations
 
@@ -11,15 +11,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from matplotlib.figure import Figure
 
-from esa import scaling
+from esa.analyses import scaling
 from esa.errors import ConfigError
 
 SETTINGS = settings(max_examples=40, deadline=None)
 
 
 @SETTINGS
-@given(alpha=st.floats(-2.0, 2.0), log_c=st.floats(-5.0, 5.0), sigma=st.floats(0.0, 0.1),
-       seed=st.integers(0, 2**32 - 1))
+@given(
+    alpha=st.floats(-2.0, 2.0),
+    log_c=st.floats(-5.0, 5.0),
+    sigma=st.floats(0.0, 0.1),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_fit_scaling_recovers_exponent(alpha, log_c, sigma, seed):
     x = np.geomspace(1e4, 1e7, 8)
     noise = np.random.default_rng(seed).uniform(-sigma, sigma, x.size)  # bounded, in log space
@@ -57,8 +61,15 @@ def test_loo_errors_detect_an_outlier():
     assert fit["loo_max_abs"] > 0.5
 
 
-@pytest.mark.parametrize("pts", [[(1, 1), (2, 2)], [(1, 1), (2, 0), (3, 3)],
-                                 [(1, 1), (2, float("inf")), (3, 3)], [(5, 1), (5, 2), (5, 3)]])
+@pytest.mark.parametrize(
+    "pts",
+    [
+        [(1, 1), (2, 2)],
+        [(1, 1), (2, 0), (3, 3)],
+        [(1, 1), (2, float("inf")), (3, 3)],
+        [(5, 1), (5, 2), (5, 3)],
+    ],
+)
 def test_fit_scaling_rejects_bad_points(pts):
     with pytest.raises(ConfigError):
         scaling.fit_scaling(pts, n_boot=0)
@@ -75,8 +86,9 @@ def test_plot_scaling_returns_loglog_figure():
 
 
 @settings(max_examples=30, deadline=None)
-@given(sizes=st.lists(st.integers(1, 60), min_size=1, max_size=4), seed=st.integers(0, 1000),
-       ties=st.booleans())
+@given(
+    sizes=st.lists(st.integers(1, 60), min_size=1, max_size=4), seed=st.integers(0, 1000), ties=st.booleans()
+)
 def test_order_statistics_match_numpy(sizes, seed, ties):
     gen = torch.Generator().manual_seed(seed)
     scores = {}
@@ -114,9 +126,9 @@ def test_unknown_measure_is_rejected():
 @pytest.fixture(scope="module")
 def smallest():
     from esa.data import prepare_data
-    from esa.family import family_names
-    from esa.metrics import compute_scores
+    from esa.metrics.registry import compute_scores
     from esa.models import load_model
+    from esa.models.family import family_names
 
     names = family_names()
     if not names:

@@ -1,4 +1,4 @@
-"""Tests for esa.tokenizer: the offline byte-level BPE used by the tiny-* models."""
+"""Tests for esa.models.tokenizer: the offline byte-level BPE used by the tiny-* models."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from esa.tokenizer import BUILTIN_VOCAB_SIZE, builtin_corpus, builtin_tokenizer
+from esa.models.tokenizer import BUILTIN_VOCAB_SIZE, builtin_corpus, builtin_tokenizer
 
 SAMPLE = builtin_corpus()[:4000]
 
@@ -26,11 +26,11 @@ def test_vocab_is_1024(tok):
     assert tok.vocab_size == 1024
     assert sorted(tok.get_vocab().values()) == list(range(1024))
     ids = _ids(tok, builtin_corpus()[:50_000])
-    assert 0 <= min(ids) and max(ids) < 1024
+    assert min(ids) >= 0 and max(ids) < 1024
 
 
 def test_special_tokens_match_tiny_configs(tok):
-    from esa._tiny import _COMMON
+    from esa.models.tiny import _COMMON
 
     assert tok.eos_token_id == _COMMON["eos_token_id"] == 0
     assert tok.bos_token_id == _COMMON["bos_token_id"] == 0

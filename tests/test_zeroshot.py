@@ -1,4 +1,4 @@
-"""Tests for esa.zeroshot: schema validation, hub mapping, log-likelihood scoring, accuracy."""
+"""Tests for esa.analyses.zeroshot: schema validation, hub mapping, log-likelihood scoring, accuracy."""
 
 from __future__ import annotations
 
@@ -9,10 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import esa.zeroshot as zs
-from esa.errors import DataError
-from esa.models import load_model
-from esa.zeroshot import (
+import esa.analyses.zeroshot as zs
+from esa.analyses.zeroshot import (
     TASKS,
     encode_pair,
     evaluate_task,
@@ -21,6 +19,8 @@ from esa.zeroshot import (
     score_choices,
     score_requests,
 )
+from esa.errors import DataError
+from esa.models import load_model
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "zeroshot"
 
@@ -37,7 +37,7 @@ def smollm2():
 
 def _write(tmp_path, lines, name="task.jsonl"):
     path = tmp_path / name
-    path.write_text("\n".join(l if isinstance(l, str) else json.dumps(l) for l in lines) + "\n")
+    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n")
     return path
 
 
@@ -55,18 +55,21 @@ def test_fixtures_follow_the_schema():
     assert len(load_task(FIXTURES / "sample_piqa.jsonl", limit=3)) == 3
 
 
-@pytest.mark.parametrize("bad, message", [
-    ("{not json", "invalid JSON"),
-    ('["a list"]', "JSON object"),
-    ({"id": "b", "context": "c", "choices": ["x", "y"]}, "missing key"),
-    ({**GOOD, "id": "b", "label": 2}, "'label' must be an integer in 0..1"),
-    ({**GOOD, "id": "b", "label": True}, "'label'"),
-    ({**GOOD, "id": "b", "choices": ["only one"]}, "at least 2"),
-    ({**GOOD, "id": "b", "choices": ["x", ""]}, "choice 1"),
-    ({**GOOD, "id": "b", "context": 3}, "'context'"),
-    ({**GOOD, "id": 1.5}, "'id'"),
-    (GOOD, "duplicate id"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("{not json", "invalid JSON"),
+        ('["a list"]', "JSON object"),
+        ({"id": "b", "context": "c", "choices": ["x", "y"]}, "missing key"),
+        ({**GOOD, "id": "b", "label": 2}, "'label' must be an integer in 0..1"),
+        ({**GOOD, "id": "b", "label": True}, "'label'"),
+        ({**GOOD, "id": "b", "choices": ["only one"]}, "at least 2"),
+        ({**GOOD, "id": "b", "choices": ["x", ""]}, "choice 1"),
+        ({**GOOD, "id": "b", "context": 3}, "'context'"),
+        ({**GOOD, "id": 1.5}, "'id'"),
+        (GOOD, "duplicate id"),
+    ],
+)
 def test_schema_errors_name_the_bad_line(tmp_path, bad, message):
     path = _write(tmp_path, [GOOD, "", bad])  # the bad object is on line 3 (line 2 is blank)
     with pytest.raises(DataError, match=message) as err:
@@ -93,17 +96,35 @@ def test_hub_failure_becomes_data_error(monkeypatch):
 def test_hub_fields_map_to_the_schema(monkeypatch):
     datasets = pytest.importorskip("datasets")
     docs = {
-        "Rowan/hellaswag": [{"ind": 7, "activity_label": "Baking", "ctx_a": "She mixes flour.",
-                             "ctx_b": "she", "endings": ["bakes [title] it.", "sings"], "label": "0"}],
+        "Rowan/hellaswag": [
+            {
+                "ind": 7,
+                "activity_label": "Baking",
+                "ctx_a": "She mixes flour.",
+                "ctx_b": "she",
+                "endings": ["bakes [title] it.", "sings"],
+                "label": "0",
+            }
+        ],
         "baber/piqa": [{"goal": "Open a jar", "sol1": "twist", "sol2": "shout", "label": 0}],
         "super_glue": [{"idx": 3, "passage": "Sky is blue.", "question": "is the sky blue", "label": 1}],
-        "allenai/ai2_arc": [{"id": "q1", "question": "Which is hot?", "answerKey": "B",
-                             "choices": {"text": ["ice", "fire"], "label": ["A", "B"]}}],
+        "allenai/ai2_arc": [
+            {
+                "id": "q1",
+                "question": "Which is hot?",
+                "answerKey": "B",
+                "choices": {"text": ["ice", "fire"], "label": ["A", "B"]},
+            }
+        ],
     }
     monkeypatch.setattr(datasets, "load_dataset", lambda path, config=None, split=None: docs[path])
     hs = load_task("hellaswag")[0]
-    assert hs == {"id": 7, "context": "Baking: She mixes flour. She", "choices": ["bakes. it.", "sings"],
-                  "label": 0}
+    assert hs == {
+        "id": 7,
+        "context": "Baking: She mixes flour. She",
+        "choices": ["bakes. it.", "sings"],
+        "label": 0,
+    }
     assert load_task("piqa")[0]["context"] == "Question: Open a jar\nAnswer:"
     bq = load_task("boolq")[0]
     assert bq["context"] == "Sky is blue.\nQuestion: is the sky blue?\nAnswer:"
@@ -169,8 +190,10 @@ def test_smollm2_pattern_task_accuracy_is_high(smollm2):
 
 
 def test_accuracy_and_acc_norm_arithmetic(monkeypatch, tiny):
-    examples = [{"id": 0, "context": "c", "choices": ["aa", "b"], "label": 0},
-                {"id": 1, "context": "c", "choices": ["xyz", "w"], "label": 1}]
+    examples = [
+        {"id": 0, "context": "c", "choices": ["aa", "b"], "label": 0},
+        {"id": 1, "context": "c", "choices": ["xyz", "w"], "label": 1},
+    ]
     fake = [[-2.0, -1.5], [-3.0, -3.5]]  # acc: preds 1, 0 -> 0/2; acc_norm: -1 vs -1.5 -> 0, -1 vs -3.5 -> 0
     monkeypatch.setattr(zs, "score_requests", lambda *a, **k: fake)
     out = evaluate_task(tiny, examples, progress=False)

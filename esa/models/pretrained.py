@@ -8,11 +8,13 @@ from pathlib import Path
 import torch
 
 from esa.errors import ModelError
-from esa.models import LoadedModel, from_module
+from esa.models.loaded import LoadedModel, from_module
+from esa.util.files import file_sha256
 
 
-def load_pretrained(name: str, target: str, dtype: torch.dtype, device: torch.device,
-                    device_map: str | None = None) -> LoadedModel:
+def load_pretrained(
+    name: str, target: str, dtype: torch.dtype, device: torch.device, device_map: str | None = None
+) -> LoadedModel:
     """Load ``target`` (a .gguf file, a local HF directory or a hub id) with transformers."""
     path = Path(target).expanduser()
     if target.endswith(".gguf"):
@@ -21,8 +23,12 @@ def load_pretrained(name: str, target: str, dtype: torch.dtype, device: torch.de
         return load_gguf(name, path, dtype, device)
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelError(f"{target!r} has no config.json: point --model at a Hugging Face model directory")
-        return _from_pretrained(name, str(path), dtype, device, device_map, "local", {"path": str(path.resolve())})
+            raise ModelError(
+                f"{target!r} has no config.json: point --model at a Hugging Face model directory"
+            )
+        return _from_pretrained(
+            name, str(path), dtype, device, device_map, "local", {"path": str(path.resolve())}
+        )
     if "/" not in target or path.exists():
         raise ModelError(
             f"unknown model {name!r}: run `esa models` for the registry, or pass a local Hugging Face "
@@ -53,8 +59,7 @@ def load_gguf(name: str, path: Path, dtype: torch.dtype, device: torch.device) -
     """Load a GGUF file with transformers' gguf support (dequantized to float)."""
     if importlib.util.find_spec("gguf") is None:
         raise ModelError("loading a .gguf file needs the gguf package: pip install 'gguf>=0.10'")
-    from esa.data import sha256_file
-
-    identity = {"gguf": path.name, "gguf_sha256": sha256_file(path)}
-    return _from_pretrained(name, str(path.parent), dtype, device, None, "gguf", identity,
-                            gguf_file=path.name)
+    identity = {"gguf": path.name, "gguf_sha256": file_sha256(path)}
+    return _from_pretrained(
+        name, str(path.parent), dtype, device, None, "gguf", identity, gguf_file=path.name
+    )

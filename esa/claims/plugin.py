@@ -1,7 +1,7 @@
 """pytest plugin for esa claims: options, markers, the `claim` fixture and one report per session.
 
 Loaded through the ``pytest11`` entry point ``esa``; with PYTEST_DISABLE_PLUGIN_AUTOLOAD use
-``-p esa`` (never ``-p esa.plugin`` or ``pytest_plugins = ["esa.plugin"]``: next to the entry point
+``-p esa`` (never ``-p esa.claims.plugin`` or ``pytest_plugins = ["esa.claims.plugin"]``: next to the entry point
 that registers the module twice and pytest refuses).
 
 A claim is a test that requests the ``claim`` fixture; its verdict is the test outcome: pass =
@@ -31,23 +31,52 @@ from pathlib import Path
 
 import pytest
 
+from esa.claims.report import (
+    CHANGED,
+    ERROR,
+    FALSIFIED,
+    HOLDS,
+    RECORDED,
+    SKIPPED,
+    count_verdicts,
+    fmt,
+    key_measure,
+    load_recorded,
+    phase_of,
+    record_outcome,
+)
+from esa.claims.tiers import TIERS, Tier, get_tier
 from esa.errors import EsaError
-from esa.report import (CHANGED, ERROR, FALSIFIED, HOLDS, RECORDED, SKIPPED, count_verdicts,
-                        decode, dumps, file_sha256, fmt, key_measure, load_recorded, phase_of, plain,
-                        record_outcome)
-from esa.tiers import TIERS, Tier, get_tier
+from esa.util.files import file_sha256
+from esa.util.serialize import decode, dumps, plain
 
-__all__ = ["Claim", "ClaimsSession", "EsaOptions", "HEADER_KEY", "OPTIONS_KEY", "item_models",
-           "load_recorded", "record_outcome"]
+__all__ = [
+    "HEADER_KEY",
+    "OPTIONS_KEY",
+    "Claim",
+    "ClaimsSession",
+    "EsaOptions",
+    "item_models",
+    "load_recorded",
+    "record_outcome",
+]
 PROPERTY = "esa_claim"  # user_properties name carrying one JSON claim record
-MARKERS = {**{f"phase{i}": f"claims of phase {i} of the esa runbook" for i in range(1, 6)},
-           "smoke": "cheap claims that run at the smoke tier",
-           "gpu": "needs CUDA; skipped when torch.cuda.is_available() is False",
-           "slow": "minutes or more even at the smoke tier",
-           "claim": "added to every test that states a claim (uses the claim fixture)"}
+MARKERS = {
+    **{f"phase{i}": f"claims of phase {i} of the esa runbook" for i in range(1, 6)},
+    "smoke": "cheap claims that run at the smoke tier",
+    "gpu": "needs CUDA; skipped when torch.cuda.is_available() is False",
+    "slow": "minutes or more even at the smoke tier",
+    "claim": "added to every test that states a claim (uses the claim fixture)",
+}
 _SKIP_MARKERS = {"parametrize", "usefixtures", "filterwarnings", "xfail", "skip", "skipif", "xdist_group"}
-_OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
-        "==": operator.eq, "!=": operator.ne}
+_OPS = {
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
+    "==": operator.eq,
+    "!=": operator.ne,
+}
 
 
 @dataclass(frozen=True)
@@ -152,8 +181,14 @@ class Claim:
         if report.failed and when != "call":
             verdict, outcome = ERROR, "error"
         elif report.failed:  # no exception: strict XPASS; only a failed check/assert falsifies
-            verdict, outcome = (CHANGED, "xpassed") if exc is None else (
-                FALSIFIED if exc.errisinstance((AssertionError, pytest.fail.Exception)) else ERROR, "failed")
+            verdict, outcome = (
+                (CHANGED, "xpassed")
+                if exc is None
+                else (
+                    FALSIFIED if exc.errisinstance((AssertionError, pytest.fail.Exception)) else ERROR,
+                    "failed",
+                )
+            )
         elif report.skipped:
             verdict = RECORDED if xf and when == "call" else SKIPPED
             outcome = "xfailed" if verdict == RECORDED else "skipped"
@@ -173,13 +208,26 @@ class Claim:
         if verdict is None:
             verdict, outcome, msg = ERROR, "error", "test did not run"
         markers = list(dict.fromkeys(m.name for m in item.iter_markers() if m.name not in _SKIP_MARKERS))
-        return plain({
-            "id": claim_id(item), "name": item.name, "phase": phase_of(markers), "markers": markers,
-            "statement": self.statement, "threshold": self.threshold, "key": self.key,
-            "measured": self.measured, "context": self.ctx, "checks": self.checks,
-            "figures": self.figures, "recorded": item.stash.get(_RECORDED_KEY, None),
-            "verdict": verdict, "outcome": outcome, "message": msg,
-            "duration": round(sum(p[3] for p in ph.values()), 4)})
+        return plain(
+            {
+                "id": claim_id(item),
+                "name": item.name,
+                "phase": phase_of(markers),
+                "markers": markers,
+                "statement": self.statement,
+                "threshold": self.threshold,
+                "key": self.key,
+                "measured": self.measured,
+                "context": self.ctx,
+                "checks": self.checks,
+                "figures": self.figures,
+                "recorded": item.stash.get(_RECORDED_KEY, None),
+                "verdict": verdict,
+                "outcome": outcome,
+                "message": msg,
+                "duration": round(sum(p[3] for p in ph.values()), 4),
+            }
+        )
 
 
 def _claim_for(item: pytest.Item) -> Claim:
@@ -204,7 +252,7 @@ def esa_options(pytestconfig: pytest.Config) -> EsaOptions:
 @pytest.fixture(scope="session")
 def esa_bench(pytestconfig: pytest.Config):
     """The session's :class:`esa.workbench.Workbench`: models loaded once, measurements memoized."""
-    from esa.workbench import Workbench
+    from esa.claims.workbench import Workbench
 
     o = pytestconfig.stash[OPTIONS_KEY]
     device = None if o.device == "auto" else o.device
@@ -218,6 +266,7 @@ def esa_header(pytestconfig: pytest.Config) -> dict:
 
 
 # -- recorded outcomes -------------------------------------------------------------------------
+
 
 def _same_setup(entry: dict, options: EsaOptions, cache: dict) -> bool:
     """A recorded outcome applies only at the tier and on the data it was measured with."""
@@ -300,17 +349,24 @@ def _resolve_options(config: pytest.Config) -> EsaOptions:
         default = (root.parent / "shared/data/wikitext-2-raw/wiki.test.raw").resolve()
         data = default if not data_raw and default.is_file() else None
     rep_opt = opt("esa_report")
-    report = None if opt("esa_no_report") else (
-        _path(rep_opt, cwd) if rep_opt else _path(ini("esa_report") or "reports", root))
+    report = (
+        None
+        if opt("esa_no_report")
+        else (_path(rep_opt, cwd) if rep_opt else _path(ini("esa_report") or "reports", root))
+    )
     compare = _path(opt("esa_compare"), cwd) if opt("esa_compare") else None
     if compare is not None and not compare.is_file():
         raise pytest.UsageError(f"--esa-compare {opt('esa_compare')}: no such file")
     return EsaOptions(
         models=tuple(opt("esa_models") or ini("esa_models") or ["smollm2-135m"]),
         metrics=tuple(opt("esa_metrics") or ini("esa_metrics") or ["grad_x_weight"]),
-        tier=tier, device=opt("esa_device") or ini("esa_device") or "auto", data=data,
-        report_dir=report, compare=compare,
-        recorded_dir=_path(ini("esa_recorded") or "experiments/recorded", root))
+        tier=tier,
+        device=opt("esa_device") or ini("esa_device") or "auto",
+        data=data,
+        report_dir=report,
+        compare=compare,
+        recorded_dir=_path(ini("esa_recorded") or "experiments/recorded", root),
+    )
 
 
 def _is_controller(config: pytest.Config) -> bool:
@@ -340,8 +396,10 @@ def _share_cpu_threads(config: pytest.Config) -> None:
 
 def pytest_report_header(config: pytest.Config) -> str:
     o = config.stash[OPTIONS_KEY]
-    return (f"esa: models={','.join(o.models)} metrics={','.join(o.metrics)} tier={o.tier.name} "
-            f"device={o.device} data={o.data or 'built-in corpus'}")
+    return (
+        f"esa: models={','.join(o.models)} metrics={','.join(o.metrics)} tier={o.tier.name} "
+        f"device={o.device} data={o.data or 'built-in corpus'}"
+    )
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselection, so `-m "not claim"` sees the marker
@@ -373,13 +431,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 entry = None  # recorded at another tier or on other data: verdicts may differ
             if entry is not None:
                 item.stash[_RECORDED_KEY] = {"model": model, **entry}
-                reason = f"recorded: falsified on {model} ({entry.get('date', '?')}): " \
-                         f"{fmt(entry.get('measured'))}"
+                reason = (
+                    f"recorded: falsified on {model} ({entry.get('date', '?')}): {fmt(entry.get('measured'))}"
+                )
                 item.add_marker(pytest.mark.xfail(strict=True, reason=reason))
                 break
 
 
 # -- reporting hooks ---------------------------------------------------------------------------
+
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
@@ -400,8 +460,12 @@ def pytest_make_collect_report(collector: pytest.Collector):
     """Collection errors raised as EsaError (e.g. an unknown model) show as one line."""
     report = yield
     call = getattr(report, "call", None)
-    if report.failed and call is not None and call.excinfo is not None \
-            and call.excinfo.errisinstance(EsaError):
+    if (
+        report.failed
+        and call is not None
+        and call.excinfo is not None
+        and call.excinfo.errisinstance(EsaError)
+    ):
         report.longrepr = f"{call.excinfo.typename}: {call.excinfo.value}"
     return report
 
@@ -413,8 +477,14 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         config.workeroutput["esa_header"] = dumps(config.stash[HEADER_KEY])
 
 
-_MARKUP = {HOLDS: {"green": True}, FALSIFIED: {"red": True, "bold": True}, RECORDED: {"yellow": True},
-           CHANGED: {"purple": True, "bold": True}, ERROR: {"red": True}, SKIPPED: {}}
+_MARKUP = {
+    HOLDS: {"green": True},
+    FALSIFIED: {"red": True, "bold": True},
+    RECORDED: {"yellow": True},
+    CHANGED: {"purple": True, "bold": True},
+    ERROR: {"red": True},
+    SKIPPED: {},
+}
 
 
 class ClaimsSession:
@@ -448,16 +518,23 @@ class ClaimsSession:
 
     def header(self, exitstatus) -> dict:
         """Run header: options, data hash, versions, host, git commit, timings + fixture entries."""
-        from esa.report import file_sha256, run_environment
+        from esa.util.files import file_sha256
+        from esa.util.runtime import run_environment
 
         o = self.options
-        head = {"models": list(o.models), "metrics": list(o.metrics), "tier": o.tier.to_dict(),
-                "device": o.device, "data": str(o.data) if o.data else "built-in corpus",
-                "data_sha256": file_sha256(o.data) if o.data else None,
-                **run_environment(self.config.rootpath),
-                "args": " ".join(self.config.invocation_params.args),
-                "started": datetime.fromtimestamp(self.start, timezone.utc).isoformat(timespec="seconds"),
-                "duration_s": round(time.time() - self.start, 2), "exit_status": int(exitstatus)}
+        head = {
+            "models": list(o.models),
+            "metrics": list(o.metrics),
+            "tier": o.tier.to_dict(),
+            "device": o.device,
+            "data": str(o.data) if o.data else "built-in corpus",
+            "data_sha256": file_sha256(o.data) if o.data else None,
+            **run_environment(self.config.rootpath),
+            "args": " ".join(self.config.invocation_params.args),
+            "started": datetime.fromtimestamp(self.start, timezone.utc).isoformat(timespec="seconds"),
+            "duration_s": round(time.time() - self.start, 2),
+            "exit_status": int(exitstatus),
+        }
         return plain({**head, **self.worker_header, **self.config.stash[HEADER_KEY]})
 
     @pytest.hookimpl(trylast=True)
@@ -465,7 +542,7 @@ class ClaimsSession:
         """Write claims.json/.md/.html once, when there are claims and reports are on."""
         if not self.claims or self.options.report_dir is None:
             return
-        from esa.report import compare_claims, write_reports
+        from esa.claims.report import compare_claims, write_reports
 
         claims = sorted(self.claims.values(), key=lambda c: c["id"])
         header = self.header(exitstatus)

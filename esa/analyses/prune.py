@@ -1,6 +1,6 @@
 """Unstructured pruning guided by a sensitivity metric (Wanda / magnitude-pruning protocol).
 
-Scores follow ``esa.metrics``: a higher score means a more important weight, so pruning removes
+Scores follow ``esa.metrics.registry``: a higher score means a more important weight, so pruning removes
 the LOWEST-scoring fraction of each comparison group and keeps the rest.
 
 Comparison groups (``granularity``):
@@ -38,15 +38,24 @@ import torch
 from tqdm.auto import tqdm
 
 from esa.errors import ConfigError, RestoreError
-from esa.perturb import bits_view
+from esa.util.bits import bits_view
 
 log = logging.getLogger("esa")
 
 GRANULARITIES = ("row", "layer")
 DEFAULT_METRICS = ("magnitude", "act_mag", "grad_x_weight", "grad_squared", "hutchinson_diag")
 BASELINE_METRICS = ("magnitude", "act_mag")
-COLUMNS = ["metric", "granularity", "sparsity", "ppl", "dense_ppl", "ratio",
-           "n_pruned", "n_weights", "achieved_sparsity"]
+COLUMNS = [
+    "metric",
+    "granularity",
+    "sparsity",
+    "ppl",
+    "dense_ppl",
+    "ratio",
+    "n_pruned",
+    "n_weights",
+    "achieved_sparsity",
+]
 
 
 def n_pruned(sparsity: float, group_size: int) -> int:
@@ -58,8 +67,9 @@ def n_pruned(sparsity: float, group_size: int) -> int:
     return math.floor(round(float(sparsity) * int(group_size), 6))
 
 
-def prune_masks(scores: Mapping[str, torch.Tensor], sparsity: float,
-                granularity: str = "row") -> dict[str, torch.Tensor]:
+def prune_masks(
+    scores: Mapping[str, torch.Tensor], sparsity: float, granularity: str = "row"
+) -> dict[str, torch.Tensor]:
     """Keep-masks (True = keep) pruning the lowest-scoring ``sparsity`` fraction of each group.
 
     ``scores`` is name -> score tensor (``esa.metrics.compute_scores`` output); each mask has the
@@ -127,8 +137,6 @@ class PruneInfo:
     verified: bool = False
 
 
-
-
 @contextlib.contextmanager
 def pruned(model, masks: Mapping[str, torch.Tensor]) -> Iterator[PruneInfo]:
     """Zero the entries whose mask is False, in place; restore them bit-exactly on exit.
@@ -149,8 +157,10 @@ def pruned(model, masks: Mapping[str, torch.Tensor]) -> Iterator[PruneInfo]:
         if mask.dtype != torch.bool:
             raise ConfigError(f"mask for {name!r} must be a bool tensor (True = keep), not {mask.dtype}")
         if tuple(mask.shape) != tuple(param.shape):
-            raise ConfigError(f"mask for {name!r} has shape {tuple(mask.shape)}, the parameter "
-                              f"{tuple(param.shape)}; rebuild masks from this model's scores")
+            raise ConfigError(
+                f"mask for {name!r} has shape {tuple(mask.shape)}, the parameter "
+                f"{tuple(param.shape)}; rebuild masks from this model's scores"
+            )
         if not param.dtype.is_floating_point:
             raise ConfigError(f"parameter {name!r} has dtype {param.dtype}; only float weights")
         plan.append((name, param, mask.to(param.device)))
@@ -158,7 +168,7 @@ def pruned(model, masks: Mapping[str, torch.Tensor]) -> Iterator[PruneInfo]:
     info = None
     try:
         with torch.no_grad():
-            for name, param, keep in plan:  # snapshot everything before changing anything
+            for name, param, _keep in plan:  # snapshot everything before changing anything
                 saved.append((name, param, param.data.clone()))
             n_cut = 0
             for _, param, keep in plan:
@@ -173,10 +183,11 @@ def pruned(model, masks: Mapping[str, torch.Tensor]) -> Iterator[PruneInfo]:
                 param.data.copy_(original)
             for name, param, original in saved:
                 if not torch.equal(bits_view(param.data), bits_view(original)):
-                    raise RestoreError(f"restore of {name!r} was not bit-exact; this is an esa bug, report it")
+                    raise RestoreError(
+                        f"restore of {name!r} was not bit-exact; this is an esa bug, report it"
+                    )
         if info is not None:
             info.verified = True
-
 
 
 def _methods(metrics, granularity, methods) -> list[tuple[str, str]]:
@@ -194,13 +205,23 @@ def _methods(metrics, granularity, methods) -> list[tuple[str, str]]:
     return list(dict.fromkeys(pairs))
 
 
-def pruning_table(lm, data, metrics: Sequence[str] = DEFAULT_METRICS,
-                  sparsities: Sequence[float] = (0.1, 0.2, 0.3, 0.5),
-                  granularity: str | Sequence[str] = ("row", "layer"), seed: int = 0, *,
-                  methods: Sequence[tuple[str, str]] | None = None, n_calib: int = 8,
-                  batch_size: int = 4, eval_batch_size: int = 8, hutchinson_samples: int = 8,
-                  names: Sequence[str] | None = None, scores: Mapping[str, Mapping] | None = None,
-                  progress: bool = True) -> pd.DataFrame:
+def pruning_table(
+    lm,
+    data,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    sparsities: Sequence[float] = (0.1, 0.2, 0.3, 0.5),
+    granularity: str | Sequence[str] = ("row", "layer"),
+    seed: int = 0,
+    *,
+    methods: Sequence[tuple[str, str]] | None = None,
+    n_calib: int = 8,
+    batch_size: int = 4,
+    eval_batch_size: int = 8,
+    hutchinson_samples: int = 8,
+    names: Sequence[str] | None = None,
+    scores: Mapping[str, Mapping] | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
     """Perplexity after pruning by each (metric, granularity) at each sparsity.
 
     ``data`` is an ``esa.data.DataBundle`` (evaluation = ``data.eval_ids``, calibration =
@@ -216,7 +237,7 @@ def pruning_table(lm, data, metrics: Sequence[str] = DEFAULT_METRICS,
     perplexities stay ``inf``/``nan``. ``df.attrs`` records the protocol.
     """
     from esa.evaluate import evaluate
-    from esa.metrics import compute_scores
+    from esa.metrics.registry import compute_scores
 
     pairs = _methods(metrics, granularity, methods)
     sparsities = [_check_sparsity(s) for s in sparsities]
@@ -234,10 +255,16 @@ def pruning_table(lm, data, metrics: Sequence[str] = DEFAULT_METRICS,
             if scores is not None and metric in scores:
                 metric_scores = dict(scores[metric])
             else:
-                metric_scores = compute_scores(lm, metric, calib, seed=seed, batch_size=batch_size,
-                                               hutchinson_samples=hutchinson_samples,
-                                               names=None if names is None else list(names),
-                                               progress=progress)
+                metric_scores = compute_scores(
+                    lm,
+                    metric,
+                    calib,
+                    seed=seed,
+                    batch_size=batch_size,
+                    hutchinson_samples=hutchinson_samples,
+                    names=None if names is None else list(names),
+                    progress=progress,
+                )
             n_weights = sum(int(s.numel()) for s in metric_scores.values())
             for g in grans:
                 for s in sparsities:
@@ -247,19 +274,36 @@ def pruning_table(lm, data, metrics: Sequence[str] = DEFAULT_METRICS,
                         ppl = evaluate(lm.model, windows, batch_size=eval_batch_size, progress=False).ppl
                     del masks
                     log.info("esa: prune %s/%s at %.2f: ppl %.4g (dense %.4g)", metric, g, s, ppl, dense)
-                    rows.append({"metric": metric, "granularity": g, "sparsity": s, "ppl": ppl,
-                                 "dense_ppl": dense, "ratio": ppl / dense, "n_pruned": n_cut,
-                                 "n_weights": n_weights,
-                                 "achieved_sparsity": n_cut / n_weights if n_weights else math.nan})
+                    rows.append(
+                        {
+                            "metric": metric,
+                            "granularity": g,
+                            "sparsity": s,
+                            "ppl": ppl,
+                            "dense_ppl": dense,
+                            "ratio": ppl / dense,
+                            "n_pruned": n_cut,
+                            "n_weights": n_weights,
+                            "achieved_sparsity": n_cut / n_weights if n_weights else math.nan,
+                        }
+                    )
                     bar.update(1)
             del metric_scores
     finally:
         bar.close()
     table = pd.DataFrame(rows, columns=COLUMNS)
-    table.attrs.update({"model": lm.name, "seed": int(seed), "n_calib": int(calib.shape[0]),
-                        "eval_windows": int(windows.shape[0]), "window_length": int(windows.shape[1]),
-                        "hutchinson_samples": int(hutchinson_samples), "batch_size": int(batch_size),
-                        "dense_ppl": dense})
+    table.attrs.update(
+        {
+            "model": lm.name,
+            "seed": int(seed),
+            "n_calib": int(calib.shape[0]),
+            "eval_windows": int(windows.shape[0]),
+            "window_length": int(windows.shape[1]),
+            "hutchinson_samples": int(hutchinson_samples),
+            "batch_size": int(batch_size),
+            "dense_ppl": dense,
+        }
+    )
     return table
 
 
@@ -296,16 +340,24 @@ def compare_at(table: pd.DataFrame, sparsity: float = 0.5) -> dict:
     """
     at = table[(table["sparsity"] - float(sparsity)).abs() < 1e-9]
     if at.empty:
-        raise ConfigError(f"no rows at sparsity {sparsity} in the table; measured: "
-                          f"{sorted(set(table['sparsity'].tolist()))}")
+        raise ConfigError(
+            f"no rows at sparsity {sparsity} in the table; measured: "
+            f"{sorted(set(table['sparsity'].tolist()))}"
+        )
     mags = at[at["metric"] == "magnitude"]
     mag = _row(mags[mags["granularity"] == "layer"]) or _row(mags)
     acts = at[at["metric"] == "act_mag"]
     wanda = _row(acts[acts["granularity"] == "row"])
     best = _row(at[~at["metric"].isin(BASELINE_METRICS)])
-    out = {"sparsity": float(sparsity), "dense_ppl": float(at["dense_ppl"].iloc[0]),
-           "best": best, "magnitude": mag, "wanda": wanda,
-           "improvement_vs_magnitude": None, "improvement_vs_wanda": None}
+    out = {
+        "sparsity": float(sparsity),
+        "dense_ppl": float(at["dense_ppl"].iloc[0]),
+        "best": best,
+        "magnitude": mag,
+        "wanda": wanda,
+        "improvement_vs_magnitude": None,
+        "improvement_vs_wanda": None,
+    }
     if best is not None and mag is not None:
         out["improvement_vs_magnitude"] = _improvement(mag["ppl"], best["ppl"])
     if best is not None and wanda is not None:

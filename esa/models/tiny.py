@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import torch
 
-from esa.models import LoadedModel, from_module, register_model, seeded
-from esa.tokenizer import BUILTIN_VOCAB_SIZE, builtin_tokenizer
+from esa.models.loaded import LoadedModel, from_module
+from esa.models.registry import register_model
+from esa.models.tokenizer import BUILTIN_VOCAB_SIZE, builtin_tokenizer
+from esa.util.runtime import seeded
 
-_COMMON = dict(vocab_size=BUILTIN_VOCAB_SIZE, hidden_size=64, intermediate_size=176,
-               num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=2048,
-               bos_token_id=0, eos_token_id=0, pad_token_id=1, tie_word_embeddings=False)
+_COMMON = dict(
+    vocab_size=BUILTIN_VOCAB_SIZE,
+    hidden_size=64,
+    intermediate_size=176,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    max_position_embeddings=2048,
+    bos_token_id=0,
+    eos_token_id=0,
+    pad_token_id=1,
+    tie_word_embeddings=False,
+)
 
 
 def _config(arch: str):
@@ -17,8 +28,7 @@ def _config(arch: str):
 
     if arch == "pythia":
         kw = {k: v for k, v in _COMMON.items() if k != "tie_word_embeddings"}
-        return tf.GPTNeoXConfig(**kw, use_parallel_residual=True, rotary_pct=0.25,
-                                tie_word_embeddings=False)
+        return tf.GPTNeoXConfig(**kw, use_parallel_residual=True, rotary_pct=0.25, tie_word_embeddings=False)
     if arch == "llama":
         return tf.LlamaConfig(**_COMMON, num_key_value_heads=2)
     if arch == "mistral":
@@ -49,6 +59,11 @@ _DESCRIPTIONS = {
     "phi3": "Phi-3 (fused qkv_proj and gate_up_proj), random init",
     "mixtral": "Mixtral MoE (4 experts, top-2 router), random init",
 }
+
+
+def tiny_models() -> list[str]:
+    """Names of the registered tiny random-init architectures (``tiny-pythia``, ...)."""
+    return [f"tiny-{arch}" for arch in _DESCRIPTIONS]
 
 
 def _register(arch: str) -> None:

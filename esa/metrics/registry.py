@@ -27,15 +27,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
 
-from esa import _curvature
 from esa.errors import ConfigError
-from esa.evaluate import checkpointed, decoder_layers, lm_loss
+from esa.evaluate import checkpointed, lm_loss
+from esa.metrics import curvature as _curvature
+from esa.models.params import decoder_layers
 
 log = logging.getLogger("esa")
 
@@ -49,7 +50,7 @@ class MetricSpec:
     """A registry entry: ``fn(ctx: ScoreContext) -> {name: tensor}`` (any float dtype)."""
 
     name: str
-    fn: Callable[["ScoreContext"], dict]
+    fn: Callable[[ScoreContext], dict]
     needs_grad: bool
     description: str
     needs_data: bool = True
@@ -70,8 +71,9 @@ def register_metric(name: str, *, needs_grad: bool, description: str, needs_data
 
 def list_metrics() -> list[dict]:
     """Registered metrics as plain dicts (name, needs_grad, description)."""
-    return [{"name": s.name, "needs_grad": s.needs_grad, "description": s.description}
-            for s in METRICS.values()]
+    return [
+        {"name": s.name, "needs_grad": s.needs_grad, "description": s.description} for s in METRICS.values()
+    ]
 
 
 @dataclass
@@ -106,7 +108,7 @@ class ScoreContext:
     def loss_terms(self, weighted: bool = True) -> Iterator[Callable[[], torch.Tensor]]:
         """One loss callable per calibration batch (with a progress bar): the batch's mean NLL,
         times its share of all tokens when ``weighted`` (so the terms sum to the overall mean)."""
-        n, length = self.calib.shape
+        n, _length = self.calib.shape
         device = self.model.get_input_embeddings().weight.device
         calib = self.calib.to(device, non_blocking=True)
         ckpt = bool(self.options.get("_checkpointing"))
@@ -134,7 +136,7 @@ class ScoreContext:
         return self.score_dtype if self.score_dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
-def _needs_checkpointing(ctx: "ScoreContext") -> bool:
+def _needs_checkpointing(ctx: ScoreContext) -> bool:
     """Auto policy: checkpoint first-order passes on CUDA (activations then cost one layer input
     per layer instead of every intermediate: the 8B scoring pass fits in 40 GB); not on the CPU,
     where memory is rarely the limit and the recomputation would only cost time."""
@@ -142,11 +144,20 @@ def _needs_checkpointing(ctx: "ScoreContext") -> bool:
     return device.type == "cuda" and bool(decoder_layers(ctx.model))
 
 
-def compute_scores(lm, metric: str, calib: torch.Tensor | None, *, seed: int = 0,
-                   batch_size: int = 4, hutchinson_samples: int = 8, names=None,
-                   progress: bool = True, score_dtype: torch.dtype = torch.float32,
-                   max_entries: int = HESSIAN_MAX_ENTRIES,
-                   checkpoint: bool | None = None) -> dict[str, torch.Tensor]:
+def compute_scores(
+    lm,
+    metric: str,
+    calib: torch.Tensor | None,
+    *,
+    seed: int = 0,
+    batch_size: int = 4,
+    hutchinson_samples: int = 8,
+    names=None,
+    progress: bool = True,
+    score_dtype: torch.dtype = torch.float32,
+    max_entries: int = HESSIAN_MAX_ENTRIES,
+    checkpoint: bool | None = None,
+) -> dict[str, torch.Tensor]:
     """Score the ``names`` parameters of ``lm`` (default ``lm.param_map.scorable()``) by ``metric``
     on calibration windows ``calib`` ``[n, L]``; returns name -> score (param shape and device).
 
@@ -156,10 +167,20 @@ def compute_scores(lm, metric: str, calib: torch.Tensor | None, *, seed: int = 0
     checkpointing of first-order gradient passes on/off (None: on when memory asks for it).
     """
     spec = _spec(metric)
-    ctx = _context(lm, spec, calib, names, seed=seed, batch_size=batch_size,
-                   hutchinson_samples=hutchinson_samples, progress=progress,
-                   max_entries=max_entries, desc=f"score {metric}", score_dtype=score_dtype,
-                   checkpoint=checkpoint)
+    ctx = _context(
+        lm,
+        spec,
+        calib,
+        names,
+        seed=seed,
+        batch_size=batch_size,
+        hutchinson_samples=hutchinson_samples,
+        progress=progress,
+        max_entries=max_entries,
+        desc=f"score {metric}",
+        score_dtype=score_dtype,
+        checkpoint=checkpoint,
+    )
     raw = _run(ctx, spec.fn, spec.needs_grad)
     out = {}
     for n, p in ctx.items():
@@ -190,8 +211,10 @@ def _context(lm, spec: MetricSpec, calib, names, **options) -> ScoreContext:
 
 def _check_calib(calib) -> torch.Tensor:
     if not isinstance(calib, torch.Tensor) or calib.ndim != 2 or calib.shape[0] < 1 or calib.shape[1] < 2:
-        raise ConfigError("calibration windows must be a LongTensor [n, L] with n >= 1 and L >= 2: "
-                          "use DataBundle.calibration(n, seed)")
+        raise ConfigError(
+            "calibration windows must be a LongTensor [n, L] with n >= 1 and L >= 2: "
+            "use DataBundle.calibration(n, seed)"
+        )
     if calib.dtype != torch.long:
         raise ConfigError(f"calibration windows must hold token ids (torch.long), not {calib.dtype}")
     return calib
@@ -206,8 +229,14 @@ def _signed_diag(lm, calib, which: str = "hutchinson", **options) -> dict[str, t
     """Signed diag(H) estimates (``which`` = "hutchinson" or "exact"); options as compute_scores."""
     fn = {"hutchinson": _hutchinson_signed, "exact": _hessian_signed}[which]
     spec = METRICS["hutchinson_diag" if which == "hutchinson" else "hessian_diag"]
-    defaults = dict(seed=0, batch_size=4, hutchinson_samples=8, progress=False,
-                    max_entries=HESSIAN_MAX_ENTRIES, desc=f"signed {which}")
+    defaults = dict(
+        seed=0,
+        batch_size=4,
+        hutchinson_samples=8,
+        progress=False,
+        max_entries=HESSIAN_MAX_ENTRIES,
+        desc=f"signed {which}",
+    )
     names = options.pop("names", None)
     ctx = _context(lm, spec, calib, names, **{**defaults, **options})
     return _run(ctx, fn, True)
@@ -221,21 +250,26 @@ def _magnitude(ctx: ScoreContext) -> dict:
     return {n: p.detach().to(ctx.score_dtype, copy=True).abs_() for n, p in ctx.items()}
 
 
-@register_metric("grad_x_weight", needs_grad=True,
-                 description="|w * g|, g the gradient of the mean calibration loss")
+@register_metric(
+    "grad_x_weight", needs_grad=True, description="|w * g|, g the gradient of the mean calibration loss"
+)
 def _grad_x_weight(ctx: ScoreContext) -> dict:
     with ctx.first_order():
         grads = _curvature.gradient_pass(ctx.loss_terms(), ctx.params, dtype=ctx.accumulate_dtype)
     return {n: g.mul_(p.detach()).abs_() for (n, p), g in zip(ctx.items(), grads)}
 
 
-@register_metric("grad_squared", needs_grad=True,
-                 description="empirical Fisher diagonal: mean over batches of the squared batch "
-                             "gradient (depends on batch_size; 1 = per-window Fisher)")
+@register_metric(
+    "grad_squared",
+    needs_grad=True,
+    description="empirical Fisher diagonal: mean over batches of the squared batch "
+    "gradient (depends on batch_size; 1 = per-window Fisher)",
+)
 def _grad_squared(ctx: ScoreContext) -> dict:
     with ctx.first_order():
-        sums = _curvature.gradient_pass(ctx.loss_terms(weighted=False), ctx.params, square=True,
-                                        dtype=ctx.accumulate_dtype)
+        sums = _curvature.gradient_pass(
+            ctx.loss_terms(weighted=False), ctx.params, square=True, dtype=ctx.accumulate_dtype
+        )
     return {n: s.div_(ctx.n_batches) for n, s in zip(ctx.names, sums)}
 
 
@@ -250,26 +284,36 @@ def _hessian_signed(ctx: ScoreContext) -> dict:
     if total > ctx.max_entries:  # refuse before any forward pass
         raise ConfigError(
             f"hessian_diag is exact and costs one Hessian-vector product per weight: {total} entries "
-            f"> limit {ctx.max_entries}; restrict names=... or use hutchinson_diag")
+            f"> limit {ctx.max_entries}; restrict names=... or use hutchinson_diag"
+        )
     with _curvature.eager_kernels(ctx.model):
         diag = _curvature.hessian_diag(ctx.loss_terms(), ctx.params, ctx.max_entries)
     return dict(zip(ctx.names, diag))
 
 
-@register_metric("hutchinson_diag", needs_grad=True,
-                 description="|diag(H)| by Hutchinson: mean of z*Hz over seeded Rademacher z")
+@register_metric(
+    "hutchinson_diag",
+    needs_grad=True,
+    description="|diag(H)| by Hutchinson: mean of z*Hz over seeded Rademacher z",
+)
 def _hutchinson(ctx: ScoreContext) -> dict:
     return {n: v.abs_() for n, v in _hutchinson_signed(ctx).items()}
 
 
-@register_metric("hessian_diag", needs_grad=True,
-                 description=f"|diag(H)| exactly, one HVP per weight (<= {HESSIAN_MAX_ENTRIES} entries)")
+@register_metric(
+    "hessian_diag",
+    needs_grad=True,
+    description=f"|diag(H)| exactly, one HVP per weight (<= {HESSIAN_MAX_ENTRIES} entries)",
+)
 def _hessian(ctx: ScoreContext) -> dict:
     return {n: v.abs_() for n, v in _hessian_signed(ctx).items()}
 
 
-@register_metric("act_mag", needs_grad=False,
-                 description="Wanda: |W_ij| * L2 norm of input channel j over calibration tokens")
+@register_metric(
+    "act_mag",
+    needs_grad=False,
+    description="Wanda: |W_ij| * L2 norm of input channel j over calibration tokens",
+)
 def _act_mag(ctx: ScoreContext) -> dict:
     modules = dict(ctx.model.named_modules())
     plan, owners = {}, {}
@@ -282,17 +326,22 @@ def _act_mag(ctx: ScoreContext) -> dict:
         elif p.ndim == 3 and attr in _EXPERT_PARAMS and hasattr(mod, "num_experts"):
             plan[name] = (mod_name, "mid" if attr == "down_proj" else "in")
         else:
-            raise ConfigError(f"act_mag needs weights read by a linear layer: {name} "
-                              f"({type(mod).__name__}, shape {tuple(p.shape)}) is not one; "
-                              "drop it from names= or use another metric")
+            raise ConfigError(
+                f"act_mag needs weights read by a linear layer: {name} "
+                f"({type(mod).__name__}, shape {tuple(p.shape)}) is not one; "
+                "drop it from names= or use another metric"
+            )
         owners.setdefault(mod_name, (mod, set()))[1].add(plan[name][1])
     sums: dict[tuple[str, str], torch.Tensor] = {}
     hooks = []
     try:
         for mod_name, (mod, parts) in owners.items():
             hook = _linear_hook if "linear" in parts else _experts_hook(mod, "mid" in parts)
-            hooks.append(mod.register_forward_hook(
-                lambda m, a, kw, out, k=mod_name, h=hook: h(m, a, kw, sums, k), with_kwargs=True))
+            hooks.append(
+                mod.register_forward_hook(
+                    lambda m, a, kw, out, k=mod_name, h=hook: h(m, a, kw, sums, k), with_kwargs=True
+                )
+            )
         with torch.inference_mode():
             for term in ctx.loss_terms():
                 term()
@@ -310,8 +359,10 @@ def _linear_hook(mod, args, kwargs, sums, key) -> None:
     x = args[0] if args else next(iter(kwargs.values()))
     n_in = mod.weight.shape[1]
     if x.shape[-1] != n_in:
-        raise ConfigError(f"act_mag: {key} reads inputs of width {x.shape[-1]}, not its weight's "
-                          f"{n_in} columns; drop it from names= or use another metric")
+        raise ConfigError(
+            f"act_mag: {key} reads inputs of width {x.shape[-1]}, not its weight's "
+            f"{n_in} columns; drop it from names= or use another metric"
+        )
     _accumulate(sums, (key, "linear"), x.detach().reshape(-1, n_in).float().pow(2).sum(0))
 
 
@@ -325,8 +376,10 @@ def _experts_hook(mod, want_mid: bool):
         hidden = args[0] if args else kwargs["hidden_states"]
         index = args[1] if len(args) > 1 else kwargs.get("top_k_index")
         if index is None:
-            raise ConfigError(f"act_mag: cannot see the routing of {key} (no top_k_index input): "
-                              "drop its expert tensors from names= or use another metric")
+            raise ConfigError(
+                f"act_mag: cannot see the routing of {key} (no top_k_index input): "
+                "drop its expert tensors from names= or use another metric"
+            )
         x = hidden.detach().reshape(-1, hidden.shape[-1])
         index = index.reshape(x.shape[0], -1)
         first = mod.gate_up_proj if has_gate else mod.up_proj
@@ -367,8 +420,10 @@ def _wanda(name: str, p: torch.Tensor, plan, sums, model) -> torch.Tensor:
         return w * norm[None, :]
     transposed = getattr(model.get_submodule(mod_name), "is_transposed", False)
     if norm.shape[1] != w.shape[1 if transposed else 2]:
-        raise ConfigError(f"act_mag: unexpected layout of {name} {tuple(p.shape)}: "
-                          "drop it from names= or use another metric")
+        raise ConfigError(
+            f"act_mag: unexpected layout of {name} {tuple(p.shape)}: "
+            "drop it from names= or use another metric"
+        )
     return w * (norm[:, :, None] if transposed else norm[:, None, :])
 
 

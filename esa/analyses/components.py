@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from esa.errors import ConfigError
-from esa.params import ParamMap, head_of_row
+from esa.models.params import ParamMap, head_of_row
 
 NO_LAYER = -1
 GROUPS = ("attention", "mlp", "norm", "embedding", "router", "other")
@@ -48,22 +48,27 @@ def located_frame(selection_frame, param_map: ParamMap) -> pd.DataFrame:
     every selected entry, located with ``param_map``."""
     df = selection_frame.to_frame(param_map) if hasattr(selection_frame, "to_frame") else selection_frame
     if not {"tensor", "flat_index"} <= set(df.columns):
-        raise ConfigError("the selection frame needs 'tensor' and 'flat_index' columns; "
-                          "pass Selection.to_frame(param_map) output")
+        raise ConfigError(
+            "the selection frame needs 'tensor' and 'flat_index' columns; "
+            "pass Selection.to_frame(param_map) output"
+        )
     rows = []
     scores = df["score"].astype(float).tolist() if "score" in df.columns else [np.nan] * len(df)
     for name, flat, score in zip(df["tensor"].astype(str), df["flat_index"].astype(int), scores):
         if name not in param_map:
-            raise ConfigError(f"tensor {name!r} of the selection is not in the parameter map; "
-                              "pass the param_map of the model the selection was made on")
+            raise ConfigError(
+                f"tensor {name!r} of the selection is not in the parameter map; "
+                "pass the param_map of the model the selection was made on"
+            )
         info = param_map[name]
         component, expert, row, col = info.locate(flat)
         rows.append((name, int(flat), _layer(info), component, _expert(info, expert, row), row, col, score))
     return pd.DataFrame(rows, columns=["tensor", "flat_index", *_KEYS, "row", "col", "score"])
 
 
-def component_table(selection_frame, param_map: ParamMap, scores: Mapping[str, torch.Tensor] | None = None
-                    ) -> pd.DataFrame:
+def component_table(
+    selection_frame, param_map: ParamMap, scores: Mapping[str, torch.Tensor] | None = None
+) -> pd.DataFrame:
     """One row per (layer, component, expert): ``count`` of selected entries and ``share`` of the
     selection; with ``scores`` also ``entries``, ``score_sum``, ``score_mean``, ``score_max`` over
     all scored entries of the cell and ``score_share`` (its share of the total score mass)."""
@@ -71,9 +76,12 @@ def component_table(selection_frame, param_map: ParamMap, scores: Mapping[str, t
     counts = loc.groupby(_KEYS).size().rename("count")
     table = counts.reset_index()
     if scores is not None:
-        stats = pd.DataFrame(_score_cells(scores, param_map), columns=[*_KEYS, "entries", "score_sum", "score_max"])
+        stats = pd.DataFrame(
+            _score_cells(scores, param_map), columns=[*_KEYS, "entries", "score_sum", "score_max"]
+        )
         stats = stats.groupby(_KEYS, as_index=False).agg(
-            entries=("entries", "sum"), score_sum=("score_sum", "sum"), score_max=("score_max", "max"))
+            entries=("entries", "sum"), score_sum=("score_sum", "sum"), score_max=("score_max", "max")
+        )
         table = stats.merge(table, on=_KEYS, how="outer")
         table["entries"] = table["entries"].fillna(0).astype(np.int64)
         table["score_mean"] = table["score_sum"] / table["entries"].where(table["entries"] > 0)
@@ -125,8 +133,9 @@ def per_head(selection_frame, param_map: ParamMap, config) -> pd.DataFrame:
     return table
 
 
-def per_expert(selection_frame, param_map: ParamMap, scores: Mapping[str, torch.Tensor] | None = None
-               ) -> pd.DataFrame:
+def per_expert(
+    selection_frame, param_map: ParamMap, scores: Mapping[str, torch.Tensor] | None = None
+) -> pd.DataFrame:
     """Selected entries per MoE expert and per router row: layer, expert, part ("experts" for the
     expert weights, "router" for the router row of that expert), count, share (of the selection)
     and, with ``scores``, score_sum and score_share (of the total score mass of all scored tensors)."""
@@ -135,7 +144,9 @@ def per_expert(selection_frame, param_map: ParamMap, scores: Mapping[str, torch.
     loc = loc[loc["expert"] >= 0]
     table = loc.groupby(["layer", "expert", "part"]).size().rename("count").reset_index()
     if scores is not None:
-        cells = pd.DataFrame(_score_cells(scores, param_map), columns=[*_KEYS, "entries", "score_sum", "score_max"])
+        cells = pd.DataFrame(
+            _score_cells(scores, param_map), columns=[*_KEYS, "entries", "score_sum", "score_max"]
+        )
         total = float(cells["score_sum"].sum())
         cells = cells[cells["expert"] >= 0]
         cells = cells.assign(part=np.where(cells["component"] == "router", "router", "experts"))
@@ -143,13 +154,14 @@ def per_expert(selection_frame, param_map: ParamMap, scores: Mapping[str, torch.
         table = mass.merge(table, on=["layer", "expert", "part"], how="outer")
         table["score_share"] = table["score_sum"] / total if total else 0.0
     table["count"] = table["count"].fillna(0).astype(np.int64)
-    n = int(len(located_frame(selection_frame, param_map)))
+    n = len(located_frame(selection_frame, param_map))
     table["share"] = table["count"] / n if n else 0.0
     return table.sort_values(["layer", "expert", "part"], kind="stable").reset_index(drop=True)
 
 
-def compare_models(tables: Mapping[str, pd.DataFrame], value: str = "share", by: str = "component"
-                   ) -> pd.DataFrame:
+def compare_models(
+    tables: Mapping[str, pd.DataFrame], value: str = "share", by: str = "component"
+) -> pd.DataFrame:
     """Side by side: one column per model, one row per ``by`` (component or group), the sum of
     ``value`` (``share``, ``count``, ``score_share``...) over layers and experts; 0 where absent."""
     if not tables:
@@ -157,8 +169,10 @@ def compare_models(tables: Mapping[str, pd.DataFrame], value: str = "share", by:
     cols = {}
     for model, table in tables.items():
         if value not in table.columns:
-            raise ConfigError(f"table of {model!r} has no column {value!r}; "
-                              "pass scores to component_table for score columns")
+            raise ConfigError(
+                f"table of {model!r} has no column {value!r}; "
+                "pass scores to component_table for score columns"
+            )
         key = table["component"].map(group_of) if by == "group" else table[by]
         cols[model] = table[value].astype(float).groupby(key).sum()
     frame = pd.DataFrame(cols).fillna(0.0)
@@ -175,8 +189,9 @@ def heatmap(table: pd.DataFrame, value: str = "share", title: str | None = None)
         raise ConfigError(f"table has no column {value!r}; use one of {', '.join(map(str, table.columns))}")
     data = table[["layer", "component", value]].copy()
     data[value] = data[value].astype(float)
-    return plot_layer_component_heatmap(data, value=value, title=title or f"{value} per layer x component",
-                                        agg="sum")
+    return plot_layer_component_heatmap(
+        data, value=value, title=title or f"{value} per layer x component", agg="sum"
+    )
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -232,6 +247,16 @@ def _score_cells(scores: Mapping[str, torch.Tensor], param_map: ParamMap):
                 chunk = s[e, start:stop]
                 if chunk.numel() == 0:
                     continue
-                expert = router_expert if router_expert is not None else _expert(info, e if info.experts else None, 0)
-                yield (_layer(info), comp, expert, int(chunk.numel()), float(chunk.sum(dtype=torch.float64)),
-                       float(chunk.max()))
+                expert = (
+                    router_expert
+                    if router_expert is not None
+                    else _expert(info, e if info.experts else None, 0)
+                )
+                yield (
+                    _layer(info),
+                    comp,
+                    expert,
+                    int(chunk.numel()),
+                    float(chunk.sum(dtype=torch.float64)),
+                    float(chunk.max()),
+                )

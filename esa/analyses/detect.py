@@ -23,8 +23,8 @@ from __future__ import annotations
 import logging
 import re
 import statistics
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
 
 import torch
 
@@ -108,12 +108,18 @@ class SuperWeightReport:
 
     def selection(self) -> Selection:
         """The candidates as a real ``Selection`` (metric "super_weight", score = |output act|)."""
-        return _selection_of(self.candidates, self.shapes, "super_weight",
-                             {(c.param_name, c.flat_index): abs(c.output_activation) for c in self.candidates})
+        return _selection_of(
+            self.candidates,
+            self.shapes,
+            "super_weight",
+            {(c.param_name, c.flat_index): abs(c.output_activation) for c in self.candidates},
+        )
 
     def to_dict(self) -> dict:
-        out = {k: getattr(self, k) for k in ("prompt", "n_tokens", "threshold", "ratio",
-                                             "median_max_input", "median_max_output")}
+        out = {
+            k: getattr(self, k)
+            for k in ("prompt", "n_tokens", "threshold", "ratio", "median_max_input", "median_max_output")
+        }
         out["spike_layers"] = self.spike_layers
         out["layers"] = [asdict(la) for la in self.layers]
         out["candidates"] = [asdict(c) for c in self.candidates]
@@ -176,8 +182,15 @@ def default_input_ids(lm, prompt: str = DEFAULT_PROMPT) -> torch.Tensor:
     return torch.tensor([ids], dtype=torch.long)
 
 
-def detect_super_weights(lm, input_ids: torch.Tensor | None = None, *, threshold: float = 50.0,
-                         top: int = 3, ratio: float = 10.0, prompt: str = DEFAULT_PROMPT) -> SuperWeightReport:
+def detect_super_weights(
+    lm,
+    input_ids: torch.Tensor | None = None,
+    *,
+    threshold: float = 50.0,
+    top: int = 3,
+    ratio: float = 10.0,
+    prompt: str = DEFAULT_PROMPT,
+) -> SuperWeightReport:
     """Find super-weight candidates of ``lm`` from one forward pass (see the module doc).
 
     ``input_ids`` defaults to ``prompt`` (:data:`DEFAULT_PROMPT`, "Apple Inc. is a worldwide tech
@@ -189,8 +202,10 @@ def detect_super_weights(lm, input_ids: torch.Tensor | None = None, *, threshold
         raise ConfigError(f"top must be >= 1, got {top}; pass e.g. top=3")
     sites = down_proj_sites(lm)
     if not sites:
-        raise ConfigError(f"no down-projection found in {lm.name!r}: super-weight detection needs an "
-                          "MLP down projection (down_proj / dense_4h_to_h / fused experts)")
+        raise ConfigError(
+            f"no down-projection found in {lm.name!r}: super-weight detection needs an "
+            "MLP down projection (down_proj / dense_4h_to_h / fused experts)"
+        )
     if input_ids is None:
         input_ids = default_input_ids(lm, prompt)
     else:
@@ -203,9 +218,14 @@ def detect_super_weights(lm, input_ids: torch.Tensor | None = None, *, threshold
     try:
         for site in sites:
             fn = _experts_stats if site.kind == "experts" else _linear_stats
-            hooks.append(site.module.register_forward_hook(
-                lambda m, a, kw, out, s=site, f=fn: records.extend((s, e, r) for e, r in f(m, a, kw, out, s)),
-                with_kwargs=True))
+            hooks.append(
+                site.module.register_forward_hook(
+                    lambda m, a, kw, out, s=site, f=fn: records.extend(
+                        (s, e, r) for e, r in f(m, a, kw, out, s)
+                    ),
+                    with_kwargs=True,
+                )
+            )
         device = lm.model.get_input_embeddings().weight.device
         with torch.inference_mode():
             lm.model(input_ids=input_ids.to(device), use_cache=False)
@@ -223,9 +243,11 @@ def _summary(x: torch.Tensor, y: torch.Tensor, tokens: torch.Tensor | None) -> d
     tokens = torch.arange(x.shape[0]) if tokens is None else tokens.cpu()
     return {
         "tokens": tokens,
-        "in_val": in_val.cpu(), "in_ch": in_ch.cpu(),
+        "in_val": in_val.cpu(),
+        "in_ch": in_ch.cpu(),
         "in_signed": x.gather(1, in_ch[:, None]).squeeze(1).cpu(),
-        "out_val": out_val.cpu(), "out_tok": out_tok.cpu(),
+        "out_val": out_val.cpu(),
+        "out_tok": out_tok.cpu(),
         "out_signed": y.gather(0, out_tok[None]).squeeze(0).cpu(),
     }
 
@@ -239,8 +261,10 @@ def _experts_stats(mod, args, kwargs, out, site):
     hidden = args[0] if args else kwargs["hidden_states"]
     index = args[1] if len(args) > 1 else kwargs.get("top_k_index")
     if index is None:
-        raise ConfigError(f"cannot see the routing of {site.module_name} (no top_k_index input); "
-                          "super-weight detection of this experts module is not supported")
+        raise ConfigError(
+            f"cannot see the routing of {site.module_name} (no top_k_index input); "
+            "super-weight detection of this experts module is not supported"
+        )
     x = hidden.reshape(-1, hidden.shape[-1])
     index = index.reshape(x.shape[0], -1)
     for e in range(mod.num_experts):
@@ -276,20 +300,34 @@ def _report(lm, records, input_ids, prompt, threshold, ratio, top) -> SuperWeigh
     for site, expert, r in records:
         i_tok = int(r["in_val"].argmax())
         o_ch = int(r["out_val"].argmax())
-        la = LayerActivation(site.layer, site.module_name, float(r["in_val"][i_tok]), int(r["in_ch"][i_tok]),
-                             int(r["tokens"][i_tok]), float(r["out_val"][o_ch]), o_ch,
-                             int(r["tokens"][r["out_tok"][o_ch]]), expert)
+        la = LayerActivation(
+            site.layer,
+            site.module_name,
+            float(r["in_val"][i_tok]),
+            int(r["in_ch"][i_tok]),
+            int(r["tokens"][i_tok]),
+            float(r["out_val"][o_ch]),
+            o_ch,
+            int(r["tokens"][r["out_tok"][o_ch]]),
+            expert,
+        )
         old = per_layer.get(site.layer)
         if old is None:
             per_layer[site.layer] = la
         else:  # several modules/experts per layer: keep each maximum with its own location
             if la.max_abs_output > old.max_abs_output:
                 old.max_abs_output, old.output_channel, old.output_token = (
-                    la.max_abs_output, la.output_channel, la.output_token)
+                    la.max_abs_output,
+                    la.output_channel,
+                    la.output_token,
+                )
                 old.expert, old.module = la.expert, la.module
             if la.max_abs_input > old.max_abs_input:
                 old.max_abs_input, old.input_channel, old.input_token = (
-                    la.max_abs_input, la.input_channel, la.input_token)
+                    la.max_abs_input,
+                    la.input_channel,
+                    la.input_token,
+                )
     layers = [per_layer[k] for k in sorted(per_layer)]
     med_in = float(statistics.median(la.max_abs_input for la in layers))
     med_out = float(statistics.median(la.max_abs_output for la in layers))
@@ -306,8 +344,17 @@ def _report(lm, records, input_ids, prompt, threshold, ratio, top) -> SuperWeigh
             t = int(r["out_tok"][ch])
             if float(r["in_val"][t]) <= lim_in:
                 continue
-            cand = _candidate(lm, site, expert, ch, int(r["in_ch"][t]), float(r["in_signed"][t]),
-                              float(r["out_signed"][ch]), int(r["tokens"][t]), tokens)
+            cand = _candidate(
+                lm,
+                site,
+                expert,
+                ch,
+                int(r["in_ch"][t]),
+                float(r["in_signed"][t]),
+                float(r["out_signed"][ch]),
+                int(r["tokens"][t]),
+                tokens,
+            )
             prev = found.get((cand.param_name, cand.flat_index))
             if prev is None or abs(cand.output_activation) > abs(prev.output_activation):
                 found[(cand.param_name, cand.flat_index)] = cand
@@ -315,8 +362,9 @@ def _report(lm, records, input_ids, prompt, threshold, ratio, top) -> SuperWeigh
     best.sort(key=lambda c: (c.layer, -abs(c.output_activation)))
     params = dict(lm.model.named_parameters())
     shapes = {c.param_name: tuple(params[c.param_name].shape) for c in best}
-    return SuperWeightReport(prompt, int(input_ids.numel()), float(threshold), float(ratio), med_in, med_out,
-                             layers, best, shapes)
+    return SuperWeightReport(
+        prompt, int(input_ids.numel()), float(threshold), float(ratio), med_in, med_out, layers, best, shapes
+    )
 
 
 def _candidate(lm, site, expert, row, col, x_in, y_out, token, tokens) -> SuperWeight:
@@ -332,9 +380,20 @@ def _candidate(lm, site, expert, row, col, x_in, y_out, token, tokens) -> SuperW
     text = None
     if 0 <= token < len(tokens) and hasattr(lm.tokenizer, "convert_ids_to_tokens"):
         text = str(lm.tokenizer.convert_ids_to_tokens(int(tokens[token])))
-    return SuperWeight(site.layer, site.param_name, site.module_name, int(row), int(col),
-                       None if expert is None else int(expert), int(flat),
-                       float(param.detach().reshape(-1)[flat]), x_in, y_out, token, text)
+    return SuperWeight(
+        site.layer,
+        site.param_name,
+        site.module_name,
+        int(row),
+        int(col),
+        None if expert is None else int(expert),
+        int(flat),
+        float(param.detach().reshape(-1)[flat]),
+        x_in,
+        y_out,
+        token,
+        text,
+    )
 
 
 def _selection_of(candidates, shapes, metric, scores) -> Selection:
@@ -344,15 +403,30 @@ def _selection_of(candidates, shapes, metric, scores) -> Selection:
         if c.flat_index not in indices[c.param_name]:
             indices[c.param_name].append(c.flat_index)
     idx = {n: torch.tensor(sorted(v), dtype=torch.long) for n, v in indices.items()}
-    vals = {n: torch.tensor([scores.get((n, int(i)), 0.0) for i in t], dtype=torch.float32) for n, t in idx.items()}
-    return Selection("top", "global", sum(t.numel() for t in idx.values()), 0, metric, idx, vals,
-                     {n: tuple(shapes[n]) for n in idx if n in shapes})
+    vals = {
+        n: torch.tensor([scores.get((n, int(i)), 0.0) for i in t], dtype=torch.float32)
+        for n, t in idx.items()
+    }
+    return Selection(
+        "top",
+        "global",
+        sum(t.numel() for t in idx.values()),
+        0,
+        metric,
+        idx,
+        vals,
+        {n: tuple(shapes[n]) for n in idx if n in shapes},
+    )
 
 
 def candidate_selection(candidates: Sequence[SuperWeight], shapes: dict) -> Selection:
     """These candidates (e.g. just the strongest one) as a Selection for ``perturbed``."""
-    return _selection_of(candidates, shapes, "super_weight",
-                         {(c.param_name, c.flat_index): abs(c.output_activation) for c in candidates})
+    return _selection_of(
+        candidates,
+        shapes,
+        "super_weight",
+        {(c.param_name, c.flat_index): abs(c.output_activation) for c in candidates},
+    )
 
 
 def random_weight_selection(lm, candidates: Sequence[SuperWeight], seed: int = 0) -> Selection:
@@ -397,9 +471,16 @@ def rank_under_metric(scores: dict[str, torch.Tensor], param_name: str, flat_ind
 # --- super-activation control ------------------------------------------------------------------
 
 
-def super_activation_control(lm, candidate, eval_ids: torch.Tensor, *, positions: str = "spike",
-                             spike_threshold: float = 50.0, batch_size: int = 8,
-                             progress: bool = False) -> ControlResult:
+def super_activation_control(
+    lm,
+    candidate,
+    eval_ids: torch.Tensor,
+    *,
+    positions: str = "spike",
+    spike_threshold: float = 50.0,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> ControlResult:
     """PPL on ``eval_ids`` of the unperturbed model, with the super weight(s) zeroed, and zeroed with
     the super activation restored.
 
@@ -429,6 +510,7 @@ def super_activation_control(lm, candidate, eval_ids: torch.Tensor, *, positions
     def record(mod_name):
         def hook(mod, args, out):
             recorded[mod_name].append(out.reshape(-1, out.shape[-1])[:, rows[mod_name]].clone())
+
         return hook
 
     counts = {"restored": 0, "positions": 0}
@@ -445,11 +527,14 @@ def super_activation_control(lm, candidate, eval_ids: torch.Tensor, *, positions
             now = flat[:, rows[mod_name]]
             if now.shape != rec.shape:
                 raise ConfigError("restore pass batch shapes differ from the baseline pass")
-            mask = torch.ones_like(rec, dtype=torch.bool) if positions == "all" else rec.abs() >= spike_threshold
+            mask = (
+                torch.ones_like(rec, dtype=torch.bool) if positions == "all" else rec.abs() >= spike_threshold
+            )
             flat[:, rows[mod_name]] = torch.where(mask, rec, now)
             counts["restored"] += int(mask.sum())
             counts["positions"] += int(mask.numel())
             return flat.reshape(out.shape)
+
         return hook
 
     def run(hook_factory=None):
@@ -464,9 +549,19 @@ def super_activation_control(lm, candidate, eval_ids: torch.Tensor, *, positions
     with perturbed(lm.model, sel, "zero"):
         zeroed = run()
         restored = run(restore)
-    return ControlResult(base.ppl, zeroed.ppl, restored.ppl, base.nll, zeroed.nll, restored.nll, positions,
-                         float(spike_threshold), counts["restored"], counts["positions"],
-                         [asdict(c) for c in cands])
+    return ControlResult(
+        base.ppl,
+        zeroed.ppl,
+        restored.ppl,
+        base.nll,
+        zeroed.nll,
+        restored.nll,
+        positions,
+        float(spike_threshold),
+        counts["restored"],
+        counts["positions"],
+        [asdict(c) for c in cands],
+    )
 
 
 def _as_candidates(candidate) -> list[SuperWeight]:
@@ -477,6 +572,8 @@ def _as_candidates(candidate) -> list[SuperWeight]:
     else:
         cands = list(candidate)
     if not cands or not all(isinstance(c, SuperWeight) for c in cands):
-        raise ConfigError("super_activation_control needs at least one SuperWeight candidate; "
-                          "run detect_super_weights first (it found none?)")
+        raise ConfigError(
+            "super_activation_control needs at least one SuperWeight candidate; "
+            "run detect_super_weights first (it found none?)"
+        )
     return cands

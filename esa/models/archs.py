@@ -16,49 +16,140 @@ windows should cover the real vocabulary: :func:`random_windows` / :func:`random
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import zlib
 
 import torch
 
-from esa.models import LoadedModel, from_module, register_model
+from esa.models.loaded import LoadedModel, from_module
+from esa.models.params import decoder_layers
+from esa.models.registry import register_model
+from esa.models.tokenizer import builtin_tokenizer
 
 log = logging.getLogger("esa")
 
 # The published config.json values (hub ids in esa.models.HUB_ALIASES).
 CONFIGS: dict[str, tuple[str, dict]] = {
-    "pythia-1.4b": ("GPTNeoXConfig", dict(
-        vocab_size=50304, hidden_size=2048, num_hidden_layers=24, num_attention_heads=16,
-        intermediate_size=8192, hidden_act="gelu", rotary_pct=0.25, rotary_emb_base=10000,
-        max_position_embeddings=2048, initializer_range=0.02, layer_norm_eps=1e-5,
-        use_parallel_residual=True, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
-        attention_dropout=0.0, hidden_dropout=0.0)),
-    "llama-3.1-8b": ("LlamaConfig", dict(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=128, hidden_act="silu",
-        max_position_embeddings=131072, initializer_range=0.02, rms_norm_eps=1e-5,
-        rope_theta=500000.0, rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                           "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-        attention_bias=False, mlp_bias=False, tie_word_embeddings=False,
-        bos_token_id=128000, eos_token_id=128001)),
-    "mistral-7b": ("MistralConfig", dict(
-        vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=128, hidden_act="silu",
-        max_position_embeddings=32768, initializer_range=0.02, rms_norm_eps=1e-5, rope_theta=1000000.0,
-        sliding_window=None, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)),
-    "phi-3-mini": ("Phi3Config", dict(
-        vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=32, hidden_act="silu", max_position_embeddings=4096,
-        original_max_position_embeddings=4096, initializer_range=0.02, rms_norm_eps=1e-5,
-        rope_theta=10000.0, sliding_window=2047, tie_word_embeddings=False, attention_dropout=0.0,
-        resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=1, eos_token_id=32000, pad_token_id=32000)),
-    "mixtral-8x7b": ("MixtralConfig", dict(
-        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
-        hidden_act="silu", max_position_embeddings=32768, initializer_range=0.02, rms_norm_eps=1e-5,
-        rope_theta=1000000.0, sliding_window=None, router_aux_loss_coef=0.02, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2)),
+    "pythia-1.4b": (
+        "GPTNeoXConfig",
+        dict(
+            vocab_size=50304,
+            hidden_size=2048,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            intermediate_size=8192,
+            hidden_act="gelu",
+            rotary_pct=0.25,
+            rotary_emb_base=10000,
+            max_position_embeddings=2048,
+            initializer_range=0.02,
+            layer_norm_eps=1e-5,
+            use_parallel_residual=True,
+            tie_word_embeddings=False,
+            bos_token_id=0,
+            eos_token_id=0,
+            attention_dropout=0.0,
+            hidden_dropout=0.0,
+        ),
+    ),
+    "llama-3.1-8b": (
+        "LlamaConfig",
+        dict(
+            vocab_size=128256,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            hidden_act="silu",
+            max_position_embeddings=131072,
+            initializer_range=0.02,
+            rms_norm_eps=1e-5,
+            rope_theta=500000.0,
+            rope_scaling={
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+                "rope_type": "llama3",
+            },
+            attention_bias=False,
+            mlp_bias=False,
+            tie_word_embeddings=False,
+            bos_token_id=128000,
+            eos_token_id=128001,
+        ),
+    ),
+    "mistral-7b": (
+        "MistralConfig",
+        dict(
+            vocab_size=32768,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            hidden_act="silu",
+            max_position_embeddings=32768,
+            initializer_range=0.02,
+            rms_norm_eps=1e-5,
+            rope_theta=1000000.0,
+            sliding_window=None,
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+    ),
+    "phi-3-mini": (
+        "Phi3Config",
+        dict(
+            vocab_size=32064,
+            hidden_size=3072,
+            intermediate_size=8192,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            hidden_act="silu",
+            max_position_embeddings=4096,
+            original_max_position_embeddings=4096,
+            initializer_range=0.02,
+            rms_norm_eps=1e-5,
+            rope_theta=10000.0,
+            sliding_window=2047,
+            tie_word_embeddings=False,
+            attention_dropout=0.0,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            bos_token_id=1,
+            eos_token_id=32000,
+            pad_token_id=32000,
+        ),
+    ),
+    "mixtral-8x7b": (
+        "MixtralConfig",
+        dict(
+            vocab_size=32000,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            hidden_act="silu",
+            max_position_embeddings=32768,
+            initializer_range=0.02,
+            rms_norm_eps=1e-5,
+            rope_theta=1000000.0,
+            sliding_window=None,
+            router_aux_loss_coef=0.02,
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+    ),
 }
 
 
@@ -70,8 +161,15 @@ def make_config(arch: str, **overrides):
     return getattr(transformers, cls_name)(**{**values, **overrides})
 
 
-def build_random(config, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-                 device_map=None, seed: int = 0, attn_implementation: str = "sdpa") -> torch.nn.Module:
+def build_random(
+    config,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    device_map=None,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+) -> torch.nn.Module:
     """A random-init causal LM of ``config``, materialised on its device(s) in ``dtype``."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
@@ -135,8 +233,6 @@ def _placement(model, device, device_map) -> dict[str, torch.device]:
 def layer_device_map(model, devices: list[torch.device]) -> dict[str, torch.device]:
     """Split the decoder layers evenly over ``devices``; other top-level modules go with the first
     (before the layers: embeddings) or the last (after: final norm, lm head) device."""
-    from esa.evaluate import decoder_layers
-
     layers, prefix = decoder_layers(model, with_prefix=True)
     n = len(layers)
     out: dict[str, torch.device] = {}
@@ -163,30 +259,18 @@ def _device_of(name: str, placement: dict[str, torch.device]) -> torch.device:
     return best
 
 
-def random_windows(n: int, length: int, vocab_size: int, seed: int = 0) -> torch.Tensor:
-    """``[n, length]`` token ids uniform in ``[0, vocab_size)`` (CPU, seeded)."""
-    gen = torch.Generator().manual_seed(int(seed))
-    return torch.randint(0, int(vocab_size), (int(n), int(length)), generator=gen, dtype=torch.long)
-
-
-def random_data(vocab_size: int, n_eval: int, n_calib: int, length: int, seed: int = 0):
-    """A DataBundle of random-id windows (eval + a disjoint calibration pool), for benchmarks."""
-    from esa.data import DataBundle, TextSource
-
-    ids = random_windows(n_eval + n_calib, length, vocab_size, seed)
-    digest = hashlib.sha256(f"random-ids:{vocab_size}:{n_eval}:{n_calib}:{length}:{seed}".encode()).hexdigest()
-    src = TextSource(f"random-ids(vocab={vocab_size}, seed={seed})", "", digest)
-    return DataBundle(ids[:n_eval], ids[n_eval:], src, src, int(length), int(n_eval))
-
-
-def build_arch(arch: str, name: str, dtype: torch.dtype, device: torch.device, seed: int,
-               device_map=None) -> LoadedModel:
-    from esa.tokenizer import builtin_tokenizer
-
+def build_arch(
+    arch: str, name: str, dtype: torch.dtype, device: torch.device, seed: int, device_map=None
+) -> LoadedModel:
     config = make_config(arch)
     model = build_random(config, dtype=dtype, device=device, device_map=device_map, seed=seed)
-    lm = from_module(name, model, builtin_tokenizer(), "arch",
-                     {"name": name, "seed": seed, "config": arch, "vocab_size": config.vocab_size})
+    lm = from_module(
+        name,
+        model,
+        builtin_tokenizer(),
+        "arch",
+        {"name": name, "seed": seed, "config": arch, "vocab_size": config.vocab_size},
+    )
     if device_map is not None:
         lm.identity["device_map"] = sorted({str(d) for d in _placement(model, device, device_map).values()})
     return lm
@@ -194,10 +278,13 @@ def build_arch(arch: str, name: str, dtype: torch.dtype, device: torch.device, s
 
 def _register(arch: str) -> None:
     name = f"arch-{arch}"
-    _, values = CONFIGS[arch]
+    _, _values = CONFIGS[arch]
 
-    @register_model(name, source="arch",
-                    description=f"{arch} published config, random init (benchmarks; random-id windows)")
+    @register_model(
+        name,
+        source="arch",
+        description=f"{arch} published config, random init (benchmarks; random-id windows)",
+    )
     def _build(dtype, device, seed, device_map=None):
         return build_arch(arch, name, dtype, device, seed, device_map)
 

@@ -2,7 +2,7 @@
 
 The weights live in the repository (``fixtures/scaling/``, made by
 ``fixtures/train_scaling_family.py``) and are listed in ``fixtures/scaling/family.json``. Each
-member is registered in esa's model registry at import (``esa.models`` imports this module), so
+member is registered in esa's model registry at import (``esa.models.registry`` imports this module), so
 ``esa.models.load_model("scaling-neox-91k")`` works. Without the fixture folder (esa installed
 from a wheel) nothing is registered and ``family_names()`` is empty.
 """
@@ -17,8 +17,10 @@ from pathlib import Path
 import torch
 
 from esa.errors import ModelError
-from esa.report import file_sha256
-from esa.models import LoadedModel, from_module, register_model
+from esa.models.loaded import LoadedModel, from_module
+from esa.models.registry import register_model
+from esa.models.tokenizer import builtin_tokenizer
+from esa.util.files import file_sha256
 
 log = logging.getLogger("esa")
 
@@ -46,8 +48,14 @@ def family_members() -> list[dict]:
         return []
     rows = []
     for m in sorted(manifest.get("models", []), key=lambda m: m["params_total"]):
-        rows.append({**m, "member": m["name"], "name": PREFIX + m["name"],
-                     "path": str(FIXTURE_DIR / m.get("dir", m["name"]))})
+        rows.append(
+            {
+                **m,
+                "member": m["name"],
+                "name": PREFIX + m["name"],
+                "path": str(FIXTURE_DIR / m.get("dir", m["name"])),
+            }
+        )
     return rows
 
 
@@ -65,24 +73,25 @@ def load_member(name: str, directory: str | Path, dtype: torch.dtype, device: to
     """Load one saved member folder as a LoadedModel (source "fixture")."""
     from transformers import AutoModelForCausalLM
 
-    from esa.tokenizer import builtin_tokenizer
-
     directory = Path(directory)
     weights = directory / "model.safetensors"
     if not weights.is_file():
         raise ModelError(f"{name}: {weights} is missing: run python fixtures/train_scaling_family.py")
     model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype)
     model.to(device=device)
-    return from_module(name, model, builtin_tokenizer(), "fixture",
-                       {"name": name, "sha256": file_sha256(weights)})
+    return from_module(
+        name, model, builtin_tokenizer(), "fixture", {"name": name, "sha256": file_sha256(weights)}
+    )
 
 
 def _register(row: dict) -> None:
     name, path = row["name"], row["path"]
-    description = (f"GPT-NeoX trained on WikiText-2 valid, {row['params_total']:,} params "
-                   f"({row['params_non_embedding']:,} non-embedding), "
-                   f"hidden {row['hidden_size']} x {row['num_layers']} layers, "
-                   f"held-out ppl {row['heldout_ppl']:.1f}")
+    description = (
+        f"GPT-NeoX trained on WikiText-2 valid, {row['params_total']:,} params "
+        f"({row['params_non_embedding']:,} non-embedding), "
+        f"hidden {row['hidden_size']} x {row['num_layers']} layers, "
+        f"held-out ppl {row['heldout_ppl']:.1f}"
+    )
 
     @register_model(name, source="fixture", description=description)
     def _build(dtype, device, seed):  # trained weights: the seed does not apply

@@ -10,8 +10,8 @@ are split into their parts by output row, so ``locate`` names the part a weight 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 
@@ -198,3 +198,13 @@ def head_of_row(info: ParamInfo, row: int, config) -> int | None:
         if start <= row < stop:
             return (row - start) // head_dim
     return row // head_dim
+
+
+def decoder_layers(model: torch.nn.Module, with_prefix: bool = False):
+    """The repeated decoder blocks (the largest ``ModuleList``), and their name prefix."""
+    best, best_name = None, ""
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and (best is None or len(mod) > len(best)):
+            best, best_name = mod, name
+    layers = list(best) if best is not None else []
+    return (layers, best_name) if with_prefix else layers

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from esa.util.files import cache_dir
+
 log = logging.getLogger("esa")
 
 
@@ -28,7 +30,9 @@ def _path(root: Path, key: dict) -> Path:
     return root / "scores" / f"{key.get('metric', 'scores')}-{digest}.safetensors"
 
 
-def load_scores(root: Path, key: dict, shapes: dict[str, tuple], device=None) -> dict[str, torch.Tensor] | None:
+def load_scores(
+    root: Path, key: dict, shapes: dict[str, tuple], device=None
+) -> dict[str, torch.Tensor] | None:
     """Cached scores for ``key`` if present and consistent with ``shapes``, else None."""
     from safetensors import safe_open
 
@@ -74,3 +78,62 @@ def save_scores(root: Path, key: dict, scores: dict[str, torch.Tensor]) -> Path 
     except OSError as exc:
         log.warning("esa: could not write score cache (%s)", exc)
         return None
+
+
+def cached_scores(
+    lm,
+    data,
+    metric: str,
+    seed: int,
+    *,
+    calib_windows: int,
+    batch_size: int,
+    hutchinson_samples: int,
+    names,
+    use_cache: bool = True,
+    cache_root=None,
+    progress: bool = True,
+    score_dtype: torch.dtype = torch.float32,
+) -> dict:
+    """Compute (or load from the safetensors cache) ``metric`` scores on ``seed``'s calibration
+    windows. The cache key covers model identity, dtype, data, windows and settings."""
+    from esa.metrics import registry  # looked up at call time (tests patch compute_scores)
+
+    calib = data.calibration(calib_windows, seed)
+    key = cache_key(
+        model=lm.name,
+        weights=lm.fingerprint(),
+        dtype=str(lm.dtype),
+        metric=metric,
+        seed=seed,
+        calib_sha256=data.calib_source.sha256,
+        max_length=data.max_length,
+        calib_windows=int(calib.shape[0]),
+        eval_windows=int(data.eval_ids.shape[0]),
+        batch_size=batch_size,
+        hutchinson_samples=hutchinson_samples,
+        names=sorted(names),
+        **({} if score_dtype == torch.float32 else {"score_dtype": str(score_dtype)}),
+    )
+    root = Path(cache_root) if cache_root else cache_dir()
+    device = next(lm.model.parameters()).device
+    if use_cache:
+        shapes = {n: lm.param_map[n].shape for n in names}
+        hit = load_scores(root, key, shapes, device=device)
+        if hit is not None:
+            log.info("esa: scores %s seed %d from cache", metric, seed)
+            return hit
+    scores = registry.compute_scores(
+        lm,
+        metric,
+        calib,
+        seed=seed,
+        batch_size=batch_size,
+        hutchinson_samples=hutchinson_samples,
+        names=names,
+        progress=progress,
+        score_dtype=score_dtype,
+    )
+    if use_cache:
+        save_scores(root, key, scores)
+    return scores

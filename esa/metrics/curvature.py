@@ -1,4 +1,4 @@
-"""Private helpers of esa.metrics: gradient passes over calibration batches and diagonal
+"""Private helpers of esa.metrics.registry: gradient passes over calibration batches and diagonal
 curvature estimates (Hutchinson and exact) by Hessian-vector products.
 
 The curvature routines take ``loss_terms``: an iterable of zero-argument callables, each returning
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -50,14 +50,16 @@ def eager_kernels(model: torch.nn.Module):
     """
     config = getattr(model, "config", None)
     changes = []
-    for attr, setter in (("_attn_implementation", "set_attn_implementation"),
-                         ("_experts_implementation", "set_experts_implementation")):
+    for attr, setter in (
+        ("_attn_implementation", "set_attn_implementation"),
+        ("_experts_implementation", "set_experts_implementation"),
+    ):
         current = getattr(config, attr, None) if config is not None else None
         if current in (None, "eager") or not hasattr(model, setter):
             continue
         try:
             getattr(model, setter)("eager")
-        except Exception as exc:  # noqa: BLE001 - keep going with the current kernel
+        except Exception as exc:
             log.warning("esa: could not switch %s to eager (%s); double backward may fail", attr, exc)
             continue
         changes.append((setter, current))
@@ -73,8 +75,9 @@ def _grads(loss: torch.Tensor, params, create_graph: bool = False):
     return [torch.zeros_like(p) if g is None else g for g, p in zip(out, params)]
 
 
-def gradient_pass(loss_terms: LossTerms, params, square: bool = False,
-                  dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+def gradient_pass(
+    loss_terms: LossTerms, params, square: bool = False, dtype: torch.dtype = torch.float32
+) -> list[torch.Tensor]:
     """Sum over terms of each term's gradient (``square=False``) or of its square (``square=True``),
     accumulated in place in ``dtype`` (fp32 by default).
 
@@ -132,8 +135,14 @@ def _hvp(grads, params, vectors, retain_graph: bool, batched: bool = False):
     if not pairs:
         return [torch.zeros_like(v) for v in vectors]
     if batched:
-        out = torch.autograd.grad([g for g, _ in pairs], params, grad_outputs=[v for _, v in pairs],
-                                  retain_graph=retain_graph, allow_unused=True, is_grads_batched=True)
+        out = torch.autograd.grad(
+            [g for g, _ in pairs],
+            params,
+            grad_outputs=[v for _, v in pairs],
+            retain_graph=retain_graph,
+            allow_unused=True,
+            is_grads_batched=True,
+        )
     else:
         dot = sum((g * v).sum() for g, v in pairs)
         out = torch.autograd.grad(dot, params, retain_graph=retain_graph, allow_unused=True)
@@ -151,8 +160,9 @@ def _rademacher(params, seed: int, sample: int) -> list[torch.Tensor]:
     return out
 
 
-def hutchinson_diag(loss_terms: LossTerms, params, samples: int, seed: int,
-                    budget: int = _PROBE_BUDGET) -> list[torch.Tensor]:
+def hutchinson_diag(
+    loss_terms: LossTerms, params, samples: int, seed: int, budget: int = _PROBE_BUDGET
+) -> list[torch.Tensor]:
     """Signed Hutchinson estimate of diag(H): mean over ``samples`` Rademacher z of z ⊙ Hz.
 
     The same z (regenerated from ``(seed, sample)``) is used for every loss term, so the result is
@@ -177,8 +187,10 @@ def hutchinson_diag(loss_terms: LossTerms, params, samples: int, seed: int,
                     log.info("esa: batched HVP unavailable (%s); one probe at a time", exc)
                     batched = False
             if products is None:
-                products = [([zi[None] for zi in z], [h[None] for h in
-                             _hvp(grads, params, z, retain_graph=True)]) for z in probes]
+                products = [
+                    ([zi[None] for zi in z], [h[None] for h in _hvp(grads, params, z, retain_graph=True)])
+                    for z in probes
+                ]
             for z, hz in products:
                 for a, zi, hi in zip(acc, z, hz):
                     a.add_((zi.float() * hi.detach().float()).sum(0))
@@ -186,15 +198,17 @@ def hutchinson_diag(loss_terms: LossTerms, params, samples: int, seed: int,
     return [a.div_(samples) for a in acc]
 
 
-def hessian_diag(loss_terms: LossTerms, params, max_entries: int,
-                 chunk: int = _HVP_CHUNK) -> list[torch.Tensor]:
+def hessian_diag(
+    loss_terms: LossTerms, params, max_entries: int, chunk: int = _HVP_CHUNK
+) -> list[torch.Tensor]:
     """Exact signed diag(H) by Hessian-vector products with unit vectors, ``chunk`` at a time."""
     sizes = [p.numel() for p in params]
     total = sum(sizes)
     if total > max_entries:
         raise ConfigError(
             f"hessian_diag is exact and costs one Hessian-vector product per weight: {total} entries "
-            f"> limit {max_entries}; restrict names=... or use hutchinson_diag")
+            f"> limit {max_entries}; restrict names=... or use hutchinson_diag"
+        )
     offsets = [0]
     for n in sizes:
         offsets.append(offsets[-1] + n)
@@ -212,13 +226,16 @@ def hessian_diag(loss_terms: LossTerms, params, max_entries: int,
                     log.info("esa: batched HVP unavailable (%s); looping over unit vectors", exc)
                     batched = False
             if not batched:
-                rows = [_hvp(grads, params, [v[j] for v in vecs], retain_graph=True)
-                        for j in range(stop - start)]
+                rows = [
+                    _hvp(grads, params, [v[j] for v in vecs], retain_graph=True) for j in range(stop - start)
+                ]
                 hv = [torch.stack([r[i] for r in rows]) for i in range(len(params))]
             _take_diagonal(diag, hv, offsets, start, stop)
         del grads
-    return [diag[offsets[i]:offsets[i + 1]].view(p.shape).to(torch.float32).to(p.device)
-            for i, p in enumerate(params)]
+    return [
+        diag[offsets[i] : offsets[i + 1]].view(p.shape).to(torch.float32).to(p.device)
+        for i, p in enumerate(params)
+    ]
 
 
 def _unit_block(p, offset: int, start: int, stop: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from esa.tiers import Tier
+from esa.claims.tiers import Tier
 
 log = logging.getLogger("esa")
 
@@ -37,8 +37,16 @@ class Condition:
 class Workbench:
     """Lazily computed, memoized measurements for the models of one session."""
 
-    def __init__(self, tier: Tier, device=None, data=None, calib_data=None, progress: bool = False,
-                 keep_models: int = 1, keep_scores: int = 3):
+    def __init__(
+        self,
+        tier: Tier,
+        device=None,
+        data=None,
+        calib_data=None,
+        progress: bool = False,
+        keep_models: int = 1,
+        keep_scores: int = 3,
+    ):
         self.tier, self.device, self.data_spec, self.calib_spec = tier, device, data, calib_data
         self.progress, self.keep_models = progress, keep_models
         self._models: dict[str, object] = {}
@@ -77,9 +85,16 @@ class Workbench:
     def data(self, name: str):
         from esa.data import prepare_data
 
-        return self._cached(("data", name), lambda: prepare_data(
-            self.model(name).tokenizer, self.data_spec, self.calib_spec, self.tier.max_length,
-            self.tier.eval_windows))
+        return self._cached(
+            ("data", name),
+            lambda: prepare_data(
+                self.model(name).tokenizer,
+                self.data_spec,
+                self.calib_spec,
+                self.tier.max_length,
+                self.tier.eval_windows,
+            ),
+        )
 
     def names(self, name: str, include_embeddings: bool = False) -> list[str]:
         return self.model(name).param_map.scorable(include_embeddings=include_embeddings)
@@ -89,9 +104,17 @@ class Workbench:
         """EvalResult on the evaluation windows."""
         from esa.evaluate import evaluate
 
-        return self._cached(("baseline", name), lambda: evaluate(
-            self.model(name).model, self.data(name).eval_ids, self.tier.batch_size, self.progress,
-            check_leak=True, desc=f"{name} baseline"))
+        return self._cached(
+            ("baseline", name),
+            lambda: evaluate(
+                self.model(name).model,
+                self.data(name).eval_ids,
+                self.tier.batch_size,
+                self.progress,
+                check_leak=True,
+                desc=f"{name} baseline",
+            ),
+        )
 
     def baseline_resampled(self, name: str, seed: int):
         """EvalResult on ``eval_windows`` windows drawn with ``seed`` from the whole text."""
@@ -107,29 +130,47 @@ class Workbench:
         return self._cached(("baseline_resampled", name, seed), run)
 
     def scores(self, name: str, metric: str, seed: int, include_embeddings: bool = False) -> dict:
-        from esa.experiment import cached_scores
+        from esa.metrics.cache import cached_scores
 
         key = (name, metric, seed, include_embeddings)
         if key in self._scores:
             self._scores.move_to_end(key)
             return self._scores[key]
         scores = cached_scores(
-            self.model(name), self.data(name), metric, seed, calib_windows=self.tier.calib_windows,
-            batch_size=self.tier.batch_size, hutchinson_samples=self.tier.hutchinson_samples,
-            names=self.names(name, include_embeddings), progress=self.progress)
+            self.model(name),
+            self.data(name),
+            metric,
+            seed,
+            calib_windows=self.tier.calib_windows,
+            batch_size=self.tier.batch_size,
+            hutchinson_samples=self.tier.hutchinson_samples,
+            names=self.names(name, include_embeddings),
+            progress=self.progress,
+        )
         self._scores[key] = scores
         while len(self._scores) > self.keep_scores:  # full score sets are as large as the model
             self._scores.popitem(last=False)
         return scores
 
-    def selection(self, name: str, metric: str, seed: int, kind: str = "top", mode: str = "per_layer",
-                  k: int | None = None, include_embeddings: bool = False):
+    def selection(
+        self,
+        name: str,
+        metric: str,
+        seed: int,
+        kind: str = "top",
+        mode: str = "per_layer",
+        k: int | None = None,
+        include_embeddings: bool = False,
+    ):
         from esa.select import select
 
         k = k or self.tier.topk
-        return self._cached(("selection", name, metric, seed, kind, mode, k, include_embeddings),
-                            lambda: select(self.scores(name, metric, seed, include_embeddings), k, kind,
-                                           mode, seed=seed, metric=metric))
+        return self._cached(
+            ("selection", name, metric, seed, kind, mode, k, include_embeddings),
+            lambda: select(
+                self.scores(name, metric, seed, include_embeddings), k, kind, mode, seed=seed, metric=metric
+            ),
+        )
 
     def perturbed_eval(self, name: str, cond: Condition) -> dict:
         """PPL / ΔPPL under ``cond`` (restore verified bit-exact on exit) as plain types."""
@@ -138,31 +179,47 @@ class Workbench:
 
         def run():
             lm, base = self.model(name), self.baseline(name)
-            sel = self.selection(name, cond.metric, cond.seed, cond.kind, cond.mode, cond.k,
-                                 cond.include_embeddings)
-            with perturbed(lm.model, sel, cond.perturbation, scale=cond.scale, prob=cond.prob,
-                           seed=cond.seed) as info:
-                res = evaluate(lm.model, self.data(name).eval_ids, self.tier.batch_size, self.progress,
-                               desc=f"{name} {cond.perturbation}/{cond.kind}/seed{cond.seed}")
-            return {"ppl": res.ppl, "delta_ppl": res.ppl - base.ppl, "accuracy": res.accuracy,
-                    "n_weights": int(sel.size), "n_changed": int(info.n_changed),
-                    "restored": bool(info.verified), "finite": res.finite}
+            sel = self.selection(
+                name, cond.metric, cond.seed, cond.kind, cond.mode, cond.k, cond.include_embeddings
+            )
+            with perturbed(
+                lm.model, sel, cond.perturbation, scale=cond.scale, prob=cond.prob, seed=cond.seed
+            ) as info:
+                res = evaluate(
+                    lm.model,
+                    self.data(name).eval_ids,
+                    self.tier.batch_size,
+                    self.progress,
+                    desc=f"{name} {cond.perturbation}/{cond.kind}/seed{cond.seed}",
+                )
+            return {
+                "ppl": res.ppl,
+                "delta_ppl": res.ppl - base.ppl,
+                "accuracy": res.accuracy,
+                "n_weights": int(sel.size),
+                "n_changed": int(info.n_changed),
+                "restored": bool(info.verified),
+                "finite": res.finite,
+            }
 
         return self._cached(("perturbed", name, cond), run)
 
     def zeroshot(self, name: str, tasks: dict, cond: Condition | None = None) -> dict:
         """Multiple-choice accuracy per task (``tasks``: task name -> examples), at baseline or
         under ``cond`` (restored bit-exactly afterwards)."""
+        from esa.analyses.zeroshot import evaluate_task
         from esa.perturb import perturbed
-        from esa.zeroshot import evaluate_task
 
         def run():
             lm = self.model(name)
             if cond is None:
                 return {t: evaluate_task(lm, ex, progress=False) for t, ex in tasks.items()}
-            sel = self.selection(name, cond.metric, cond.seed, cond.kind, cond.mode, cond.k,
-                                 cond.include_embeddings)
-            with perturbed(lm.model, sel, cond.perturbation, scale=cond.scale, prob=cond.prob, seed=cond.seed):
+            sel = self.selection(
+                name, cond.metric, cond.seed, cond.kind, cond.mode, cond.k, cond.include_embeddings
+            )
+            with perturbed(
+                lm.model, sel, cond.perturbation, scale=cond.scale, prob=cond.prob, seed=cond.seed
+            ):
                 return {t: evaluate_task(lm, ex, progress=False) for t, ex in tasks.items()}
 
         return self._cached(("zeroshot", name, tuple(sorted(tasks)), cond), run)

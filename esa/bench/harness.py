@@ -1,6 +1,6 @@
 """Speed and memory benchmark: plain transformers vs esa's own code paths, side by side.
 
-``python -m esa.bench`` times, on random-init models of the published architectures (esa.archs):
+``python -m esa.bench.harness`` times, on random-init models of the published architectures (esa.models.archs):
 
 - ``eval``: evaluation forward (tokens/s, MFU against 2·params·tokens, peak memory), plain
   transformers (``model(input_ids, labels=...)``, bf16, sdpa) vs ``esa.evaluate.evaluate``;
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import gc
 import json
 import os
 import platform
@@ -33,14 +32,14 @@ import traceback
 
 import torch
 
-from esa.artifacts import jsonable
+from esa.util.runtime import GIB, free_memory, peak_gpu_bytes, peaks_per_gpu, reset_peak, sync
+from esa.util.serialize import jsonable
 
 PEAK_BF16_FLOPS = 989.4e12  # H100/H200 SXM dense bf16 (datasheet), the MFU denominator
 EVAL_ARCHS = ("pythia-1.4b", "llama-3.1-8b", "mistral-7b", "phi-3-mini")
 RUNBOOK_METRICS = ("magnitude", "act_mag", "grad_x_weight", "grad_squared")
 RUNBOOK_PERTURBATIONS = ("sign_flip", "zero", "gauss_noise", "bit_flip")
 SECTIONS = ("env", "eval", "score", "hutchinson", "select", "perturb", "runbook", "multi")
-GIB = 1024**3
 
 
 # --- plumbing -------------------------------------------------------------------------------
@@ -53,10 +52,13 @@ class Bench:
         self.out = out
         self.args = args
         self.start = time.time()
-        self.results: dict = {"meta": {"command": " ".join(["python -m esa.bench"] + sys.argv[1:]),
-                                       "started": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                                           timespec="seconds")},
-                              "sections": {}}
+        self.results: dict = {
+            "meta": {
+                "command": " ".join(["python -m esa.bench.harness"] + sys.argv[1:]),
+                "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            },
+            "sections": {},
+        }
         self._lm = None
 
     def save(self) -> None:
@@ -84,14 +86,14 @@ class Bench:
         t = time.perf_counter()
         name = arch if arch.startswith(("arch-", "tiny-")) else f"arch-{arch}"
         lm = load_model(name, device=None if device_map else self.args.device, device_map=device_map)
-        _sync()
+        sync()
         seconds = time.perf_counter() - t
         self._lm = (key, lm)
         return lm, seconds
 
     def drop_model(self) -> None:
         self._lm = None
-        free()
+        free_memory()
 
 
 class _Section:
@@ -120,9 +122,9 @@ class _Section:
     def guard(self, what: str):
         try:
             yield
-        except Exception as exc:  # noqa: BLE001 - record and go on
+        except Exception as exc:
             self.error(what, exc)
-            free()
+            free_memory()
 
     def __enter__(self):
         t = time.time()
@@ -136,55 +138,18 @@ class _Section:
             self.error("section", exc)
         self.data["seconds"] = round(time.time() - self._t, 2)
         self.bench.save()
-        free()
+        free_memory()
         return isinstance(exc, Exception)
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            torch.cuda.synchronize(i)
-
-
-def free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _reset_peak() -> int:
-    """Reset peak stats on every GPU; return the bytes allocated now (all GPUs)."""
-    if not torch.cuda.is_available():
-        return 0
-    _sync()
-    now = 0
-    for i in range(torch.cuda.device_count()):
-        torch.cuda.reset_peak_memory_stats(i)
-        now += torch.cuda.memory_allocated(i)
-    return now
-
-
-def _peak() -> int:
-    if not torch.cuda.is_available():
-        return 0
-    _sync()
-    return sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
-
-
-def _peaks_per_gpu() -> list[float]:
-    if not torch.cuda.is_available():
-        return []
-    return [round(torch.cuda.max_memory_allocated(i) / GIB, 2) for i in range(torch.cuda.device_count())]
 
 
 def _timed(fn, repeats: int = 3):
     """(median seconds, last result) of ``repeats`` synchronised calls."""
     times, out = [], None
     for _ in range(max(1, repeats)):
-        _sync()
+        sync()
         t = time.perf_counter()
         out = fn()
-        _sync()
+        sync()
         times.append(time.perf_counter() - t)
     times.sort()
     return times[len(times) // 2], out
@@ -232,8 +197,11 @@ def plain_grad_x_weight(lm, calib: torch.Tensor, batch_size: int, names) -> None
             b = ids[i : i + batch_size]
             loss = model(input_ids=b, labels=b, use_cache=False).loss * (b.shape[0] / ids.shape[0])
             loss.backward()
-        scores = {n: (named[n].detach().float() * named[n].grad.float()).abs() for n in names
-                  if named[n].grad is not None}
+        scores = {
+            n: (named[n].detach().float() * named[n].grad.float()).abs()
+            for n in names
+            if named[n].grad is not None
+        }
         del scores
     finally:
         for n, p in named.items():
@@ -248,17 +216,25 @@ def section_env(bench: Bench) -> None:
     import transformers
 
     with bench.section("env") as sec:
-        info = {"python": platform.python_version(), "torch": torch.__version__,
-                "transformers": transformers.__version__, "cuda": torch.version.cuda,
-                "platform": platform.platform(), "gpus": [], "date": datetime.date.today().isoformat()}
+        info = {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "cuda": torch.version.cuda,
+            "platform": platform.platform(),
+            "gpus": [],
+            "date": datetime.date.today().isoformat(),
+        }
         with contextlib.suppress(Exception):
             import accelerate
 
             info["accelerate"] = accelerate.__version__
         if torch.cuda.is_available():
             info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-            info["gpu_memory_gib"] = [round(torch.cuda.get_device_properties(i).total_memory / GIB, 1)
-                                      for i in range(torch.cuda.device_count())]
+            info["gpu_memory_gib"] = [
+                round(torch.cuda.get_device_properties(i).total_memory / GIB, 1)
+                for i in range(torch.cuda.device_count())
+            ]
             with sec.guard("gemm"):
                 n = 8192
                 a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
@@ -277,7 +253,7 @@ def section_env(bench: Bench) -> None:
 
 
 def section_eval(bench: Bench) -> None:
-    from esa.archs import random_windows
+    from esa.data import random_windows
     from esa.evaluate import auto_batch_size, evaluate
 
     args = bench.args
@@ -293,36 +269,54 @@ def section_eval(bench: Bench) -> None:
                 windows = random_windows(n, args.length, _vocab(lm), seed=1)
                 bs = auto_batch_size(lm.model, n, args.length, 8)
                 tokens = windows.numel()
-                row = {"arch": arch, "params": params, "load_s": round(load_s, 2), "windows": n,
-                       "length": args.length, "batch_size": bs,
-                       "attn": getattr(lm.model.config, "_attn_implementation", None)}
+                row = {
+                    "arch": arch,
+                    "params": params,
+                    "load_s": round(load_s, 2),
+                    "windows": n,
+                    "length": args.length,
+                    "batch_size": bs,
+                    "attn": getattr(lm.model.config, "_attn_implementation", None),
+                }
                 # plain transformers (labels: the upcast full-logits loss)
                 plain_eval(lm.model, windows[:bs], bs)  # warm-up
-                base = _reset_peak()
+                base = reset_peak()
                 secs, plain_loss = _timed(lambda: plain_eval(lm.model, windows, bs), args.repeats)
-                row.update(plain_tok_s=tokens / secs, plain_peak_gib=(_peak() - 0) / GIB,
-                           plain_extra_gib=(_peak() - base) / GIB, plain_loss=plain_loss)
+                row.update(
+                    plain_tok_s=tokens / secs,
+                    plain_peak_gib=(peak_gpu_bytes() - 0) / GIB,
+                    plain_extra_gib=(peak_gpu_bytes() - base) / GIB,
+                    plain_loss=plain_loss,
+                )
                 # plain forward without labels (logits only), for reference
-                base = _reset_peak()
+                base = reset_peak()
                 secs, _ = _timed(lambda: plain_eval(lm.model, windows, bs, labels=False), args.repeats)
                 row.update(plain_logits_tok_s=tokens / secs)
                 # esa, eager
                 evaluate(lm.model, windows[:bs], bs, progress=False, compile=False)  # warm-up
-                secs, res = _timed(lambda: evaluate(lm.model, windows, bs, progress=False, compile=False),
-                                   args.repeats)
-                row.update(esa_eager_tok_s=tokens / secs, esa_eager_peak_gib=res.peak_memory_bytes / GIB,
-                           esa_eager_nll_diff=abs(res.nll - plain_loss))
+                secs, res = _timed(
+                    lambda: evaluate(lm.model, windows, bs, progress=False, compile=False), args.repeats
+                )
+                row.update(
+                    esa_eager_tok_s=tokens / secs,
+                    esa_eager_peak_gib=res.peak_memory_bytes / GIB,
+                    esa_eager_nll_diff=abs(res.nll - plain_loss),
+                )
                 # esa, its default (compiled on CUDA for models >= 100M params)
                 from esa.evaluate import use_compile
 
                 row["esa_compiled"] = use_compile(lm.model, None)
                 t = time.perf_counter()
                 evaluate(lm.model, windows[:bs], bs, progress=False)  # warm-up (compiles)
-                _sync()
+                sync()
                 row["warmup_s"] = time.perf_counter() - t
                 secs, res = _timed(lambda: evaluate(lm.model, windows, bs, progress=False), args.repeats)
-                row.update(esa_tok_s=tokens / secs, esa_peak_gib=res.peak_memory_bytes / GIB,
-                           esa_nll=res.nll, nll_abs_diff=abs(res.nll - plain_loss))
+                row.update(
+                    esa_tok_s=tokens / secs,
+                    esa_peak_gib=res.peak_memory_bytes / GIB,
+                    esa_nll=res.nll,
+                    nll_abs_diff=abs(res.nll - plain_loss),
+                )
                 row["compile_failed"] = bool(lm.model.__dict__.get("_esa_compile_failed"))
                 row["ratio"] = row["esa_tok_s"] / row["plain_tok_s"]
                 row["eager_ratio"] = row["esa_eager_tok_s"] / row["plain_tok_s"]
@@ -332,8 +326,11 @@ def section_eval(bench: Bench) -> None:
                     with sec.guard(f"{arch} compiled sees perturbations"):
                         row["compiled_sees_perturbation"] = _compiled_sees_perturbation(lm, windows[:bs], bs)
                 sec.row(**row)
-                print(f"[bench] eval {arch}: plain {row['plain_tok_s']:.0f} esa {row['esa_tok_s']:.0f} tok/s "
-                      f"(x{row['ratio']:.2f}; compiled={row['esa_compiled']}) eager {row['esa_eager_tok_s']:.0f}", flush=True)
+                print(
+                    f"[bench] eval {arch}: plain {row['plain_tok_s']:.0f} esa {row['esa_tok_s']:.0f} tok/s "
+                    f"(x{row['ratio']:.2f}; compiled={row['esa_compiled']}) eager {row['esa_eager_tok_s']:.0f}",
+                    flush=True,
+                )
             bench.drop_model()
 
 
@@ -349,14 +346,21 @@ def _compiled_sees_perturbation(lm, windows, bs) -> dict:
         compiled = evaluate(lm.model, windows, bs, progress=False, compile=True).nll
         eager = evaluate(lm.model, windows, bs, progress=False, compile=False).nll
     after = evaluate(lm.model, windows, bs, progress=False).nll
-    return {"tensor": name, "base": base, "compiled": compiled, "eager": eager, "restored": after,
-            "ok": abs(eager - base) > 1e-4 and abs(compiled - eager) < 0.25 * abs(eager - base)
-            and abs(after - base) < 1e-6}
+    return {
+        "tensor": name,
+        "base": base,
+        "compiled": compiled,
+        "eager": eager,
+        "restored": after,
+        "ok": abs(eager - base) > 1e-4
+        and abs(compiled - eager) < 0.25 * abs(eager - base)
+        and abs(after - base) < 1e-6,
+    }
 
 
 def section_score(bench: Bench) -> None:
-    from esa.archs import random_windows
-    from esa.metrics import compute_scores
+    from esa.data import random_windows
+    from esa.metrics.registry import compute_scores
 
     args = bench.args
     with bench.section("score") as sec:
@@ -370,9 +374,11 @@ def section_score(bench: Bench) -> None:
             tokens = calib.numel()
             bs = args.score_batch
             weights_gib = sum(p.numel() * p.element_size() for p in lm.model.parameters()) / GIB
-            variants = [("plain grad_x_weight (loss.backward, bf16 .grad)", None, None),
-                        ("esa grad_x_weight fp32", "grad_x_weight", torch.float32),
-                        ("esa grad_squared fp32", "grad_squared", torch.float32)]
+            variants = [
+                ("plain grad_x_weight (loss.backward, bf16 .grad)", None, None),
+                ("esa grad_x_weight fp32", "grad_x_weight", torch.float32),
+                ("esa grad_squared fp32", "grad_squared", torch.float32),
+            ]
             if "8b" in arch or "7b" in arch:
                 variants.append(("esa grad_x_weight bf16 (lean)", "grad_x_weight", torch.bfloat16))
                 variants.append(("esa grad_x_weight fp32, checkpoint=False", "grad_x_weight", "nockpt"))
@@ -380,43 +386,78 @@ def section_score(bench: Bench) -> None:
                 del_ = compute_scores(lm, "grad_x_weight", calib[:bs], batch_size=bs, progress=False)
                 del del_
                 plain_grad_x_weight(lm, calib[:bs], bs, names)
-                free()
+                free_memory()
             for label, metric, dtype in variants:
                 if sec.left() < 10:
                     break
                 with sec.guard(f"{arch} {label}"):
-                    base = _reset_peak()
+                    base = reset_peak()
                     t = time.perf_counter()
                     if metric is None:
                         plain_grad_x_weight(lm, calib, bs, names)
                         ckpt = False
                     else:
-                        from esa import metrics as M
+                        from esa.metrics import registry as M
 
                         force = False if dtype == "nockpt" else None
                         dtype = torch.float32 if dtype == "nockpt" else dtype
-                        ckpt = force if force is not None else M._needs_checkpointing(M._context(
-                            lm, M.METRICS[metric], calib, names, seed=0, batch_size=bs, hutchinson_samples=1,
-                            progress=False, max_entries=1, desc="", score_dtype=dtype, checkpoint=None))
-                        scores = compute_scores(lm, metric, calib, batch_size=bs, progress=False,
-                                                score_dtype=dtype, checkpoint=force)
+                        ckpt = (
+                            force
+                            if force is not None
+                            else M._needs_checkpointing(
+                                M._context(
+                                    lm,
+                                    M.METRICS[metric],
+                                    calib,
+                                    names,
+                                    seed=0,
+                                    batch_size=bs,
+                                    hutchinson_samples=1,
+                                    progress=False,
+                                    max_entries=1,
+                                    desc="",
+                                    score_dtype=dtype,
+                                    checkpoint=None,
+                                )
+                            )
+                        )
+                        scores = compute_scores(
+                            lm,
+                            metric,
+                            calib,
+                            batch_size=bs,
+                            progress=False,
+                            score_dtype=dtype,
+                            checkpoint=force,
+                        )
                         finite = all(bool(torch.isfinite(s).all()) for s in scores.values())
                         del scores
-                    _sync()
+                    sync()
                     secs = time.perf_counter() - t
-                    row = sec.row(arch=arch, variant=label, windows=int(calib.shape[0]), batch_size=bs,
-                                  tok_s=tokens / secs, seconds=secs, peak_gib=_peak() / GIB,
-                                  extra_gib=(_peak() - base) / GIB, weights_gib=weights_gib,
-                                  checkpointing=ckpt, **({} if metric is None else {"finite": finite}))
-                    print(f"[bench] score {arch} {label}: {row['tok_s']:.0f} tok/s peak {row['peak_gib']:.1f} GiB",
-                          flush=True)
-                free()
+                    row = sec.row(
+                        arch=arch,
+                        variant=label,
+                        windows=int(calib.shape[0]),
+                        batch_size=bs,
+                        tok_s=tokens / secs,
+                        seconds=secs,
+                        peak_gib=peak_gpu_bytes() / GIB,
+                        extra_gib=(peak_gpu_bytes() - base) / GIB,
+                        weights_gib=weights_gib,
+                        checkpointing=ckpt,
+                        **({} if metric is None else {"finite": finite}),
+                    )
+                    print(
+                        f"[bench] score {arch} {label}: {row['tok_s']:.0f} tok/s peak {row['peak_gib']:.1f} GiB",
+                        flush=True,
+                    )
+                free_memory()
         bench.drop_model()
 
 
 def section_hutchinson(bench: Bench) -> None:
-    from esa.archs import random_windows
-    from esa.metrics import compute_scores
+    from esa.data import random_windows
+    from esa.metrics.registry import compute_scores
 
     args = bench.args
     with bench.section("hutchinson") as sec:
@@ -429,21 +470,28 @@ def section_hutchinson(bench: Bench) -> None:
                 calib = random_windows(args.hutchinson_windows, args.length, _vocab(lm), seed=3)
                 out = {"arch": arch, "windows": int(calib.shape[0]), "length": args.length}
                 times = {}
-                del_ = compute_scores(lm, "hutchinson_diag", calib[:1], batch_size=1, hutchinson_samples=1,
-                                      progress=False)  # warm-up (kernels, handles), untimed
+                del_ = compute_scores(
+                    lm, "hutchinson_diag", calib[:1], batch_size=1, hutchinson_samples=1, progress=False
+                )  # warm-up (kernels, handles), untimed
                 del del_
-                free()
+                free_memory()
                 for samples in (1, 2):
-                    _reset_peak()
+                    reset_peak()
                     t = time.perf_counter()
-                    s = compute_scores(lm, "hutchinson_diag", calib, batch_size=calib.shape[0],
-                                       hutchinson_samples=samples, progress=False)
+                    s = compute_scores(
+                        lm,
+                        "hutchinson_diag",
+                        calib,
+                        batch_size=calib.shape[0],
+                        hutchinson_samples=samples,
+                        progress=False,
+                    )
                     del s
-                    _sync()
+                    sync()
                     times[samples] = time.perf_counter() - t
                     out[f"seconds_{samples}_samples"] = times[samples]
-                    out[f"peak_gib_{samples}_samples"] = _peak() / GIB
-                    free()
+                    out[f"peak_gib_{samples}_samples"] = peak_gpu_bytes() / GIB
+                    free_memory()
                     if sec.left() < 5:
                         break
                 if 2 in times:
@@ -455,7 +503,7 @@ def section_hutchinson(bench: Bench) -> None:
 
 
 def section_select_perturb(bench: Bench) -> None:
-    from esa.metrics import compute_scores
+    from esa.metrics.registry import compute_scores
     from esa.perturb import perturbed
     from esa.select import select
 
@@ -475,13 +523,21 @@ def section_select_perturb(bench: Bench) -> None:
                 for kind in ("top", "bottom", "random") if k == 300 else ("top",):
                     with sec.guard(f"{mode} k={k} {kind}"):
                         select(scores, k, kind, mode)  # warm-up (kernels, allocator)
-                        base = _reset_peak()
+                        base = reset_peak()
                         secs, sel = _timed(lambda s=scores, k=k, kind=kind, m=mode: select(s, k, kind, m), 1)
-                        sec.row(arch=arch, mode=mode, k=k, kind=kind, seconds=secs, entries=entries,
-                                selected=sel.size, extra_gib=(_peak() - base) / GIB)
+                        sec.row(
+                            arch=arch,
+                            mode=mode,
+                            k=k,
+                            kind=kind,
+                            seconds=secs,
+                            entries=entries,
+                            selected=sel.size,
+                            extra_gib=(peak_gpu_bytes() - base) / GIB,
+                        )
                         selections[(mode, k, kind)] = sel
         del scores
-        free()
+        free_memory()
     with bench.section("perturb") as sec:
         lm, _ = bench.model(arch)
         for (mode, k, kind), sel in selections.items():
@@ -493,21 +549,30 @@ def section_select_perturb(bench: Bench) -> None:
 
                     def run():
                         with perturbed(lm.model, sel, method, scale=scale, seed=0) as info:
-                            _sync()
+                            sync()
                         return info
 
                     run()
-                    base = _reset_peak()
+                    base = reset_peak()
                     secs, info = _timed(run, 3)
-                    sec.row(arch=arch, mode=mode, k=k, method=method, n_selected=info.n_selected,
-                            n_changed=info.n_changed, tensors=len(info.params), verified=info.verified,
-                            seconds=secs, extra_gib=(_peak() - base) / GIB)
+                    sec.row(
+                        arch=arch,
+                        mode=mode,
+                        k=k,
+                        method=method,
+                        n_selected=info.n_selected,
+                        n_changed=info.n_changed,
+                        tensors=len(info.params),
+                        verified=info.verified,
+                        seconds=secs,
+                        extra_gib=(peak_gpu_bytes() - base) / GIB,
+                    )
     bench.drop_model()
 
 
 def section_runbook(bench: Bench) -> None:
-    from esa.archs import random_data
-    from esa.experiment import ExperimentConfig, run_experiment
+    from esa.data import random_data
+    from esa.runbook.experiment import ExperimentConfig, run_experiment
 
     args = bench.args
     with bench.section("runbook") as sec:
@@ -517,12 +582,23 @@ def section_runbook(bench: Bench) -> None:
         data = random_data(_vocab(lm), args.runbook_windows, 3 * args.runbook_calib, args.length, seed=5)
         with tempfile.TemporaryDirectory() as tmp:
             config = ExperimentConfig(
-                model=lm.name, out_dir=os.path.join(tmp, "run"),
-                metrics=list(args.runbook_metrics), mode="per_layer", topk=100,
-                max_samples=args.runbook_windows, max_length=args.length, batch_size=8,
-                calib_samples=args.runbook_calib, seeds=[0, 1, 2], perturbations=list(RUNBOOK_PERTURBATIONS),
-                controls=["random_k", "bottom_k"], use_cache=False, progress=args.progress,
-                compile=args.runbook_compile, score_dtype=args.runbook_score_dtype)
+                model=lm.name,
+                out_dir=os.path.join(tmp, "run"),
+                metrics=list(args.runbook_metrics),
+                mode="per_layer",
+                topk=100,
+                max_samples=args.runbook_windows,
+                max_length=args.length,
+                batch_size=8,
+                calib_samples=args.runbook_calib,
+                seeds=[0, 1, 2],
+                perturbations=list(RUNBOOK_PERTURBATIONS),
+                controls=["random_k", "bottom_k"],
+                use_cache=False,
+                progress=args.progress,
+                compile=args.runbook_compile,
+                score_dtype=args.runbook_score_dtype,
+            )
             result = run_experiment(config, lm=lm, data=data)
             wall = time.perf_counter() - t
             files = sorted(os.listdir(result.out_dir)) if result.out_dir else []
@@ -531,22 +607,34 @@ def section_runbook(bench: Bench) -> None:
         sec.data["memory_gib"] = {k: v / GIB for k, v in result.memory.items()}
         sec.data["baseline"] = result.baseline
         sec.data["artifacts"] = files
-        phase = {"score_s": sum(v for k, v in result.timings.items() if k.startswith("score_")),
-                 "perturb_eval_s": sum(v for k, v in result.timings.items() if k.startswith("perturb_"))}
-        sec.row(arch=args.runbook_arch, wall_s=wall, load_s=load_s, total_s=result.timings["total_s"],
-                eval_windows=args.runbook_windows, calib_windows=args.runbook_calib, length=args.length,
-                metrics=list(args.runbook_metrics), conditions=len(result.rows),
-                evals_reused=result.timings.get("evals_reused"), eval_batch_size=result.timings.get("eval_batch_size"),
-                baseline_tok_s=result.baseline["tokens_per_s"],
-                peak_gib=max(result.memory.values()) / GIB if result.memory else 0.0, **phase)
+        phase = {
+            "score_s": sum(v for k, v in result.timings.items() if k.startswith("score_")),
+            "perturb_eval_s": sum(v for k, v in result.timings.items() if k.startswith("perturb_")),
+        }
+        sec.row(
+            arch=args.runbook_arch,
+            wall_s=wall,
+            load_s=load_s,
+            total_s=result.timings["total_s"],
+            eval_windows=args.runbook_windows,
+            calib_windows=args.runbook_calib,
+            length=args.length,
+            metrics=list(args.runbook_metrics),
+            conditions=len(result.rows),
+            evals_reused=result.timings.get("evals_reused"),
+            eval_batch_size=result.timings.get("eval_batch_size"),
+            baseline_tok_s=result.baseline["tokens_per_s"],
+            peak_gib=max(result.memory.values()) / GIB if result.memory else 0.0,
+            **phase,
+        )
         print(f"[bench] runbook: {wall:.1f} s wall, {len(result.rows)} conditions", flush=True)
     bench.drop_model()
 
 
 def section_multi(bench: Bench) -> None:
-    from esa.archs import random_windows
+    from esa.data import random_windows
     from esa.evaluate import auto_batch_size, evaluate
-    from esa.metrics import compute_scores
+    from esa.metrics.registry import compute_scores
 
     args = bench.args
     with bench.section("multi") as sec:
@@ -558,7 +646,9 @@ def section_multi(bench: Bench) -> None:
         bench.drop_model()
         lm, load_s = bench.model(args.multi_arch, device_map="auto")
         sec.data["device_map"] = sorted({str(p.device) for p in lm.model.parameters()})
-        sec.data["weights_gib_per_gpu"] = [round(torch.cuda.memory_allocated(i) / GIB, 2) for i in range(n_gpu)]
+        sec.data["weights_gib_per_gpu"] = [
+            round(torch.cuda.memory_allocated(i) / GIB, 2) for i in range(n_gpu)
+        ]
         params = lm.num_parameters
         n = args.multi_windows
         windows = random_windows(n, args.length, _vocab(lm), seed=6)
@@ -566,33 +656,51 @@ def section_multi(bench: Bench) -> None:
         tokens = windows.numel()
         with sec.guard("eval"):
             plain_eval(lm.model, windows[:bs], bs)
-            _reset_peak()
+            reset_peak()
             secs, plain_loss = _timed(lambda: plain_eval(lm.model, windows, bs), 1)
-            plain = {"tok_s": tokens / secs, "peak_gib_per_gpu": _peaks_per_gpu()}
+            plain = {"tok_s": tokens / secs, "peak_gib_per_gpu": peaks_per_gpu()}
             evaluate(lm.model, windows[:bs], bs, progress=False)
-            _reset_peak()
+            reset_peak()
             secs, res = _timed(lambda: evaluate(lm.model, windows, bs, progress=False), 1)
-            sec.row(arch=args.multi_arch, part="eval", params=params, load_s=load_s, windows=n, batch_size=bs,
-                    plain_tok_s=plain["tok_s"], plain_peak_gib_per_gpu=plain["peak_gib_per_gpu"],
-                    esa_tok_s=tokens / secs, esa_peak_gib_per_gpu=_peaks_per_gpu(),
-                    ratio=tokens / secs / plain["tok_s"], nll_abs_diff=abs(res.nll - plain_loss))
+            sec.row(
+                arch=args.multi_arch,
+                part="eval",
+                params=params,
+                load_s=load_s,
+                windows=n,
+                batch_size=bs,
+                plain_tok_s=plain["tok_s"],
+                plain_peak_gib_per_gpu=plain["peak_gib_per_gpu"],
+                esa_tok_s=tokens / secs,
+                esa_peak_gib_per_gpu=peaks_per_gpu(),
+                ratio=tokens / secs / plain["tok_s"],
+                nll_abs_diff=abs(res.nll - plain_loss),
+            )
         calib = random_windows(args.multi_calib, args.length, _vocab(lm), seed=7)
         for dtype in (torch.bfloat16, torch.float32):
             if sec.left() < 30:
                 break
             with sec.guard(f"grad_x_weight {dtype}"):
-                _reset_peak()
+                reset_peak()
                 t = time.perf_counter()
-                scores = compute_scores(lm, "grad_x_weight", calib, batch_size=args.score_batch,
-                                        progress=False, score_dtype=dtype)
-                _sync()
+                scores = compute_scores(
+                    lm, "grad_x_weight", calib, batch_size=args.score_batch, progress=False, score_dtype=dtype
+                )
+                sync()
                 secs = time.perf_counter() - t
                 finite = all(bool(torch.isfinite(s).all()) for s in scores.values())
                 del scores
-                sec.row(arch=args.multi_arch, part=f"grad_x_weight {str(dtype).replace('torch.', '')}",
-                        windows=int(calib.shape[0]), batch_size=args.score_batch, seconds=secs,
-                        tok_s=calib.numel() / secs, peak_gib_per_gpu=_peaks_per_gpu(), finite=finite)
-            free()
+                sec.row(
+                    arch=args.multi_arch,
+                    part=f"grad_x_weight {str(dtype).replace('torch.', '')}",
+                    windows=int(calib.shape[0]),
+                    batch_size=args.score_batch,
+                    seconds=secs,
+                    tok_s=calib.numel() / secs,
+                    peak_gib_per_gpu=peaks_per_gpu(),
+                    finite=finite,
+                )
+            free_memory()
     bench.drop_model()
 
 
@@ -614,71 +722,109 @@ def markdown(results: dict) -> str:
     lines = []
     ev = s.get("eval", {}).get("rows", [])
     if ev:
-        lines += ["### Evaluation forward (bf16, sdpa, 512-token windows)", "",
-                  "| architecture | params | batch | plain tok/s | esa tok/s | esa / plain | plain MFU | esa MFU "
-                  "| esa eager tok/s (/ plain) | compiled | warm-up s | plain peak GiB | esa peak GiB | |ΔNLL| |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+        lines += [
+            "### Evaluation forward (bf16, sdpa, 512-token windows)",
+            "",
+            "| architecture | params | batch | plain tok/s | esa tok/s | esa / plain | plain MFU | esa MFU "
+            "| esa eager tok/s (/ plain) | compiled | warm-up s | plain peak GiB | esa peak GiB | |ΔNLL| |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+        ]
         for r in ev:
-            eager = f"{r['esa_eager_tok_s']:,.0f} (x{r['eager_ratio']:.2f})" if "esa_eager_tok_s" in r else "–"
-            lines.append(f"| {r['arch']} | {r['params'] / 1e9:.2f} B | {r['batch_size']} | {_f(r['plain_tok_s'])} "
-                         f"| {_f(r['esa_tok_s'])} | x{r['ratio']:.2f} | {r['plain_mfu']:.0%} | {r['esa_mfu']:.0%} "
-                         f"| {eager} | {r.get('esa_compiled')} | {_f(r.get('warmup_s'), '{:.1f}')} "
-                         f"| {r['plain_peak_gib']:.1f} | {r['esa_peak_gib']:.1f} | {r['nll_abs_diff']:.1e} |")
+            eager = (
+                f"{r['esa_eager_tok_s']:,.0f} (x{r['eager_ratio']:.2f})" if "esa_eager_tok_s" in r else "–"
+            )
+            lines.append(
+                f"| {r['arch']} | {r['params'] / 1e9:.2f} B | {r['batch_size']} | {_f(r['plain_tok_s'])} "
+                f"| {_f(r['esa_tok_s'])} | x{r['ratio']:.2f} | {r['plain_mfu']:.0%} | {r['esa_mfu']:.0%} "
+                f"| {eager} | {r.get('esa_compiled')} | {_f(r.get('warmup_s'), '{:.1f}')} "
+                f"| {r['plain_peak_gib']:.1f} | {r['esa_peak_gib']:.1f} | {r['nll_abs_diff']:.1e} |"
+            )
         lines.append("")
     sc = s.get("score", {}).get("rows", [])
     if sc:
-        lines += ["### Scoring pass (calibration windows of 512 tokens)", "",
-                  "| architecture | variant | windows | batch | tok/s | seconds | peak GiB | checkpointing |",
-                  "|---|---|---:|---:|---:|---:|---:|---|"]
+        lines += [
+            "### Scoring pass (calibration windows of 512 tokens)",
+            "",
+            "| architecture | variant | windows | batch | tok/s | seconds | peak GiB | checkpointing |",
+            "|---|---|---:|---:|---:|---:|---:|---|",
+        ]
         plain = {r["arch"]: r for r in sc if r["variant"].startswith("plain")}
         for r in sc:
             ratio = ""
             if r["arch"] in plain and not r["variant"].startswith("plain"):
                 ratio = f" (x{r['tok_s'] / plain[r['arch']]['tok_s']:.2f})"
-            lines.append(f"| {r['arch']} | {r['variant']} | {r['windows']} | {r['batch_size']} | {_f(r['tok_s'])}{ratio} "
-                         f"| {r['seconds']:.1f} | {r['peak_gib']:.1f} | {r['checkpointing']} |")
+            lines.append(
+                f"| {r['arch']} | {r['variant']} | {r['windows']} | {r['batch_size']} | {_f(r['tok_s'])}{ratio} "
+                f"| {r['seconds']:.1f} | {r['peak_gib']:.1f} | {r['checkpointing']} |"
+            )
         lines.append("")
     hu = s.get("hutchinson", {}).get("rows", [])
     if hu:
-        lines += ["### hutchinson_diag cost", "",
-                  "| architecture | windows x tokens | s (1 sample) | s (2 samples) | s per sample | peak GiB |",
-                  "|---|---|---:|---:|---:|---:|"]
+        lines += [
+            "### hutchinson_diag cost",
+            "",
+            "| architecture | windows x tokens | s (1 sample) | s (2 samples) | s per sample | peak GiB |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
         for r in hu:
-            lines.append(f"| {r['arch']} | {r['windows']} x {r['length']} | {_f(r.get('seconds_1_samples'), '{:.2f}')} "
-                         f"| {_f(r.get('seconds_2_samples'), '{:.2f}')} | {_f(r.get('seconds_per_sample'), '{:.2f}')} "
-                         f"| {_f(r.get('peak_gib_2_samples', r.get('peak_gib_1_samples')), '{:.1f}')} |")
+            lines.append(
+                f"| {r['arch']} | {r['windows']} x {r['length']} | {_f(r.get('seconds_1_samples'), '{:.2f}')} "
+                f"| {_f(r.get('seconds_2_samples'), '{:.2f}')} | {_f(r.get('seconds_per_sample'), '{:.2f}')} "
+                f"| {_f(r.get('peak_gib_2_samples', r.get('peak_gib_1_samples')), '{:.1f}')} |"
+            )
         lines.append("")
     se = s.get("select", {}).get("rows", [])
     if se:
-        lines += [f"### Selection over all {se[0]['entries'] / 1e9:.2f} B weights ({se[0]['arch']})", "",
-                  "| mode | k | kind | seconds | extra GiB |", "|---|---:|---|---:|---:|"]
+        lines += [
+            f"### Selection over all {se[0]['entries'] / 1e9:.2f} B weights ({se[0]['arch']})",
+            "",
+            "| mode | k | kind | seconds | extra GiB |",
+            "|---|---:|---|---:|---:|",
+        ]
         for r in se:
-            lines.append(f"| {r['mode']} | {r['k']} | {r['kind']} | {r['seconds']:.3f} | {r['extra_gib']:.3f} |")
+            lines.append(
+                f"| {r['mode']} | {r['k']} | {r['kind']} | {r['seconds']:.3f} | {r['extra_gib']:.3f} |"
+            )
         lines.append("")
     pe = s.get("perturb", {}).get("rows", [])
     if pe:
-        lines += ["### Perturb + restore (bit-exact, verified)", "",
-                  "| selection | method | entries | tensors | seconds | extra GiB |", "|---|---|---:|---:|---:|---:|"]
+        lines += [
+            "### Perturb + restore (bit-exact, verified)",
+            "",
+            "| selection | method | entries | tensors | seconds | extra GiB |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
         for r in pe:
-            lines.append(f"| {r['mode']} k={r['k']} | {r['method']} | {r['n_selected']} | {r['tensors']} "
-                         f"| {r['seconds']:.3f} | {r['extra_gib']:.3f} |")
+            lines.append(
+                f"| {r['mode']} k={r['k']} | {r['method']} | {r['n_selected']} | {r['tensors']} "
+                f"| {r['seconds']:.3f} | {r['extra_gib']:.3f} |"
+            )
         lines.append("")
     rb = s.get("runbook", {}).get("rows", [])
     if rb:
-        lines += ["### Runbook v2 end to end", "",
-                  "| architecture | eval windows | calib windows | conditions | evals reused | score s "
-                  "| perturb+eval s | total s | wall s | peak GiB |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "### Runbook v2 end to end",
+            "",
+            "| architecture | eval windows | calib windows | conditions | evals reused | score s "
+            "| perturb+eval s | total s | wall s | peak GiB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for r in rb:
-            lines.append(f"| {r['arch']} | {r['eval_windows']} | {r['calib_windows']} | {r['conditions']} "
-                         f"| {r['evals_reused']} | {r['score_s']:.0f} | {r['perturb_eval_s']:.0f} | {r['total_s']:.0f} "
-                         f"| {r['wall_s']:.0f} | {r['peak_gib']:.1f} |")
+            lines.append(
+                f"| {r['arch']} | {r['eval_windows']} | {r['calib_windows']} | {r['conditions']} "
+                f"| {r['evals_reused']} | {r['score_s']:.0f} | {r['perturb_eval_s']:.0f} | {r['total_s']:.0f} "
+                f"| {r['wall_s']:.0f} | {r['peak_gib']:.1f} |"
+            )
         lines.append("")
     mu = s.get("multi", {}).get("rows", [])
     if mu:
         lines += ["### Several GPUs (device_map)", "", "| architecture | part | numbers |", "|---|---|---|"]
         for r in mu:
-            keep = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k not in ("arch", "part")}
+            keep = {
+                k: (round(v, 3) if isinstance(v, float) else v)
+                for k, v in r.items()
+                if k not in ("arch", "part")
+            }
             lines.append(f"| {r['arch']} | {r['part']} | {json.dumps(keep)} |")
         lines.append("")
     errors = [(name, e) for name, sec in s.items() for e in sec.get("errors", [])]
@@ -691,9 +837,12 @@ def markdown(results: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m esa.bench", description=__doc__.splitlines()[0])
-    p.add_argument("--sections", default="env,eval,score,hutchinson,select,perturb",
-                   help=f"comma-separated, from {','.join(SECTIONS)} (default: all single-GPU but runbook)")
+    p = argparse.ArgumentParser(prog="python -m esa.bench.harness", description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--sections",
+        default="env,eval,score,hutchinson,select,perturb",
+        help=f"comma-separated, from {','.join(SECTIONS)} (default: all single-GPU but runbook)",
+    )
     p.add_argument("--out", default=None, help="results JSON (default bench/results/<date>-<host>.json)")
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     p.add_argument("--budget-s", type=float, default=540.0, help="wall-clock budget of the whole run")
@@ -716,17 +865,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--multi-arch", default="mixtral-8x7b")
     p.add_argument("--multi-windows", type=int, default=32)
     p.add_argument("--multi-calib", type=int, default=16)
-    p.add_argument("--section-budgets", default="",
-                   help="per-section seconds, e.g. eval=200,score=90 (defaults in SECTION_S)")
+    p.add_argument(
+        "--section-budgets",
+        default="",
+        help="per-section seconds, e.g. eval=200,score=90 (defaults in SECTION_S)",
+    )
     p.add_argument("--progress", action="store_true", help="show progress bars")
     p.add_argument("--verbose", action="store_true")
-    p.add_argument("--report", nargs="*", default=None, metavar="JSON",
-                   help="print the markdown tables of existing results and exit")
+    p.add_argument(
+        "--report",
+        nargs="*",
+        default=None,
+        metavar="JSON",
+        help="print the markdown tables of existing results and exit",
+    )
     return p
 
 
-SECTION_S = {"env": 30, "eval": 240, "score": 120, "hutchinson": 90, "select": 60, "perturb": 45,
-             "runbook": 590, "multi": 400}
+SECTION_S = {
+    "env": 30,
+    "eval": 240,
+    "score": 120,
+    "hutchinson": 90,
+    "select": 60,
+    "perturb": 45,
+    "runbook": 590,
+    "multi": 400,
+}
 
 
 def main(argv=None) -> int:
@@ -750,20 +915,30 @@ def main(argv=None) -> int:
     sections = [s for s in args.sections.split(",") if s]
     unknown = set(sections) - set(SECTIONS)
     if unknown:
-        print(f"esa.bench: unknown section(s) {sorted(unknown)}; choose from {SECTIONS}", file=sys.stderr)
+        print(
+            f"esa.bench.harness: unknown section(s) {sorted(unknown)}; choose from {SECTIONS}",
+            file=sys.stderr,
+        )
         return 2
     bench = Bench(args.out, args)
     bench.results["meta"]["sections"] = sections
     bench.results["meta"]["args"] = {k: v for k, v in vars(args).items() if k != "report"}
     if "env" not in sections:
         section_env_quiet(bench)
-    runners = {"env": section_env, "eval": section_eval, "score": section_score,
-               "hutchinson": section_hutchinson, "runbook": section_runbook, "multi": section_multi}
+    runners = {
+        "env": section_env,
+        "eval": section_eval,
+        "score": section_score,
+        "hutchinson": section_hutchinson,
+        "runbook": section_runbook,
+        "multi": section_multi,
+    }
     done_select = False
     for name in sections:
         if bench.left() < 5:
             bench.results["sections"].setdefault(name, {"rows": [], "errors": []})["errors"].append(
-                "skipped: run budget spent")
+                "skipped: run budget spent"
+            )
             continue
         if name in ("select", "perturb"):
             if not done_select:
@@ -780,10 +955,14 @@ def main(argv=None) -> int:
 def section_env_quiet(bench: Bench) -> None:
     import transformers
 
-    bench.results["meta"]["env"] = {"torch": torch.__version__, "transformers": transformers.__version__,
-                                    "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-                                    if torch.cuda.is_available() else [],
-                                    "date": datetime.date.today().isoformat()}
+    bench.results["meta"]["env"] = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if torch.cuda.is_available()
+        else [],
+        "date": datetime.date.today().isoformat(),
+    }
 
 
 if __name__ == "__main__":

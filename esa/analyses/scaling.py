@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -53,24 +53,58 @@ DEFAULT_CALIB = _SHARED / "wikitext-2" / "valid.txt"
 # --- measuring one model ---------------------------------------------------------------------
 
 
-def measure_model(lm, data, measure: str, *, seed: int = 0, n_calib: int = 4, batch_size: int = 4,
-                  scores: dict | None = None, top_fraction: float = 0.01, fraction: float = 1e-2,
-                  n_random: int = 5, factor: float = 2.0, progress: bool = False) -> float:
+def measure_model(
+    lm,
+    data,
+    measure: str,
+    *,
+    seed: int = 0,
+    n_calib: int = 4,
+    batch_size: int = 4,
+    scores: dict | None = None,
+    top_fraction: float = 0.01,
+    fraction: float = 1e-2,
+    n_random: int = 5,
+    factor: float = 2.0,
+    progress: bool = False,
+) -> float:
     """One measure (see the module doc) of ``lm`` on a ``DataBundle`` ``data``, as a float.
 
     ``scores`` (name -> grad_x_weight scores) skips the scoring pass; otherwise they are computed
     on ``data.calibration(n_calib, seed)``.
     """
-    out = measure_all(lm, data, [measure], seed=seed, n_calib=n_calib, batch_size=batch_size,
-                      scores=scores, top_fraction=top_fraction, fraction=fraction,
-                      n_random=n_random, factor=factor, progress=progress)
+    out = measure_all(
+        lm,
+        data,
+        [measure],
+        seed=seed,
+        n_calib=n_calib,
+        batch_size=batch_size,
+        scores=scores,
+        top_fraction=top_fraction,
+        fraction=fraction,
+        n_random=n_random,
+        factor=factor,
+        progress=progress,
+    )
     return out[measure]
 
 
-def measure_all(lm, data, measures: Iterable[str] = MEASURES, *, seed: int = 0, n_calib: int = 4,
-                batch_size: int = 4, scores: dict | None = None, top_fraction: float = 0.01,
-                fraction: float = 1e-2, n_random: int = 5, factor: float = 2.0,
-                progress: bool = False) -> dict:
+def measure_all(
+    lm,
+    data,
+    measures: Iterable[str] = MEASURES,
+    *,
+    seed: int = 0,
+    n_calib: int = 4,
+    batch_size: int = 4,
+    scores: dict | None = None,
+    top_fraction: float = 0.01,
+    fraction: float = 1e-2,
+    n_random: int = 5,
+    factor: float = 2.0,
+    progress: bool = False,
+) -> dict:
     """Several measures sharing one scoring pass and one baseline evaluation.
 
     Returns ``{measure: float, ..., "baseline_ppl": float, "n_scored": int, "details": {measure:
@@ -81,16 +115,20 @@ def measure_all(lm, data, measures: Iterable[str] = MEASURES, *, seed: int = 0, 
     if unknown:
         raise ConfigError(f"unknown scaling measure(s) {unknown}: choose from {', '.join(MEASURES)}")
     if scores is None:
-        from esa.metrics import compute_scores
+        from esa.metrics.registry import compute_scores
 
-        scores = compute_scores(lm, METRIC, data.calibration(n_calib, seed), seed=seed,
-                                batch_size=batch_size, progress=progress)
+        scores = compute_scores(
+            lm, METRIC, data.calibration(n_calib, seed), seed=seed, batch_size=batch_size, progress=progress
+        )
     _check_scores(scores)
     from esa.evaluate import evaluate
 
     base = evaluate(lm.model, data.eval_ids, batch_size=batch_size, progress=False)
-    out: dict = {"baseline_ppl": float(base.ppl), "n_scored": int(sum(s.numel() for s in scores.values())),
-                 "details": {}}
+    out: dict = {
+        "baseline_ppl": float(base.ppl),
+        "n_scored": int(sum(s.numel() for s in scores.values())),
+        "details": {},
+    }
     for m in measures:
         if m == "concentration":
             d = _concentration(scores, top_fraction)
@@ -147,8 +185,14 @@ def _concentration(scores: dict, top_fraction: float) -> dict:
     else:
         median = 0.5 * (_kth_largest(scores, n // 2) + _kth_largest(scores, n // 2 + 1))
     value = top_mean / median if median > 0 else math.inf
-    return {"value": value, "top_mean": top_mean, "median": median, "k_top": k, "n": n,
-            "top_fraction": top_fraction}
+    return {
+        "value": value,
+        "top_mean": top_mean,
+        "median": median,
+        "k_top": k,
+        "n": n,
+        "top_fraction": top_fraction,
+    }
 
 
 def _ppl_zeroed(lm, data, indices: dict, batch_size: int) -> float:
@@ -162,8 +206,10 @@ def _ppl_zeroed(lm, data, indices: dict, batch_size: int) -> float:
 def _per_tensor(scores: dict, counts: dict, kind: str, seed: int) -> dict:
     from esa.select import select
 
-    return {n: select({n: s}, counts[n], kind, "per_layer", seed=seed, metric=METRIC).indices[n]
-            for n, s in scores.items()}
+    return {
+        n: select({n: s}, counts[n], kind, "per_layer", seed=seed, metric=METRIC).indices[n]
+        for n, s in scores.items()
+    }
 
 
 def _super_random_ratio(lm, data, scores, base_ppl, fraction, n_random, seed, batch_size) -> dict:
@@ -173,18 +219,27 @@ def _super_random_ratio(lm, data, scores, base_ppl, fraction, n_random, seed, ba
         raise ConfigError(f"n_random must be >= 1, got {n_random}")
     counts = {n: max(1, round(fraction * s.numel())) for n, s in scores.items()}
     d_top = _ppl_zeroed(lm, data, _per_tensor(scores, counts, "top", seed), batch_size) - base_ppl
-    d_rand = [_ppl_zeroed(lm, data, _per_tensor(scores, counts, "random", seed + r), batch_size) - base_ppl
-              for r in range(n_random)]
+    d_rand = [
+        _ppl_zeroed(lm, data, _per_tensor(scores, counts, "random", seed + r), batch_size) - base_ppl
+        for r in range(n_random)
+    ]
     mean_rand = float(np.mean(d_rand))
     if mean_rand > 0:
         value = d_top / mean_rand
     else:
-        log.warning("esa: random zeroing did not raise PPL (mean dPPL %.3g): super_random_ratio = inf",
-                    mean_rand)
+        log.warning(
+            "esa: random zeroing did not raise PPL (mean dPPL %.3g): super_random_ratio = inf", mean_rand
+        )
         value = math.inf if d_top > 0 else math.nan
-    return {"value": value, "delta_ppl_top": d_top, "delta_ppl_random": d_rand,
-            "delta_ppl_random_mean": mean_rand, "k_total": int(sum(counts.values())),
-            "fraction": fraction, "n_random": n_random}
+    return {
+        "value": value,
+        "delta_ppl_top": d_top,
+        "delta_ppl_random": d_rand,
+        "delta_ppl_random_mean": mean_rand,
+        "k_total": int(sum(counts.values())),
+        "fraction": fraction,
+        "n_random": n_random,
+    }
 
 
 def _weights_to_double(lm, data, scores, base_ppl, factor, batch_size) -> dict:
@@ -214,16 +269,33 @@ def _weights_to_double(lm, data, scores, base_ppl, factor, batch_size) -> dict:
             hi = mid
         else:
             lo = mid
-    return {"value": float(hi), "target_ppl": target, "factor": factor, "path": path,
-            "evaluations": len(path)}
+    return {
+        "value": float(hi),
+        "target_ppl": target,
+        "factor": factor,
+        "path": path,
+        "evaluations": len(path),
+    }
 
 
 # --- a whole family --------------------------------------------------------------------------
 
 
-def measure_family(names: Sequence[str], measures: Iterable[str] = MEASURES, *, data=None,
-                   calib_data=None, max_length: int = 128, max_samples: int = 4, n_calib: int = 4,
-                   seed: int = 0, dtype=None, device="cpu", progress: bool = False, **options) -> list[dict]:
+def measure_family(
+    names: Sequence[str],
+    measures: Iterable[str] = MEASURES,
+    *,
+    data=None,
+    calib_data=None,
+    max_length: int = 128,
+    max_samples: int = 4,
+    n_calib: int = 4,
+    seed: int = 0,
+    dtype=None,
+    device="cpu",
+    progress: bool = False,
+    **options,
+) -> list[dict]:
     """Load each model, prepare its data and measure it; one plain dict per model.
 
     ``data`` / ``calib_data`` default to WikiText-2 test / validation next to the repository
@@ -244,8 +316,14 @@ def measure_family(names: Sequence[str], measures: Iterable[str] = MEASURES, *, 
         lm = load_model(name, dtype=dtype, device=device, seed=seed)
         bundle = prepare_data(lm.tokenizer, data, calib_data, max_length=max_length, max_samples=max_samples)
         res = measure_all(lm, bundle, measures, seed=seed, n_calib=n_calib, progress=progress, **options)
-        rows.append({"name": name, "params_total": lm.num_parameters,
-                     "params_non_embedding": non_embedding_params(lm.model), **res})
+        rows.append(
+            {
+                "name": name,
+                "params_total": lm.num_parameters,
+                "params_non_embedding": non_embedding_params(lm.model),
+                **res,
+            }
+        )
         del lm
     return rows
 
@@ -283,20 +361,31 @@ def fit_scaling(points: Sequence[tuple[float, float]], n_boot: int = 1000, seed:
     return {
         **fit,
         "r2_ci": list(fit["r2_ci"]),
-        "x": x, "y": y,
+        "x": x,
+        "y": y,
         "loo_errors": loo,
         "loo_mean_abs": float(np.mean(np.abs(loo))),
         "loo_max_abs": float(np.max(np.abs(loo))),
-        "largest_from_others": {"x": x[-1], "actual": y[-1], "predicted": y[-1] * (1.0 + rel),
-                                "rel_error": rel},
+        "largest_from_others": {
+            "x": x[-1],
+            "actual": y[-1],
+            "predicted": y[-1] * (1.0 + rel),
+            "rel_error": rel,
+        },
     }
 
 
-def plot_scaling(points: Sequence[tuple[float, float]], fit: dict, *, labels: Sequence[str] | None = None,
-                 xlabel: str = "parameters", ylabel: str = "measure", title: str | None = None):
+def plot_scaling(
+    points: Sequence[tuple[float, float]],
+    fit: dict,
+    *,
+    labels: Sequence[str] | None = None,
+    xlabel: str = "parameters",
+    ylabel: str = "measure",
+    title: str | None = None,
+):
     """Log-log scatter of ``points``, the fitted power law and an α / R² annotation (a Figure)."""
     from esa.plots import _figure
-
     from esa.stats import predict_power_law
 
     fig, ax = _figure(6.0, 4.2)
@@ -314,8 +403,15 @@ def plot_scaling(points: Sequence[tuple[float, float]], fit: dict, *, labels: Se
     text = f"α = {fit['alpha']:.3f}\nR² = {fit['r2']:.3f}"
     if all(math.isfinite(c) for c in ci):
         text += f" [{ci[0]:.2f}, {ci[1]:.2f}]"
-    ax.text(0.03, 0.97, text, transform=ax.transAxes, va="top", ha="left",
-            bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.8})
+    ax.text(
+        0.03,
+        0.97,
+        text,
+        transform=ax.transAxes,
+        va="top",
+        ha="left",
+        bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.8},
+    )
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from esa.errors import ConfigError
 from esa.perturb import default_bit, perturbed
+from esa.util.bits import bit_width
 
 log = logging.getLogger("esa")
 
@@ -54,16 +55,12 @@ FAILURE_FACTOR = 10.0
 _COLORS = ["#0969da", "#cf222e", "#1a7f37", "#8250df", "#bf8700", "#57606a", "#e16f24", "#0a7f86"]
 
 
-def _nbits(dtype: torch.dtype) -> int:
-    return 8 * torch.empty(0, dtype=dtype).element_size()
-
-
 def bit_position(position: str | int | None, dtype: torch.dtype) -> int:
     """The bit index of ``position`` (see the module table) in ``dtype``; ints pass through
     (range-checked), None = ``exponent_msb``."""
     if not dtype.is_floating_point:
         raise ConfigError(f"bit flips need a floating-point dtype, not {dtype}")
-    nbits = _nbits(dtype)
+    nbits = bit_width(dtype)
     if position is None:
         return default_bit(dtype)
     if isinstance(position, bool):
@@ -94,15 +91,17 @@ def _dedupe(order) -> list[tuple[str, int]]:
     return list(dict.fromkeys((str(n), int(i)) for n, i in order))
 
 
-def ranked_order(scores: Mapping[str, torch.Tensor], k: int, kind: str = "top",
-                 metric: str = "") -> list[tuple[str, int]]:
+def ranked_order(
+    scores: Mapping[str, torch.Tensor], k: int, kind: str = "top", metric: str = ""
+) -> list[tuple[str, int]]:
     """The ``k`` highest (``top``) or lowest (``bottom``) scored entries over all tensors, most
     extreme first (ties: tensor order, then ascending index; NaN last), as (name, flat index)."""
     from esa.select import select
 
     if kind not in ("top", "bottom"):
-        raise ConfigError(f"ranked_order kind must be 'top' or 'bottom', got {kind!r}; "
-                          "use random_order for random")
+        raise ConfigError(
+            f"ranked_order kind must be 'top' or 'bottom', got {kind!r}; use random_order for random"
+        )
     frame = select(scores, k, kind=kind, mode="global", metric=metric).to_frame()
     return list(zip(frame["tensor"].astype(str).tolist(), frame["flat_index"].astype(int).tolist()))
 
@@ -140,10 +139,20 @@ def _check_counts(counts) -> list[int]:
     return sorted(set(out))
 
 
-def flip_curve(lm, data, selection_order: Sequence[tuple[str, int]],
-               counts: Sequence[int] = DEFAULT_COUNTS, bit: int | str | None = None,
-               dtype: torch.dtype | None = None, seed: int = 0, *, failure_ppl: float | None = None,
-               batch_size: int = 8, label: str = "", progress: bool = True) -> list[dict]:
+def flip_curve(
+    lm,
+    data,
+    selection_order: Sequence[tuple[str, int]],
+    counts: Sequence[int] = DEFAULT_COUNTS,
+    bit: int | str | None = None,
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+    *,
+    failure_ppl: float | None = None,
+    batch_size: int = 8,
+    label: str = "",
+    progress: bool = True,
+) -> list[dict]:
     """Perplexity after flipping ``bit`` in the first ``n`` entries of ``selection_order``, per n.
 
     ``bit`` is an int or a position name (module table; default ``exponent_msb``), resolved
@@ -161,8 +170,10 @@ def flip_curve(lm, data, selection_order: Sequence[tuple[str, int]],
     order = _dedupe(selection_order)
     counts = _check_counts(counts)
     if counts[-1] > len(order):
-        raise ConfigError(f"largest count {counts[-1]} exceeds the {len(order)} distinct candidates; "
-                          "build a longer order or lower the counts")
+        raise ConfigError(
+            f"largest count {counts[-1]} exceeds the {len(order)} distinct candidates; "
+            "build a longer order or lower the counts"
+        )
     params = dict(lm.model.named_parameters())
     dtypes = set()
     for name, _ in order[: counts[-1]]:
@@ -173,8 +184,10 @@ def flip_curve(lm, data, selection_order: Sequence[tuple[str, int]],
         raise ConfigError(f"the candidates span dtypes {sorted(map(str, dtypes))}; flip one format at a time")
     param_dtype = dtypes.pop()
     if dtype is not None and dtype != param_dtype:
-        raise ConfigError(f"dtype={dtype} but the weights are {param_dtype}: load the model with "
-                          f"load_model(name, dtype=...) in the format to test")
+        raise ConfigError(
+            f"dtype={dtype} but the weights are {param_dtype}: load the model with "
+            f"load_model(name, dtype=...) in the format to test"
+        )
     used_bit = bit_position(bit, param_dtype)
     curve = []
     for n in tqdm(counts, desc=f"flips {label}".strip(), disable=not progress, leave=False):
@@ -185,9 +198,20 @@ def flip_curve(lm, data, selection_order: Sequence[tuple[str, int]],
         with perturbed(params, sel, "bit_flip", bit=used_bit) as info:
             result = evaluate(lm.model, windows, batch_size=batch_size, progress=False)
         failed = None if failure_ppl is None else is_failure(result.ppl, failure_ppl)
-        curve.append({"n_flips": n, "ppl": result.ppl, "nll": result.nll, "finite": result.finite,
-                      "failed": failed, "n_changed": info.n_changed, "bit": used_bit,
-                      "dtype": str(param_dtype).replace("torch.", ""), "label": label, "seed": int(seed)})
+        curve.append(
+            {
+                "n_flips": n,
+                "ppl": result.ppl,
+                "nll": result.nll,
+                "finite": result.finite,
+                "failed": failed,
+                "n_changed": info.n_changed,
+                "bit": used_bit,
+                "dtype": str(param_dtype).replace("torch.", ""),
+                "label": label,
+                "seed": int(seed),
+            }
+        )
         log.info("esa: %s %d flips of bit %d: ppl %.4g", label, n, used_bit, result.ppl)
         if failed:
             break
@@ -219,8 +243,9 @@ def max_count(curve: Sequence[Mapping]) -> int:
     return max((int(p["n_flips"]) for p in curve), default=0)
 
 
-def critical_vs_random(top_curve: Sequence[Mapping], random_curve: Sequence[Mapping],
-                       failure_ppl: float) -> dict:
+def critical_vs_random(
+    top_curve: Sequence[Mapping], random_curve: Sequence[Mapping], failure_ppl: float
+) -> dict:
     """How many times fewer flips the top-ranked weights need to fail the model than random ones.
 
     Returns plain values: ``top`` / ``random`` (flips-to-failure or None), ``top_max`` /
@@ -243,14 +268,33 @@ def critical_vs_random(top_curve: Sequence[Mapping], random_curve: Sequence[Mapp
     else:
         ratio, bound = rnd / top, "exact"
         text = f"= {ratio:g}"
-    return {"top": top, "random": rnd, "top_max": top_max, "random_max": rnd_max,
-            "ratio": ratio, "bound": bound, "text": text, "failure_ppl": float(failure_ppl)}
+    return {
+        "top": top,
+        "random": rnd,
+        "top_max": top_max,
+        "random_max": rnd_max,
+        "ratio": ratio,
+        "bound": bound,
+        "text": text,
+        "failure_ppl": float(failure_ppl),
+    }
 
 
-def flip_comparison(lm, data, scores: Mapping[str, torch.Tensor], counts: Sequence[int] = DEFAULT_COUNTS,
-                    bit: int | str | None = None, seed: int = 0, *, failure_factor: float = FAILURE_FACTOR,
-                    stop_at_failure: bool = True, kinds: Sequence[str] = ("top", "random", "bottom"),
-                    batch_size: int = 8, metric: str = "", progress: bool = True) -> dict:
+def flip_comparison(
+    lm,
+    data,
+    scores: Mapping[str, torch.Tensor],
+    counts: Sequence[int] = DEFAULT_COUNTS,
+    bit: int | str | None = None,
+    seed: int = 0,
+    *,
+    failure_factor: float = FAILURE_FACTOR,
+    stop_at_failure: bool = True,
+    kinds: Sequence[str] = ("top", "random", "bottom"),
+    batch_size: int = 8,
+    metric: str = "",
+    progress: bool = True,
+) -> dict:
     """Curves for top-ranked, random and bottom-ranked candidates (global ranking of ``scores``).
 
     Returns baseline_ppl, failure_ppl (``failure_factor`` x baseline), ``curves`` (kind -> curve),
@@ -269,19 +313,38 @@ def flip_comparison(lm, data, scores: Mapping[str, torch.Tensor], counts: Sequen
             order = random_order(scores, counts[-1], seed=seed)
         else:
             order = ranked_order(scores, counts[-1], kind=kind, metric=metric)
-        curves[kind] = flip_curve(lm, windows, order, counts, bit=bit, seed=seed,
-                                  failure_ppl=failure_ppl if stop_at_failure else None,
-                                  batch_size=batch_size, label=kind, progress=progress)
-    out = {"baseline_ppl": baseline, "failure_ppl": failure_ppl, "failure_factor": float(failure_factor),
-           "curves": curves, "flips_to_failure": {k: flips_to_failure(c, failure_ppl) for k, c in curves.items()},
-           "max_count": counts[-1]}
+        curves[kind] = flip_curve(
+            lm,
+            windows,
+            order,
+            counts,
+            bit=bit,
+            seed=seed,
+            failure_ppl=failure_ppl if stop_at_failure else None,
+            batch_size=batch_size,
+            label=kind,
+            progress=progress,
+        )
+    out = {
+        "baseline_ppl": baseline,
+        "failure_ppl": failure_ppl,
+        "failure_factor": float(failure_factor),
+        "curves": curves,
+        "flips_to_failure": {k: flips_to_failure(c, failure_ppl) for k, c in curves.items()},
+        "max_count": counts[-1],
+    }
     if "top" in curves and "random" in curves:
         out["critical_vs_random"] = critical_vs_random(curves["top"], curves["random"], failure_ppl)
     return out
 
 
-def plot_flip_curves(curves: Mapping[str, Sequence[Mapping]], *, baseline_ppl: float | None = None,
-                     failure_ppl: float | None = None, title: str = "flips to failure"):
+def plot_flip_curves(
+    curves: Mapping[str, Sequence[Mapping]],
+    *,
+    baseline_ppl: float | None = None,
+    failure_ppl: float | None = None,
+    title: str = "flips to failure",
+):
     """PPL vs number of flipped weights, one line per label (log x, log y).
 
     Non-finite perplexities cannot sit on a log axis: they are drawn as an ``x`` at the top edge

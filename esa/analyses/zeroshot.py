@@ -67,25 +67,41 @@ def _hellaswag_clean(text: str) -> str:
 
 def _hellaswag(doc, i) -> dict:
     ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
-    return {"id": doc.get("ind", i), "context": _hellaswag_clean(doc["activity_label"] + ": " + ctx),
-            "choices": [_hellaswag_clean(e) for e in doc["endings"]], "label": int(doc["label"])}
+    return {
+        "id": doc.get("ind", i),
+        "context": _hellaswag_clean(doc["activity_label"] + ": " + ctx),
+        "choices": [_hellaswag_clean(e) for e in doc["endings"]],
+        "label": int(doc["label"]),
+    }
 
 
 def _piqa(doc, i) -> dict:
-    return {"id": doc.get("id", i), "context": f"Question: {doc['goal']}\nAnswer:",
-            "choices": [doc["sol1"], doc["sol2"]], "label": int(doc["label"])}
+    return {
+        "id": doc.get("id", i),
+        "context": f"Question: {doc['goal']}\nAnswer:",
+        "choices": [doc["sol1"], doc["sol2"]],
+        "label": int(doc["label"]),
+    }
 
 
 def _boolq(doc, i) -> dict:
     label = doc["label"] if "label" in doc else int(bool(doc["answer"]))
-    return {"id": doc.get("idx", i), "context": f"{doc['passage']}\nQuestion: {doc['question']}?\nAnswer:",
-            "choices": ["no", "yes"], "label": int(label)}
+    return {
+        "id": doc.get("idx", i),
+        "context": f"{doc['passage']}\nQuestion: {doc['question']}?\nAnswer:",
+        "choices": ["no", "yes"],
+        "label": int(label),
+    }
 
 
 def _arc(doc, i) -> dict:
     labels = list(doc["choices"]["label"])
-    return {"id": doc.get("id", i), "context": f"Question: {doc['question']}\nAnswer:",
-            "choices": list(doc["choices"]["text"]), "label": labels.index(doc["answerKey"])}
+    return {
+        "id": doc.get("id", i),
+        "context": f"Question: {doc['question']}\nAnswer:",
+        "choices": list(doc["choices"]["text"]),
+        "label": labels.index(doc["answerKey"]),
+    }
 
 
 @dataclass(frozen=True)
@@ -120,26 +136,32 @@ def load_task(name_or_path: str | Path, limit: int | None = None, split: str | N
     elif str(name_or_path) in TASKS:
         examples = _load_hub(TASKS[str(name_or_path)], limit, split)
     else:
-        raise DataError(f"{str(name_or_path)!r} is neither a JSONL file nor a task "
-                        f"({', '.join(TASKS)}): pass a local JSONL file (schema: id, context, choices, label)")
+        raise DataError(
+            f"{str(name_or_path)!r} is neither a JSONL file nor a task "
+            f"({', '.join(TASKS)}): pass a local JSONL file (schema: id, context, choices, label)"
+        )
     if not examples:
         raise DataError(f"no examples in {str(name_or_path)!r}: the task needs at least one")
     return examples
 
 
 def _load_hub(spec: TaskSpec, limit: int | None, split: str | None) -> list[dict]:
-    hint = ("pass a local JSONL file with one {\"id\", \"context\", \"choices\", \"label\"} object per "
-            "line instead (see fixtures/zeroshot/README.md)")
+    hint = (
+        'pass a local JSONL file with one {"id", "context", "choices", "label"} object per '
+        "line instead (see fixtures/zeroshot/README.md)"
+    )
     try:
         import datasets
     except ImportError:
-        raise DataError(f"task {spec.name!r} needs the datasets package (pip install datasets); or {hint}") from None
+        raise DataError(
+            f"task {spec.name!r} needs the datasets package (pip install datasets); or {hint}"
+        ) from None
     split = split or spec.split
     errors = []
     for path, config in spec.sources:
         try:
             rows = datasets.load_dataset(path, config, split=split)
-        except Exception as exc:  # noqa: BLE001 - network, hub, script, cache: all end the same way
+        except Exception as exc:
             errors.append(f"{path}: {type(exc).__name__}")
             continue
         out = []
@@ -148,8 +170,9 @@ def _load_hub(spec: TaskSpec, limit: int | None, split: str | None) -> list[dict
                 break
             out.append(validate_example(spec.convert(doc, i), where=f"{path}[{i}]"))
         return out
-    raise DataError(f"cannot load task {spec.name!r} split {split!r} from the hub "
-                    f"({'; '.join(errors)}): {hint}")
+    raise DataError(
+        f"cannot load task {spec.name!r} split {split!r} from the hub ({'; '.join(errors)}): {hint}"
+    )
 
 
 def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict]:
@@ -158,7 +181,9 @@ def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
-        raise DataError(f"cannot read task file {str(path)!r} ({exc.strerror}): pass an existing JSONL file") from None
+        raise DataError(
+            f"cannot read task file {str(path)!r} ({exc.strerror}): pass an existing JSONL file"
+        ) from None
     except UnicodeDecodeError:
         raise DataError(f"task file {str(path)!r} is not UTF-8: convert it to UTF-8 JSONL") from None
     examples, seen = [], {}
@@ -173,7 +198,9 @@ def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict]:
         example = validate_example(obj, where=where)
         key = str(example["id"])
         if key in seen:
-            raise DataError(f"{where}: duplicate id {example['id']!r} (first on line {seen[key]}); ids must be unique")
+            raise DataError(
+                f"{where}: duplicate id {example['id']!r} (first on line {seen[key]}); ids must be unique"
+            )
         seen[key] = lineno
         examples.append(example)
         if limit is not None and len(examples) >= limit:
@@ -211,14 +238,20 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 
 def _prefix_token(tokenizer, model) -> int:
-    for tid in (getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None),
-                getattr(model.config, "bos_token_id", None), getattr(model.config, "eos_token_id", None)):
+    for tid in (
+        getattr(tokenizer, "bos_token_id", None),
+        getattr(tokenizer, "eos_token_id", None),
+        getattr(model.config, "bos_token_id", None),
+        getattr(model.config, "eos_token_id", None),
+    ):
         if isinstance(tid, int):
             return tid
     return 0
 
 
-def encode_pair(tokenizer, context: str, continuation: str, prefix_token: int = 0) -> tuple[list[int], list[int]]:
+def encode_pair(
+    tokenizer, context: str, continuation: str, prefix_token: int = 0
+) -> tuple[list[int], list[int]]:
     """(context tokens, continuation tokens) as lm-evaluation-harness splits them (module doc)."""
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
@@ -226,7 +259,7 @@ def encode_pair(tokenizer, context: str, continuation: str, prefix_token: int = 
         context = context[:-n_spaces]
     whole = _encode(tokenizer, context + continuation)
     ctx = _encode(tokenizer, context) if context else []
-    cont = whole[len(ctx):]
+    cont = whole[len(ctx) :]
     if not cont:
         raise DataError(f"continuation {continuation!r} has no tokens after context; use a non-empty choice")
     return (ctx or [prefix_token]), cont
@@ -245,9 +278,11 @@ def _requests(lm, examples, delimiter: str, max_length: int):
         for c, choice in enumerate(ex["choices"]):
             ctx, cont = encode_pair(lm.tokenizer, ex["context"], delimiter + choice, prefix)
             if len(cont) > max_length:
-                raise DataError(f"example {ex['id']!r} choice {c} has {len(cont)} tokens, more than "
-                                f"max_length={max_length}; shorten it or raise max_length")
-            seq = (ctx + cont)[-(max_length + 1):]
+                raise DataError(
+                    f"example {ex['id']!r} choice {c} has {len(cont)} tokens, more than "
+                    f"max_length={max_length}; shorten it or raise max_length"
+                )
+            seq = (ctx + cont)[-(max_length + 1) :]
             reqs.append((e, c, seq, len(cont)))
     return reqs
 
@@ -277,7 +312,9 @@ def _score_batch(model, seqs: list[list[int]], n_conts: list[int], pad: int) -> 
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     head = model.get_output_embeddings()
     # Only the positions that predict continuation tokens go through the LM head.
-    picks = [(r, pos) for r, (s, n) in enumerate(zip(seqs, n_conts)) for pos in range(len(s) - 1 - n, len(s) - 1)]
+    picks = [
+        (r, pos) for r, (s, n) in enumerate(zip(seqs, n_conts)) for pos in range(len(s) - 1 - n, len(s) - 1)
+    ]
     rows_idx = torch.tensor([r for r, _ in picks], device=hidden.device)
     pos_idx = torch.tensor([p for _, p in picks], device=hidden.device)
     logits = head(hidden[rows_idx, pos_idx].to(head.weight.device)).float()
@@ -297,8 +334,15 @@ def _score_batch(model, seqs: list[list[int]], n_conts: list[int], pad: int) -> 
     return out
 
 
-def score_requests(lm, examples: Sequence[Mapping], *, delimiter: str = " ", batch_size: int = 16,
-                   max_length: int | None = None, progress: bool = True) -> list[list[float]]:
+def score_requests(
+    lm,
+    examples: Sequence[Mapping],
+    *,
+    delimiter: str = " ",
+    batch_size: int = 16,
+    max_length: int | None = None,
+    progress: bool = True,
+) -> list[list[float]]:
     """Log-likelihood of every choice of every example: ``[[ll(choice) for choice] per example]``."""
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size} must be >= 1")
@@ -317,8 +361,9 @@ def score_requests(lm, examples: Sequence[Mapping], *, delimiter: str = " ", bat
     return result
 
 
-def score_choices(lm, context: str, choices: Sequence[str], *, delimiter: str = " ",
-                  max_length: int | None = None) -> list[float]:
+def score_choices(
+    lm, context: str, choices: Sequence[str], *, delimiter: str = " ", max_length: int | None = None
+) -> list[float]:
     """Log-likelihood of each ``delimiter + choice`` given ``context`` (sum over its tokens)."""
     example = {"id": 0, "context": context, "choices": list(choices), "label": 0}
     return score_requests(lm, [example], delimiter=delimiter, max_length=max_length, progress=False)[0]
@@ -332,8 +377,16 @@ def _argmax(values: Sequence[float]) -> int:
     return best
 
 
-def evaluate_task(lm, examples: Sequence[Mapping], *, delimiter: str = " ", batch_size: int = 16,
-                  max_length: int | None = None, progress: bool = True, details: bool = False) -> dict:
+def evaluate_task(
+    lm,
+    examples: Sequence[Mapping],
+    *,
+    delimiter: str = " ",
+    batch_size: int = 16,
+    max_length: int | None = None,
+    progress: bool = True,
+    details: bool = False,
+) -> dict:
     """Accuracy of ``lm`` on ``examples``: ``{"acc", "acc_norm", "n"}`` (plain floats / int).
 
     With ``details=True`` also ``"details"``: per example id, label, loglikelihoods, pred,
@@ -342,8 +395,9 @@ def evaluate_task(lm, examples: Sequence[Mapping], *, delimiter: str = " ", batc
     if not examples:
         raise DataError("no examples to evaluate: load_task returned none")
     examples = [validate_example(dict(ex), where=f"example {i}") for i, ex in enumerate(examples)]
-    lls = score_requests(lm, examples, delimiter=delimiter, batch_size=batch_size,
-                         max_length=max_length, progress=progress)
+    lls = score_requests(
+        lm, examples, delimiter=delimiter, batch_size=batch_size, max_length=max_length, progress=progress
+    )
     hits = hits_norm = 0
     rows = []
     for ex, ll in zip(examples, lls):
@@ -351,8 +405,9 @@ def evaluate_task(lm, examples: Sequence[Mapping], *, delimiter: str = " ", batc
         pred_norm = _argmax([v / len(c) for v, c in zip(ll, ex["choices"])])
         hits += pred == ex["label"]
         hits_norm += pred_norm == ex["label"]
-        rows.append({"id": ex["id"], "label": ex["label"], "loglikelihoods": ll,
-                     "pred": pred, "pred_norm": pred_norm})
+        rows.append(
+            {"id": ex["id"], "label": ex["label"], "loglikelihoods": ll, "pred": pred, "pred_norm": pred_norm}
+        )
     n = len(examples)
     out = {"acc": hits / n, "acc_norm": hits_norm / n, "n": n}
     if details:

@@ -1,0 +1,7 @@
+"""Sensitivity metrics: the registry, the gradient, curvature and activation families, and the
+score cache. ``compute_scores(lm, metric, calib)`` -> ``{param name: float32 score tensor}``."""
+
+from esa.metrics.cache import cached_scores
+from esa.metrics.registry import METRICS, compute_scores, list_metrics, register_metric, score_summary
+
+__all__ = ["METRICS", "cached_scores", "compute_scores", "list_metrics", "register_metric", "score_summary"]

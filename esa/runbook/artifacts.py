@@ -1,0 +1,175 @@
+"""Run artifacts: a staging directory renamed into place at the end (never a partial out-dir),
+the manifest, CSV/JSON results, plots and the one-screen summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from esa.errors import ConfigError
+from esa.util.runtime import package_root, run_environment
+from esa.util.serialize import jsonable
+
+RESULT_FILES = ("results.json", "results.csv", "experiment_manifest.json", "top_weights.csv")
+
+
+class Staging:
+    """A temp directory beside ``out_dir`` that becomes ``out_dir`` on :meth:`commit`."""
+
+    def __init__(self, out_dir: str | os.PathLike, overwrite: bool = False):
+        self.target = Path(out_dir).expanduser().absolute()
+        if self.target.exists() and not self.target.is_dir():
+            raise ConfigError(f"--out-dir {out_dir} is a file: choose a directory path")
+        if self.target.is_dir() and any((self.target / f).exists() for f in RESULT_FILES) and not overwrite:
+            raise ConfigError(
+                f"--out-dir {out_dir} already holds results: pass --overwrite or choose another --out-dir"
+            )
+        try:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            self.path = Path(tempfile.mkdtemp(dir=self.target.parent, prefix=f".{self.target.name}.tmp-"))
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot write to --out-dir {out_dir} ({exc.strerror or exc}): choose a writable directory"
+            ) from None
+
+    def commit(self) -> Path:
+        """Move the staged files into place (replacing an old out-dir only with overwrite)."""
+        old = None
+        if self.target.exists():
+            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
+            os.rename(self.target, old)
+        os.rename(self.path, self.target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.target
+
+    def discard(self) -> None:
+        if self.path.exists():
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(jsonable(data), indent=2, allow_nan=False) + "\n")
+
+
+def write_all(staging: Staging, result, lm, scores_by: dict) -> None:
+    """Write every artifact of ``result`` into the staging directory."""
+    out = staging.path
+    cfg = result.config
+    write_json(out / "config.json", cfg.to_dict())
+    write_json(
+        out / "experiment_manifest.json",
+        {
+            "command": sys.argv,
+            "environment": run_environment(package_root()),
+            "model": result.model,
+            "data": result.data,
+            "seeds": cfg.seeds,
+            "metrics": cfg.metrics,
+            "perturbations": cfg.perturbations,
+            "controls": cfg.controls,
+            "timings": result.timings,
+            "peak_memory_bytes": result.baseline.get("peak_memory_bytes"),
+            "memory_bytes": getattr(result, "memory", {}),
+        },
+    )
+    frames = []
+    for (metric, seed), selection in result.selections.items():
+        df = selection.to_frame(lm.param_map)
+        df.insert(0, "seed", seed)
+        df.insert(0, "metric", metric)
+        frames.append(df)
+    top = pd.concat(frames, ignore_index=True)
+    top.to_csv(out / "top_weights.csv", index=False)
+    pd.DataFrame(result.rows).to_csv(out / "results.csv", index=False)
+    write_json(
+        out / "results.json",
+        {
+            "baseline": result.baseline,
+            "rows": result.rows,
+            "summary": result.summary,
+            "score_summaries": result.score_summaries,
+        },
+    )
+    if result.stability is not None:
+        write_json(out / "stability.json", result.stability)
+    if cfg.save_plots:
+        _write_plots(out / "plots", result, top, scores_by)
+
+
+def _write_plots(folder: Path, result, top: pd.DataFrame, scores_by: dict) -> None:
+    from esa import plots
+
+    folder.mkdir()
+    for metric, scores in scores_by.items():
+        plots.save_figure(
+            plots.plot_score_distribution(scores, f"{metric} scores ({result.model['name']})"),
+            folder / f"score_distribution_{metric}.png",
+        )
+        first = top[(top["metric"] == metric) & (top["seed"] == result.config.seeds[0])]
+        plots.save_figure(
+            plots.plot_layer_component_heatmap(
+                first, "count", f"top-{result.config.topk} {metric} weights per layer x component"
+            ),
+            folder / f"heatmap_{metric}.png",
+        )
+    for method in result.config.perturbations:
+        for metric in result.config.metrics:
+            conds = {
+                r["condition"]: r["delta_ppl"]
+                for r in result.summary
+                if r["perturbation"] == method and r["metric"] == metric
+            }
+            conds = {
+                c: [
+                    x
+                    for x in next(
+                        s["delta_ppl"]
+                        for s in result.summary
+                        if s["perturbation"] == method and s["metric"] == metric and s["condition"] == c
+                    )
+                ]
+                for c in conds
+            }
+            plots.save_figure(
+                plots.plot_delta_ppl_bars(conds, f"ΔPPL under {method} ({metric})"),
+                folder / f"delta_ppl_{metric}_{method}.png",
+            )
+
+
+def format_summary(result) -> str:
+    """The one-screen summary printed at the end of ``esa run``."""
+    b = result.baseline
+    lines = [
+        f"esa run: {result.model['name']} ({result.model['num_parameters']:,} params, "
+        f"{result.model['dtype']}, {result.model['device']})",
+        f"baseline: PPL {b['ppl']:.3f}  accuracy {b['accuracy']:.3f}  "
+        f"{b['n_windows']} windows x {result.data['max_length']} tokens  {b['tokens_per_s']:.0f} tok/s",
+        f"{'metric':<16}{'perturbation':<13}{'condition':<10}{'mean ΔPPL':>12}  {'95% CI':<24}{'vs random':>10}",
+    ]
+    for s in result.summary:
+        ci = f"[{s['ci95'][0]:.4g}, {s['ci95'][1]:.4g}]"
+        ratio = s.get("ratio_vs_random")
+        ratio_txt = "" if ratio is None else f"{ratio:.3g}x"
+        lines.append(
+            f"{s['metric']:<16}{s['perturbation']:<13}{s['condition']:<10}"
+            f"{s['mean_delta_ppl']:>12.4g}  {ci:<24}{ratio_txt:>10}"
+        )
+    if result.stability:
+        for metric, st in result.stability["metrics"].items():
+            if st["mean_jaccard"] is not None:
+                lines.append(
+                    f"stability {metric}: mean Jaccard {st['mean_jaccard']:.3f} "
+                    f"(min {st['min_jaccard']:.3f}) across seeds {result.config.seeds}"
+                )
+    lines.append(
+        f"took {result.timings.get('total_s', 0):.1f} s"
+        + (f"; artifacts in {result.out_dir}" if result.out_dir else "")
+    )
+    return "\n".join(lines)
