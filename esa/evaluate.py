@@ -14,6 +14,7 @@ import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -118,22 +119,18 @@ def _evaluate(model, windows, batch_size, progress, check_leak, desc, compile) -
     start = time.perf_counter()
     batches = range(0, windows.shape[0], batch_size)
     on_device = windows.to(device, non_blocking=True)
-    nll_sum = correct = nonfinite = None
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # NLL, correct, non-finite
     per_window = []
     with torch.inference_mode(), compiled(model, compile and cuda):
         for i in tqdm(batches, desc=desc, disable=not progress, leave=False, unit="batch"):
             nll, hits = token_nll(model, on_device[i : i + batch_size])
             nll64 = nll.double()
-            part = (nll64.sum(), hits.sum(), (~torch.isfinite(nll64)).sum())
-            if nll_sum is None:
-                nll_sum, correct, nonfinite = part
-            else:
-                nll_sum, correct, nonfinite = nll_sum + part[0], correct + part[1], nonfinite + part[2]
+            sums += torch.stack((nll64.sum(), hits.sum().double(), (~torch.isfinite(nll64)).sum().double()))
             per_window.append(nll64.mean(dim=1))
-        if nll_sum is None:  # no windows
+        if not per_window:  # no windows
             nll_total, correct, nonfinite, window_nll = math.nan, 0, 0, []
         else:
-            nll_total, correct, nonfinite = float(nll_sum), int(correct), int(nonfinite)
+            nll_total, correct, nonfinite = float(sums[0]), int(sums[1]), int(sums[2])
             window_nll = [float(v) for v in torch.cat(per_window).cpu()]
     if cuda:
         torch.cuda.synchronize(device)
@@ -192,7 +189,7 @@ def token_nll(
     logits are recomputed there, so the loss costs O(chunk x vocab) memory whatever the batch.
     """
     hidden = _final_hidden(model, batch)
-    head = model.get_output_embeddings()
+    head: Any = model.get_output_embeddings()  # type: ignore[operator]
     B, T = batch.shape[0], batch.shape[1] - 1
     hidden = hidden[:, :-1].to(head.weight.device).reshape(B * T, -1)
     targets = batch[:, 1:].to(head.weight.device).reshape(B * T)
@@ -293,7 +290,7 @@ def compiled(model: torch.nn.Module, enabled: bool = True):
             layer._compiled_call_impl = impl
 
 
-def _final_hidden(model, batch):
+def _final_hidden(model: Any, batch: torch.Tensor) -> torch.Tensor:
     out = model.base_model(input_ids=batch, use_cache=False)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 

@@ -17,13 +17,14 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 MAX_POINTS = 1_000_000
 _COLORS = ["#0969da", "#cf222e", "#1a7f37", "#8250df", "#bf8700", "#57606a", "#e16f24", "#0a7f86"]
 
 
-def _figure(width: float = 7.0, height: float = 4.2) -> tuple[Figure, object]:
+def _figure(width: float = 7.0, height: float = 4.2) -> tuple[Figure, Axes]:
     fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     return fig, fig.add_subplot()
@@ -76,7 +77,7 @@ def plot_score_distribution(
     if positive.size:
         lo, hi = positive.min(), positive.max()
         edges = np.logspace(np.log10(lo), np.log10(hi if hi > lo else lo * 10), bins + 1)
-        ax.hist(positive, bins=edges, color=_COLORS[0], alpha=0.85, label=label)
+        ax.hist(positive, bins=list(edges), color=_COLORS[0], alpha=0.85, label=label)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.axvline(hi, color=_COLORS[1], ls="--", lw=1, label=f"max={hi:.3g}")

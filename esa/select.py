@@ -335,7 +335,7 @@ def _rank_keys(kind: str, score: np.ndarray) -> np.ndarray:
 def _locations(names, tensor_pos, flat, shapes, param_map) -> dict[str, list]:
     n = len(flat)
     if param_map is not None:
-        out = {c: [None] * n for c in ("layer", "component", "expert", "row", "col")}
+        out: dict[str, list] = {c: [None] * n for c in ("layer", "component", "expert", "row", "col")}
         for j, (pos, f) in enumerate(zip(tensor_pos.tolist(), flat.tolist())):
             name = names[pos]
             if name in param_map:
@@ -346,7 +346,8 @@ def _locations(names, tensor_pos, flat, shapes, param_map) -> dict[str, list]:
             else:
                 out["row"][j], out["col"][j] = _row_col(shapes.get(name), f)
         return out
-    rows, cols = [None] * n, [None] * n
+    rows: list[int | None] = [None] * n
+    cols: list[int | None] = [None] * n
     for pos, name in enumerate(names):
         shape = shapes.get(name)
         where = np.nonzero(tensor_pos == pos)[0]

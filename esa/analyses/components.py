@@ -100,7 +100,7 @@ def group_ratios(table: pd.DataFrame) -> dict:
     """Shares of the selection (``topk``) and, if the table has scores, of the score mass
     (``score``) per group (attention, mlp, norm, embedding, router, other); plain floats."""
     groups = table["component"].map(group_of)
-    out = {"topk": _shares(table["count"].astype(float), groups), "score": None}
+    out: dict = {"topk": _shares(table["count"].astype(float), groups), "score": None}
     if "score_sum" in table.columns:
         out["score"] = _shares(table["score_sum"].astype(float).fillna(0.0), groups)
     out["n_selected"] = int(table["count"].sum())
@@ -238,7 +238,7 @@ def _score_cells(scores: Mapping[str, torch.Tensor], param_map: ParamMap):
         rows = info.shape[-2] if len(info.shape) >= 2 else info.shape[0]
         s = s.reshape(experts, rows, -1)
         if info.component == "router":  # one cell per expert row
-            spans = [(r, r + 1, "router", r) for r in range(rows)]
+            spans: list[tuple[int, int, str, int | None]] = [(r, r + 1, "router", r) for r in range(rows)]
         else:
             parts = info.parts or ((0, rows, info.component),)
             spans = [(a, b, comp, None) for a, b, comp in parts]

@@ -195,7 +195,7 @@ def _concentration(scores: dict, top_fraction: float) -> dict:
     }
 
 
-def _ppl_zeroed(lm, data, indices: dict, batch_size: int) -> float:
+def _ppl_zeroed(lm, data, indices, batch_size: int) -> float:
     from esa.evaluate import evaluate
     from esa.perturb import perturbed
 
@@ -332,7 +332,8 @@ def non_embedding_params(model: torch.nn.Module) -> int:
     """Parameter count without the input embedding and the (untied) output embedding."""
     seen = {p.data_ptr(): p.numel() for p in model.parameters()}
     total = sum(seen.values())
-    for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
+    embeddings: tuple = (model.get_input_embeddings(), model.get_output_embeddings())  # type: ignore[operator]
+    for emb in embeddings:
         if emb is not None and emb.weight.data_ptr() in seen:
             total -= seen.pop(emb.weight.data_ptr())
     return total

@@ -164,7 +164,7 @@ def _load_hub(spec: TaskSpec, limit: int | None, split: str | None) -> list[dict
         except Exception as exc:
             errors.append(f"{path}: {type(exc).__name__}")
             continue
-        out = []
+        out: list[dict] = []
         for i, doc in enumerate(rows):
             if limit is not None and len(out) >= limit:
                 break
@@ -186,7 +186,8 @@ def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict]:
         ) from None
     except UnicodeDecodeError:
         raise DataError(f"task file {str(path)!r} is not UTF-8: convert it to UTF-8 JSONL") from None
-    examples, seen = [], {}
+    examples: list[dict] = []
+    seen: dict[str, int] = {}
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -409,7 +410,7 @@ def evaluate_task(
             {"id": ex["id"], "label": ex["label"], "loglikelihoods": ll, "pred": pred, "pred_norm": pred_norm}
         )
     n = len(examples)
-    out = {"acc": hits / n, "acc_norm": hits_norm / n, "n": n}
+    out: dict[str, object] = {"acc": hits / n, "acc_norm": hits_norm / n, "n": n}
     if details:
         out["details"] = rows
     return out

@@ -127,9 +127,9 @@ def load_embedded(dtype: torch.dtype, device: torch.device) -> LoadedModel:
 def _write_cache(lm: LoadedModel, deq: Path, meta: Path, key: dict, save_model) -> None:
     try:
         tmp = Path(tempfile.mkdtemp(dir=deq.parent))
-        lm.model.config.to_json_file(tmp / "config.json")
+        lm.model.config.to_json_file(tmp / "config.json")  # type: ignore[union-attr,operator]
         save_model(lm.model, str(tmp / "model.safetensors"))
-        lm.tokenizer.save_pretrained(tmp)
+        lm.tokenizer.save_pretrained(tmp)  # type: ignore[attr-defined]
         (tmp / "esa_cache.json").write_text(json.dumps(key))
         shutil.rmtree(deq, ignore_errors=True)
         os.replace(tmp, deq)

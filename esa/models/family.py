@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -77,7 +78,7 @@ def load_member(name: str, directory: str | Path, dtype: torch.dtype, device: to
     weights = directory / "model.safetensors"
     if not weights.is_file():
         raise ModelError(f"{name}: {weights} is missing: run python fixtures/train_scaling_family.py")
-    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype)
     model.to(device=device)
     return from_module(
         name, model, builtin_tokenizer(), "fixture", {"name": name, "sha256": file_sha256(weights)}

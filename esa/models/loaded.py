@@ -63,7 +63,7 @@ def weights_sha256(model: torch.nn.Module) -> str:
     with torch.no_grad():
         for pname, p in model.named_parameters():
             digest.update(pname.encode())
-            digest.update(memoryview(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+            digest.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from esa.models.loaded import LoadedModel, from_module
@@ -9,7 +11,7 @@ from esa.models.registry import register_model
 from esa.models.tokenizer import BUILTIN_VOCAB_SIZE, builtin_tokenizer
 from esa.util.runtime import seeded
 
-_COMMON = dict(
+_COMMON: dict[str, Any] = dict(
     vocab_size=BUILTIN_VOCAB_SIZE,
     hidden_size=64,
     intermediate_size=176,
@@ -28,7 +30,7 @@ def _config(arch: str):
 
     if arch == "pythia":
         kw = {k: v for k, v in _COMMON.items() if k != "tie_word_embeddings"}
-        return tf.GPTNeoXConfig(**kw, use_parallel_residual=True, rotary_pct=0.25, tie_word_embeddings=False)
+        return tf.GPTNeoXConfig(**kw, use_parallel_residual=True, rotary_pct=0.25, tie_word_embeddings=False)  # type: ignore[call-arg]
     if arch == "llama":
         return tf.LlamaConfig(**_COMMON, num_key_value_heads=2)
     if arch == "mistral":

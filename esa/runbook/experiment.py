@@ -174,7 +174,10 @@ def run_experiment(config: ExperimentConfig, lm: LoadedModel | None = None, data
         base = evaluator(check_leak=True, desc="baseline")
         timings["baseline_s"] = time.perf_counter() - t
         memory["baseline"] = _peak_and_reset()
-        scores_by, selections, rows, summaries = {}, {}, [], {}
+        scores_by: dict = {}
+        selections: dict = {}
+        rows: list[dict] = []
+        summaries: dict = {}
         memo: dict = {}
         steps = [(metric, seed) for metric in config.metrics for seed in config.seeds]
         for metric, seed in tqdm(steps, desc="runbook", disable=not config.progress, unit="step"):
@@ -225,7 +228,7 @@ def _check_topk(config: ExperimentConfig, lm: LoadedModel, names: list[str]) -> 
     if not sizes:
         raise ConfigError(f"model {lm.name!r} has no tensors to score with these include options")
     if config.mode == "per_layer":
-        small = min(sizes, key=sizes.get)
+        small = min(sizes, key=lambda n: sizes[n])
         if config.topk > sizes[small]:
             raise ConfigError(
                 f"--topk {config.topk} is larger than tensor {small} ({sizes[small]} entries): "
@@ -362,7 +365,7 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def _stability(config: ExperimentConfig, selections: dict) -> dict:
-    out = {"metrics": {}}
+    out: dict = {"metrics": {}}
     for metric in config.metrics:
         pairs = []
         seeds = config.seeds

@@ -40,7 +40,7 @@ def run_environment(root: str | os.PathLike = ".") -> dict:
         except metadata.PackageNotFoundError:
             return None
 
-    env = {
+    env: dict[str, object] = {
         "python": platform.python_version(),
         "torch": version("torch"),
         "transformers": version("transformers"),
