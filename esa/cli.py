@@ -1,4 +1,4 @@
-"""The ``esa`` command line: ``esa run``, ``esa eval``, ``esa models``, ``esa metrics``.
+"""The ``esa`` command line: ``esa run``, ``esa eval``, ``esa detect``, ``esa models``, ``esa metrics``.
 
 Thin over the library. Bad input ends with a one-line ``esa: error: ...`` and exit code 2.
 """
@@ -17,23 +17,23 @@ def _csv(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
+_MODEL_HELP = "registry name (esa models), hub id, local HF dir or .gguf"
+_DATA_HELP = "evaluation text (a file, or wikitext-2-raw-v1 via datasets); default: built-in corpus"
+_DTYPE_HELP = "default fp32 on CPU, bf16 on CUDA"
+_DEVICE_HELP = "cpu, cuda, cuda:N (default: cuda if available)"
+
+
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="registry name (esa models), hub id, local HF dir or .gguf")
-    p.add_argument(
-        "--data-file",
-        default=None,
-        help="evaluation text (a file, or wikitext-2-raw-v1 via datasets); default: built-in corpus",
-    )
+    p.add_argument("--model", required=True, help=_MODEL_HELP)
+    p.add_argument("--data-file", default=None, help=_DATA_HELP)
     p.add_argument(
         "--calib-file", default=None, help="calibration text (default: windows after the eval ones)"
     )
     p.add_argument("--max-length", type=int, default=512, help="tokens per window (default 512)")
     p.add_argument("--max-samples", type=int, default=32, help="evaluation windows (default 32)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument(
-        "--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default fp32 on CPU, bf16 on CUDA"
-    )
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help=_DTYPE_HELP)
+    p.add_argument("--device", default=None, help=_DEVICE_HELP)
     p.add_argument(
         "--device-map", default=None, help="split a model too large for one GPU over all visible GPUs: auto"
     )
@@ -110,6 +110,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="baseline perplexity / accuracy as JSON")
     _common(ev)
 
+    det = sub.add_parser("detect", help="super-weight detector, magnitude ranks and PPL controls as JSON")
+    det.add_argument("--model", default="smollm2-135m", help=_MODEL_HELP + " (default smollm2-135m)")
+    det.add_argument("--data-file", default=None, help=_DATA_HELP)
+    det.add_argument("--windows", type=int, default=4, help="evaluation windows (default 4)")
+    det.add_argument("--length", type=int, default=256, help="tokens per window (default 256)")
+    det.add_argument("--seed", type=int, default=0, help="seed of the random-weight control (default 0)")
+    det.add_argument(
+        "--threshold", type=float, default=50.0, help="|activation| a spike must exceed (default 50)"
+    )
+    det.add_argument("--top", type=int, default=3, help="candidates kept, largest first (default 3)")
+    det.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help=_DTYPE_HELP)
+    det.add_argument("--device", default=None, help=_DEVICE_HELP)
+    det.add_argument("--verbose", "-v", action="store_true")
+
     rec = sub.add_parser("record", help="record the falsified claims of a claims.json as known outcomes")
     rec.add_argument("claims_json", help="reports/claims.json of a full run")
     rec.add_argument("--model", required=True, help="record the claims run on this model")
@@ -141,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
+    from esa.runbook import ExperimentConfig, parse_int_list, run_experiment
     from esa.runbook.artifacts import format_summary
-    from esa.runbook.experiment import ExperimentConfig, parse_int_list, run_experiment
 
     config = ExperimentConfig(
         model=args.model,
@@ -216,8 +230,29 @@ def _eval(args) -> int:
     return 0
 
 
+def _detect(args) -> int:
+    from esa.analyses.detect_run import detector_run
+    from esa.data import prepare_data
+    from esa.models import load_model
+
+    for name, value, least in (
+        ("--windows", args.windows, 1),
+        ("--length", args.length, 2),
+        ("--top", args.top, 1),
+    ):
+        if value < least:
+            raise EsaError(f"{name} must be an integer >= {least}, got {value}")
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    data = prepare_data(lm.tokenizer, args.data_file, None, args.length, args.windows, min_calib_windows=0)
+    label = args.data_file or data.eval_source.name
+    out = detector_run(lm, data.eval_ids, data=label, seed=args.seed, threshold=args.threshold, top=args.top)
+    print(json.dumps(out, indent=1))
+    return 0
+
+
 def _record(args) -> int:
-    from esa.claims.report import load_claims, record_outcome
+    from esa.claims.recorded import record_outcome
+    from esa.claims.report import load_claims
 
     try:
         claims = load_claims(args.claims_json)["claims"]
@@ -261,7 +296,14 @@ def _metrics(args) -> int:
     return 0
 
 
-_COMMANDS = {"run": _run, "eval": _eval, "models": _models, "metrics": _metrics, "record": _record}
+_COMMANDS = {
+    "run": _run,
+    "eval": _eval,
+    "detect": _detect,
+    "models": _models,
+    "metrics": _metrics,
+    "record": _record,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

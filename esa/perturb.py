@@ -21,13 +21,18 @@ from esa.util.bits import bit_width, bits_checksum, bits_view
 
 @dataclass(frozen=True)
 class Perturbation:
-    """A registered method: ``fn(values, *, scale, bit, generator) -> new values``."""
+    """A registered method: ``fn(values, *, scale, bit, generator) -> new values``.
+
+    ``default_scale`` is the scale callers use when they give none (`resolve_scale`); `perturbed`
+    itself never fills it in."""
 
     name: str
     fn: Callable[..., torch.Tensor]
     needs_scale: bool = False
     positive_scale: bool = False
     uses_bit: bool = False
+    default_scale: float | None = None
+    random: bool = False  # draws random numbers (its result depends on the seed)
 
     def __call__(self, values: torch.Tensor, **kwargs) -> torch.Tensor:
         return self.fn(values, **kwargs)
@@ -37,7 +42,13 @@ PERTURBATIONS: dict[str, Perturbation] = {}
 
 
 def register_perturbation(
-    name: str, *, needs_scale: bool = False, positive_scale: bool = False, uses_bit: bool = False
+    name: str,
+    *,
+    needs_scale: bool = False,
+    positive_scale: bool = False,
+    uses_bit: bool = False,
+    default_scale: float | None = None,
+    random: bool = False,
 ):
     """Decorator registering ``fn(values, *, scale, bit, generator)`` under ``name``.
 
@@ -46,10 +57,24 @@ def register_perturbation(
     """
 
     def decorate(fn):
-        PERTURBATIONS[name] = Perturbation(name, fn, needs_scale, positive_scale, uses_bit)
+        PERTURBATIONS[name] = Perturbation(
+            name, fn, needs_scale, positive_scale, uses_bit, default_scale, random
+        )
         return fn
 
     return decorate
+
+
+def resolve_scale(method: str, scale: float | None = None) -> float | None:
+    """``scale`` when given, else the method's registered ``default_scale`` (None for methods
+    without a scale): gauss_noise σ = 0.01 x |w|, scale factor 0.0. ConfigError if unknown."""
+    return _spec(method).default_scale if scale is None else scale
+
+
+def _spec(method: str) -> Perturbation:
+    if method not in PERTURBATIONS:
+        raise ConfigError(f"unknown perturbation {method!r}; use one of {', '.join(sorted(PERTURBATIONS))}")
+    return PERTURBATIONS[method]
 
 
 @dataclass
@@ -81,7 +106,7 @@ def _sign_flip(values, **_):
     return _xor_bit(values, bit_width(values.dtype) - 1)
 
 
-@register_perturbation("gauss_noise", needs_scale=True, positive_scale=True)
+@register_perturbation("gauss_noise", needs_scale=True, positive_scale=True, default_scale=0.01, random=True)
 def _gauss_noise(values, *, scale, generator, **_):
     compute = torch.float64 if values.dtype == torch.float64 else torch.float32
     noise = torch.randn(values.numel(), generator=generator, dtype=compute).to(values.device)
@@ -89,7 +114,7 @@ def _gauss_noise(values, *, scale, generator, **_):
     return (w + scale * w.abs() * noise).to(values.dtype)
 
 
-@register_perturbation("scale", needs_scale=True)
+@register_perturbation("scale", needs_scale=True, default_scale=0.0)
 def _scale(values, *, scale, **_):
     compute = torch.float64 if values.dtype == torch.float64 else torch.float32
     return (values.to(compute) * scale).to(values.dtype)
@@ -138,9 +163,7 @@ def perturbed(
 
 
 def _check_options(method, scale, prob, bit) -> Perturbation:
-    if method not in PERTURBATIONS:
-        raise ConfigError(f"unknown perturbation {method!r}; use one of {', '.join(sorted(PERTURBATIONS))}")
-    spec = PERTURBATIONS[method]
+    spec = _spec(method)
     if spec.needs_scale:
         if scale is None:
             raise ConfigError(f"perturbation {method!r} needs scale=; pass e.g. scale=0.5")

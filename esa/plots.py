@@ -16,15 +16,18 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from esa.stats import bootstrap_ci
 
 MAX_POINTS = 1_000_000
 _COLORS = ["#0969da", "#cf222e", "#1a7f37", "#8250df", "#bf8700", "#57606a", "#e16f24", "#0a7f86"]
 
 
-def _figure(width: float = 7.0, height: float = 4.2) -> tuple[Figure, Axes]:
+def figure(width: float = 7.0, height: float = 4.2) -> tuple[Figure, Axes]:
+    """A new Agg figure (no pyplot state) with one axes, constrained layout."""
     fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     return fig, fig.add_subplot()
@@ -72,7 +75,7 @@ def plot_score_distribution(
     values = np.abs(values)
     finite = values[np.isfinite(values)]
     positive = finite[finite > 0]
-    fig, ax = _figure()
+    fig, ax = figure()
     label = f"n={total:,}" + (f" (sample {values.size:,})" if values.size < total else "")
     if positive.size:
         lo, hi = positive.min(), positive.max()
@@ -115,7 +118,7 @@ def plot_layer_component_heatmap(
     else:
         table = df.pivot_table(index="layer", columns="component", values=value, aggfunc=agg, fill_value=0)
     table = table.sort_index()
-    fig, ax = _figure(max(5.0, 1.0 + 0.9 * table.shape[1]), max(3.0, 1.2 + 0.28 * table.shape[0]))
+    fig, ax = figure(max(5.0, 1.0 + 0.9 * table.shape[1]), max(3.0, 1.2 + 0.28 * table.shape[0]))
     data = table.to_numpy(dtype=float)
     im = ax.imshow(
         data if data.size else np.zeros((1, 1)), aspect="auto", cmap="viridis", interpolation="nearest"
@@ -143,17 +146,10 @@ def plot_layer_component_heatmap(
 
 
 def _mean_ci(values: np.ndarray) -> tuple[float, float, float]:
-    """Mean and 95% CI (esa.stats.bootstrap_ci when importable, else a t-interval)."""
+    """Mean and its 95% bootstrap CI (``esa.stats.bootstrap_ci``)."""
     mean = float(values.mean())
     if values.size < 2:
         return mean, mean, mean
-    try:
-        from esa.stats import bootstrap_ci
-    except ImportError:
-        from scipy import stats
-
-        half = float(stats.t.ppf(0.975, values.size - 1) * values.std(ddof=1) / math.sqrt(values.size))
-        return mean, mean - half, mean + half
     low, high = bootstrap_ci(values, stat=np.mean, confidence=0.95, n_resamples=2000, seed=0)
     return mean, float(low), float(high)
 
@@ -175,7 +171,7 @@ def plot_delta_ppl_bars(
         v = _numpy(conditions[name])
         ok = v[np.isfinite(v)]
         stats.append((*(_mean_ci(ok) if ok.size else (math.nan,) * 3), v.size - ok.size, ok.size))
-    fig, ax = _figure(max(5.0, 1.5 + 1.1 * len(names)), 4.2)
+    fig, ax = figure(max(5.0, 1.5 + 1.1 * len(names)), 4.2)
     means = np.array([s[0] for s in stats])
     lows = np.array([s[1] for s in stats])
     highs = np.array([s[2] for s in stats])
@@ -223,7 +219,7 @@ def plot_dose_response(
 ) -> Figure:
     """One line per series over `scales` on a log x axis (symlog when a scale is <= 0)."""
     x = _numpy(scales)
-    fig, ax = _figure()
+    fig, ax = figure()
     for i, (name, ys) in enumerate(series.items()):
         y = _numpy(ys)
         if y.size != x.size:

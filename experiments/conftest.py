@@ -1,15 +1,43 @@
-"""Parametrize claims over the session's models, metrics, tiny architectures and perturbations."""
+"""Parametrize claims over the session's models, metrics, tiny architectures and perturbations.
+
+The lists come from the registries: models and metrics from the options (validated by the esa
+plugin against ``esa.metrics.METRICS``; model names with ``check_model_name``), architectures from
+``esa.models.tiny.tiny_models()``, perturbations from criteria.py, each checked at collection to
+be registered in ``esa.perturb.PERTURBATIONS`` (metrics named in criteria.py likewise)."""
 
 from pathlib import Path
 
 import pytest
-from criteria import PERTURBATIONS, ZEROSHOT_TASKS
+from criteria import PERTURBATIONS, PRUNE_METHODS, RANK_METRICS, ZEROSHOT_TASKS
 
+from esa import perturb
 from esa.claims.plugin import OPTIONS_KEY
+from esa.metrics import METRICS
 from esa.models import check_model_name
 from esa.models.tiny import tiny_models
 
 TINY_ARCHS = tuple(tiny_models())
+
+
+def unregistered() -> str | None:
+    """One line naming the first criteria.py name missing from its registry, else None."""
+    named = {
+        "perturbation": (PERTURBATIONS, perturb.PERTURBATIONS),
+        "metric": ([*RANK_METRICS, *(m for m, _ in PRUNE_METHODS)], METRICS),
+    }
+    for kind, (names, registry) in named.items():
+        missing = [n for n in names if n not in registry]
+        if missing:
+            return (
+                f"criteria.py names {kind} {missing[0]!r}, not registered; use one of {', '.join(registry)}"
+            )
+    return None
+
+
+def pytest_configure(config):
+    message = unregistered()
+    if message:
+        raise pytest.UsageError(message)
 
 
 def pytest_generate_tests(metafunc):
@@ -29,13 +57,14 @@ def pytest_generate_tests(metafunc):
 
 
 @pytest.fixture
-def bench(esa_bench, esa_header, request):
-    """The session workbench; notes the model's data provenance in the report header."""
+def workbench(esa_workbench, esa_header, request):
+    """The session's claims workbench (``esa_workbench``); notes the model's data provenance in
+    the report header."""
     model = getattr(request.node, "callspec", None) and request.node.callspec.params.get("model")
     if model:
-        esa_header.setdefault("data", {})[model] = esa_bench.data_manifest(model)
-        esa_header.setdefault("models", {})[model] = esa_bench.model(model).describe()
-    return esa_bench
+        esa_header.setdefault("data", {})[model] = esa_workbench.data_manifest(model)
+        esa_header.setdefault("models", {})[model] = esa_workbench.model(model).describe()
+    return esa_workbench
 
 
 @pytest.fixture(scope="session")

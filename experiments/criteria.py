@@ -1,5 +1,9 @@
 """Every success criterion of the research plan, stated once. Claims import their thresholds
-from here; changing one is a change to the research plan, reviewed like one."""
+from here; changing one is a change to the research plan, reviewed like one.
+
+Names of perturbations and metrics must be registered in ``esa.perturb.PERTURBATIONS`` and
+``esa.metrics.METRICS`` (checked at collection, experiments/conftest.py); the claims' tiers are
+``esa.claims.tiers.TIERS``, their tiny architectures ``esa.models.tiny.tiny_models()``."""
 
 # phase 1: baseline
 LEAK_PPL = 1.5  # PPL below this on natural text means a bug (repeated text, leaked labels)
@@ -18,8 +22,7 @@ SUPER_VS_RANDOM = 3.0  # ΔPPL(super) >= 3 x ΔPPL(random)
 RANDOM_VS_BOTTOM = 3.0  # ΔPPL(random) >= 3 x ΔPPL(bottom)
 MIN_SUPER_DAMAGE = 0.1  # ΔPPL(super) >= 0.1 PPL
 P_VALUE = 0.05  # super vs random over seeds (one-sided paired t-test)
-PERTURBATIONS = ("zero", "sign_flip", "gauss_noise", "bit_flip")
-GAUSS_SCALE = 0.01  # σ relative to |w| for gauss_noise in the hierarchy claims (runbook default)
+PERTURBATIONS = ("zero", "sign_flip", "gauss_noise", "bit_flip")  # scales: esa.perturb.resolve_scale
 DOSE_SCALES = (0.005, 0.01, 0.02, 0.05, 0.1)  # gauss_noise σ for the dose-response claims
 
 # phase 4: scaling and architecture
@@ -35,3 +38,13 @@ PRUNE_GAIN = 0.15  # best sensitivity-guided method beats magnitude by > 15% (PP
 FLIP_RATIO = 10.0  # critical weights fail the model with >= 10x fewer flips than random
 FLIP_FAILURE_FACTOR = 10.0  # "failure" = PPL >= 10x baseline, or non-finite
 ZEROSHOT_TASKS = ("arc_easy", "boolq", "hellaswag", "piqa")  # local samples in fixtures/zeroshot
+RANK_METRICS = ("magnitude", "act_mag", "grad_x_weight", "grad_squared")  # super weight's rank under each
+PRUNE_METHODS = (  # (metric, granularity) compared at PRUNE_SPARSITY; act_mag per row = Wanda
+    ("magnitude", "layer"),
+    ("magnitude", "row"),
+    ("act_mag", "row"),
+    ("grad_x_weight", "row"),
+    ("grad_x_weight", "layer"),
+    ("grad_squared", "row"),
+    ("hutchinson_diag", "row"),
+)

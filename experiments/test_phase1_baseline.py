@@ -8,9 +8,9 @@ from criteria import LEAK_PPL, PPL_SEED_VARIATION
 pytestmark = [pytest.mark.phase1, pytest.mark.smoke]
 
 
-def test_baseline_ppl_not_leaking(claim, bench, model):
+def test_baseline_ppl_not_leaking(claim, workbench, model):
     """Baseline token perplexity is finite and above the leak threshold on natural text."""
-    base = bench.baseline(model)
+    base = workbench.baseline(model)
     claim(threshold=LEAK_PPL).context(model=model)
     claim.measure("ppl", base.ppl, key=True)
     claim.measure("accuracy", base.accuracy)
@@ -19,10 +19,10 @@ def test_baseline_ppl_not_leaking(claim, bench, model):
     claim.expect(base.ppl, ">", LEAK_PPL)
 
 
-def test_ppl_stable_across_seeds(claim, bench, model):
+def test_ppl_stable_across_seeds(claim, workbench, model):
     """Perplexity on seed-drawn window samples varies by less than 5% across seeds."""
-    seeds = bench.tier.seeds
-    ppls = [bench.baseline_resampled(model, s).ppl for s in seeds]
+    seeds = workbench.tier.seeds
+    ppls = [workbench.baseline_resampled(model, s).ppl for s in seeds]
     spread = (max(ppls) - min(ppls)) / (sum(ppls) / len(ppls))
     claim(threshold=PPL_SEED_VARIATION).context(model=model, seeds=list(seeds))
     claim.measure("ppl_per_seed", ppls)
@@ -30,9 +30,9 @@ def test_ppl_stable_across_seeds(claim, bench, model):
     claim.expect(spread, "<", PPL_SEED_VARIATION)
 
 
-def test_accuracy_and_throughput_recorded(claim, bench, model):
+def test_accuracy_and_throughput_recorded(claim, workbench, model):
     """Next-token accuracy and tokens/s are measured, finite and positive."""
-    base = bench.baseline(model)
+    base = workbench.baseline(model)
     claim().context(model=model)
     claim.measure("accuracy", base.accuracy, key=True)
     claim.measure("tokens_per_s", base.tokens_per_s)
@@ -41,10 +41,10 @@ def test_accuracy_and_throughput_recorded(claim, bench, model):
     claim.check(math.isfinite(base.tokens_per_s) and base.tokens_per_s > 0, f"tokens/s {base.tokens_per_s}")
 
 
-def test_untrained_architecture_predicts_uniformly(claim, bench, arch):
+def test_untrained_architecture_predicts_uniformly(claim, workbench, arch):
     """An untrained (random-init) model's perplexity is within 2x of its vocabulary size."""
-    base = bench.baseline(arch)
-    vocab = bench.model(arch).model.config.vocab_size
+    base = workbench.baseline(arch)
+    vocab = workbench.model(arch).model.config.vocab_size
     claim(threshold=[vocab / 2, vocab * 2]).context(model=arch)
     claim.measure("ppl", base.ppl, key=True)
     claim.measure("vocab_size", vocab)

@@ -19,14 +19,14 @@ from esa.metrics.registry import score_summary
 pytestmark = [pytest.mark.phase2, pytest.mark.smoke]
 
 
-def test_topk_stable_across_seeds(claim, bench, model, metric):
+def test_topk_stable_across_seeds(claim, workbench, model, metric):
     """Top-k sets (per tensor) from different calibration seeds overlap: mean Jaccard > 0.3."""
-    seeds = bench.tier.seeds
-    sels = [bench.selection(model, metric, s) for s in seeds]
+    seeds = workbench.tier.seeds
+    sels = [workbench.selection(model, metric, s) for s in seeds]
     pairs = [a.jaccard(b) for a, b in itertools.combinations(sels, 2)]
     mean = sum(pairs) / len(pairs)
     claim(threshold=JACCARD_STABLE).context(
-        model=model, metric=metric, seeds=list(seeds), k=bench.tier.topk, mode="per_layer"
+        model=model, metric=metric, seeds=list(seeds), k=workbench.tier.topk, mode="per_layer"
     )
     claim.measure("mean_jaccard", mean, ci=stats.bootstrap_ci(pairs), key=True)
     claim.measure("pairwise_jaccard", pairs)
@@ -34,11 +34,11 @@ def test_topk_stable_across_seeds(claim, bench, model, metric):
     claim.expect(mean, ">", JACCARD_STABLE, name="mean_jaccard")
 
 
-def test_scores_heavy_tailed(claim, bench, model, metric):
+def test_scores_heavy_tailed(claim, workbench, model, metric):
     """The mean of the top 1% of scores exceeds 10x the median score."""
-    scores = bench.scores(model, metric, bench.tier.seeds[0])
+    scores = workbench.scores(model, metric, workbench.tier.seeds[0])
     summary = score_summary(scores)
-    claim(threshold=HEAVY_TAIL_RATIO).context(model=model, metric=metric, seeds=[bench.tier.seeds[0]])
+    claim(threshold=HEAVY_TAIL_RATIO).context(model=model, metric=metric, seeds=[workbench.tier.seeds[0]])
     claim.measure("concentration", summary["concentration"], key=True)
     claim.measure("median", summary["median"])
     claim.measure("top1pct_mean", summary["top1pct_mean"])
@@ -47,62 +47,62 @@ def test_scores_heavy_tailed(claim, bench, model, metric):
     claim.expect(summary["concentration"], ">", HEAVY_TAIL_RATIO, name="concentration")
 
 
-def test_gradient_metrics_agree(claim, bench, model):
+def test_gradient_metrics_agree(claim, workbench, model):
     """grad_x_weight and grad_squared pick mostly the same top-k weights (overlap >= 60%)."""
-    seed = bench.tier.seeds[0]
-    a = bench.selection(model, "grad_x_weight", seed)
-    b = bench.selection(model, "grad_squared", seed)
+    seed = workbench.tier.seeds[0]
+    a = workbench.selection(model, "grad_x_weight", seed)
+    b = workbench.selection(model, "grad_squared", seed)
     value = a.overlap(b)
     claim(threshold=METRIC_AGREEMENT).context(
-        model=model, metric="grad_x_weight vs grad_squared", seeds=[seed], k=bench.tier.topk
+        model=model, metric="grad_x_weight vs grad_squared", seeds=[seed], k=workbench.tier.topk
     )
     claim.measure("overlap", value, key=True)
     claim.measure("jaccard", a.jaccard(b))
     claim.expect(value, ">=", METRIC_AGREEMENT, name="overlap")
 
 
-def test_hutchinson_agrees_with_grad_x_weight(claim, bench, model):
+def test_hutchinson_agrees_with_grad_x_weight(claim, workbench, model):
     """hutchinson_diag and grad_x_weight top-k sets overlap by at least 50%."""
-    seed = bench.tier.seeds[0]
-    a = bench.selection(model, "hutchinson_diag", seed)
-    b = bench.selection(model, "grad_x_weight", seed)
+    seed = workbench.tier.seeds[0]
+    a = workbench.selection(model, "hutchinson_diag", seed)
+    b = workbench.selection(model, "grad_x_weight", seed)
     value = a.overlap(b)
     claim(threshold=HUTCHINSON_AGREEMENT).context(
         model=model,
         metric="hutchinson_diag vs grad_x_weight",
         seeds=[seed],
-        k=bench.tier.topk,
-        hutchinson_samples=bench.tier.hutchinson_samples,
+        k=workbench.tier.topk,
+        hutchinson_samples=workbench.tier.hutchinson_samples,
     )
     claim.measure("overlap", value, key=True)
     claim.expect(value, ">=", HUTCHINSON_AGREEMENT, name="overlap")
 
 
-def test_per_layer_and_global_agree(claim, bench, model, metric):
+def test_per_layer_and_global_agree(claim, workbench, model, metric):
     """More than half of the global top-k lies inside the per-tensor top-k sets."""
-    seed = bench.tier.seeds[0]
-    glob = bench.selection(model, metric, seed, mode="global")
-    per = bench.selection(model, metric, seed, mode="per_layer")
+    seed = workbench.tier.seeds[0]
+    glob = workbench.selection(model, metric, seed, mode="global")
+    per = workbench.selection(model, metric, seed, mode="per_layer")
     value = glob.overlap(per)
-    claim(threshold=MODE_AGREEMENT).context(model=model, metric=metric, seeds=[seed], k=bench.tier.topk)
+    claim(threshold=MODE_AGREEMENT).context(model=model, metric=metric, seeds=[seed], k=workbench.tier.topk)
     claim.measure("overlap", value, key=True)
     claim.expect(value, ">", MODE_AGREEMENT, name="overlap")
 
 
-def _global_with_embeddings(bench, model, metric):
-    seed = bench.tier.seeds[0]
-    sel = bench.selection(model, metric, seed, mode="global", include_embeddings=True)
-    frame = sel.to_frame(bench.model(model).param_map)
+def _global_with_embeddings(workbench, model, metric):
+    seed = workbench.tier.seeds[0]
+    sel = workbench.selection(model, metric, seed, mode="global", include_embeddings=True)
+    frame = sel.to_frame(workbench.model(model).param_map)
     frame["layer"] = frame["layer"].fillna(-1).astype(int)  # -1: embeddings / lm_head / final norm
     return sel, frame
 
 
-def test_topk_not_in_one_tensor(claim, bench, model, metric):
+def test_topk_not_in_one_tensor(claim, workbench, model, metric):
     """The global top-k (embeddings included) spans more than one tensor."""
-    sel, frame = _global_with_embeddings(bench, model, metric)
+    sel, frame = _global_with_embeddings(workbench, model, metric)
     counts = sel.by_tensor_counts()
     claim(threshold=1).context(
-        model=model, metric=metric, k=bench.tier.topk, mode="global", include_embeddings=True
+        model=model, metric=metric, k=workbench.tier.topk, mode="global", include_embeddings=True
     )
     claim.measure("tensors", len(counts), key=True)
     claim.measure("largest_tensor_share", max(counts.values()) / sel.size)
@@ -113,12 +113,12 @@ def test_topk_not_in_one_tensor(claim, bench, model, metric):
     claim.expect(len(counts), ">", 1, name="tensors")
 
 
-def test_topk_not_all_embeddings(claim, bench, model, metric):
+def test_topk_not_all_embeddings(claim, workbench, model, metric):
     """The global top-k (embeddings included) is not all in the embedding / lm_head tensors."""
-    _sel, frame = _global_with_embeddings(bench, model, metric)
+    _sel, frame = _global_with_embeddings(workbench, model, metric)
     share = float(frame["component"].isin(["embed", "lm_head"]).mean())
     claim(threshold=1.0).context(
-        model=model, metric=metric, k=bench.tier.topk, mode="global", include_embeddings=True
+        model=model, metric=metric, k=workbench.tier.topk, mode="global", include_embeddings=True
     )
     claim.measure("embedding_share", share, key=True)
     claim.expect(share, "<", 1.0, name="embedding_share")

@@ -12,7 +12,6 @@ import math
 import pytest
 from criteria import (
     DOSE_SCALES,
-    GAUSS_SCALE,
     MIN_SUPER_DAMAGE,
     P_VALUE,
     PERTURBATIONS,
@@ -31,13 +30,12 @@ def _damage(row: dict) -> float:
     return row["delta_ppl"] if math.isfinite(row["delta_ppl"]) else math.inf
 
 
-def deltas(bench, model, metric, perturbation, kind, scale=None) -> list[float]:
-    """ΔPPL per seed (non-finite -> +inf) for one set kind."""
-    if scale is None and perturbation == "gauss_noise":
-        scale = GAUSS_SCALE
+def deltas(workbench, model, metric, perturbation, kind, scale=None) -> list[float]:
+    """ΔPPL per seed (non-finite -> +inf) for one set kind (``scale=None``: the perturbation's
+    registered default, e.g. gauss_noise σ = 0.01 x |w|)."""
     return [
-        _damage(bench.perturbed_eval(model, Condition(metric, s, KINDS[kind], perturbation, scale=scale)))
-        for s in bench.tier.seeds
+        _damage(workbench.perturbed_eval(model, Condition(metric, s, KINDS[kind], perturbation, scale=scale)))
+        for s in workbench.tier.seeds
     ]
 
 
@@ -61,20 +59,21 @@ def _measure_sets(claim, sets):
         claim.measure(f"delta_ppl_{kind}_per_seed", values)
 
 
-def test_super_beats_random(claim, bench, model, metric, perturbation, zeroshot_examples):
+def test_super_beats_random(claim, workbench, model, metric, perturbation, zeroshot_examples):
     """ΔPPL(super) >= 3x ΔPPL(random)."""
-    sets = {k: deltas(bench, model, metric, perturbation, k) for k in ("super", "random", "bottom")}
-    seed0 = bench.tier.seeds[0]
-    scale = GAUSS_SCALE if perturbation == "gauss_noise" else None
-    zs_base = bench.zeroshot(model, zeroshot_examples)
-    zs_super = bench.zeroshot(
-        model, zeroshot_examples, Condition(metric, seed0, "top", perturbation, scale=scale)
-    )
+    sets = {k: deltas(workbench, model, metric, perturbation, k) for k in ("super", "random", "bottom")}
+    seed0 = workbench.tier.seeds[0]
+    zs_base = workbench.zeroshot(model, zeroshot_examples)
+    zs_super = workbench.zeroshot(model, zeroshot_examples, Condition(metric, seed0, "top", perturbation))
     claim.measure("zeroshot_acc_baseline", {t: r["acc"] for t, r in zs_base.items()})
     claim.measure(f"zeroshot_acc_super_seed{seed0}", {t: r["acc"] for t, r in zs_super.items()})
     s, r = _mean(sets["super"]), _mean(sets["random"])
     claim(threshold=SUPER_VS_RANDOM).context(
-        model=model, metric=metric, perturbation=perturbation, seeds=list(bench.tier.seeds), k=bench.tier.topk
+        model=model,
+        metric=metric,
+        perturbation=perturbation,
+        seeds=list(workbench.tier.seeds),
+        k=workbench.tier.topk,
     )
     claim.measure("ratio_super_random", stats.effect_ratio(sets["super"], sets["random"]), key=True)
     _measure_sets(claim, sets)
@@ -85,12 +84,16 @@ def test_super_beats_random(claim, bench, model, metric, perturbation, zeroshot_
     claim.check(at_least(s, SUPER_VS_RANDOM, r), f"ΔPPL super {s:.4g} < {SUPER_VS_RANDOM} x random {r:.4g}")
 
 
-def test_random_beats_bottom(claim, bench, model, metric, perturbation):
+def test_random_beats_bottom(claim, workbench, model, metric, perturbation):
     """ΔPPL(random) >= 3x ΔPPL(bottom)."""
-    sets = {k: deltas(bench, model, metric, perturbation, k) for k in ("random", "bottom")}
+    sets = {k: deltas(workbench, model, metric, perturbation, k) for k in ("random", "bottom")}
     r, b = _mean(sets["random"]), _mean(sets["bottom"])
     claim(threshold=RANDOM_VS_BOTTOM).context(
-        model=model, metric=metric, perturbation=perturbation, seeds=list(bench.tier.seeds), k=bench.tier.topk
+        model=model,
+        metric=metric,
+        perturbation=perturbation,
+        seeds=list(workbench.tier.seeds),
+        k=workbench.tier.topk,
     )
     claim.measure("ratio_random_bottom", stats.effect_ratio(sets["random"], sets["bottom"]), key=True)
     _measure_sets(claim, sets)
@@ -99,23 +102,27 @@ def test_random_beats_bottom(claim, bench, model, metric, perturbation):
     )
 
 
-def test_super_damage_material(claim, bench, model, metric, perturbation):
+def test_super_damage_material(claim, workbench, model, metric, perturbation):
     """Perturbing the super set raises perplexity by at least 0.1."""
-    values = deltas(bench, model, metric, perturbation, "super")
+    values = deltas(workbench, model, metric, perturbation, "super")
     claim(threshold=MIN_SUPER_DAMAGE).context(
-        model=model, metric=metric, perturbation=perturbation, seeds=list(bench.tier.seeds), k=bench.tier.topk
+        model=model,
+        metric=metric,
+        perturbation=perturbation,
+        seeds=list(workbench.tier.seeds),
+        k=workbench.tier.topk,
     )
     claim.measure("delta_ppl_super", _mean(values), ci=stats.bootstrap_ci(values), key=True)
     claim.expect(_mean(values), ">=", MIN_SUPER_DAMAGE)
 
 
-def test_super_vs_random_significant(claim, bench, model, metric, perturbation):
+def test_super_vs_random_significant(claim, workbench, model, metric, perturbation):
     """Super-set damage exceeds random-set damage across seeds (one-sided paired t-test, p < 0.05)."""
-    sup = deltas(bench, model, metric, perturbation, "super")
-    rnd = deltas(bench, model, metric, perturbation, "random")
+    sup = deltas(workbench, model, metric, perturbation, "super")
+    rnd = deltas(workbench, model, metric, perturbation, "random")
     test = stats.paired_ttest(sup, rnd, alternative="greater")
     claim(threshold=P_VALUE).context(
-        model=model, metric=metric, perturbation=perturbation, seeds=list(bench.tier.seeds)
+        model=model, metric=metric, perturbation=perturbation, seeds=list(workbench.tier.seeds)
     )
     claim.measure("pvalue", test["pvalue"], key=True)
     claim.measure("t_statistic", test["statistic"])
@@ -124,22 +131,22 @@ def test_super_vs_random_significant(claim, bench, model, metric, perturbation):
     claim.expect(test["pvalue"], "<", P_VALUE, name="pvalue")
 
 
-def _dose(bench, model, metric):
+def _dose(workbench, model, metric):
     return {
-        kind: [_mean(deltas(bench, model, metric, "gauss_noise", kind, scale)) for scale in DOSE_SCALES]
+        kind: [_mean(deltas(workbench, model, metric, "gauss_noise", kind, scale)) for scale in DOSE_SCALES]
         for kind in ("super", "random", "bottom")
     }
 
 
-def test_dose_response_monotonic(claim, bench, model, metric):
+def test_dose_response_monotonic(claim, workbench, model, metric):
     """ΔPPL(super) increases strictly with the gauss_noise scale (0.005 ... 0.1)."""
-    series = _dose(bench, model, metric)
+    series = _dose(workbench, model, metric)
     mono = stats.spearman_monotonic(list(DOSE_SCALES), series["super"])
     claim(threshold="strictly increasing").context(
         model=model,
         metric=metric,
         perturbation="gauss_noise",
-        seeds=list(bench.tier.seeds),
+        seeds=list(workbench.tier.seeds),
         scales=list(DOSE_SCALES),
     )
     claim.measure("spearman_rho", mono["rho"], key=True)
@@ -153,9 +160,9 @@ def test_dose_response_monotonic(claim, bench, model, metric):
     )
 
 
-def test_dose_hierarchy_kept(claim, bench, model, metric):
+def test_dose_hierarchy_kept(claim, workbench, model, metric):
     """At every gauss_noise scale ΔPPL(super) >= 3x random and ΔPPL(random) >= 3x bottom."""
-    series = _dose(bench, model, metric)
+    series = _dose(workbench, model, metric)
     links = [
         (at_least(s, SUPER_VS_RANDOM, r), at_least(r, RANDOM_VS_BOTTOM, b))
         for s, r, b in zip(series["super"], series["random"], series["bottom"])
@@ -165,7 +172,7 @@ def test_dose_hierarchy_kept(claim, bench, model, metric):
         model=model,
         metric=metric,
         perturbation="gauss_noise",
-        seeds=list(bench.tier.seeds),
+        seeds=list(workbench.tier.seeds),
         scales=list(DOSE_SCALES),
     )
     claim.measure("scales_kept", sum(kept), key=True)
@@ -176,17 +183,14 @@ def test_dose_hierarchy_kept(claim, bench, model, metric):
     claim.check(all(kept), f"hierarchy kept at {sum(kept)} of {len(kept)} scales")
 
 
-def test_perturbations_restored_bit_exactly(claim, bench, model, metric):
+def test_perturbations_restored_bit_exactly(claim, workbench, model, metric):
     """After every phase-3 condition the weights are bit-identical to the loaded ones (sha256)."""
     rows = []
     for perturbation in PERTURBATIONS:
         for kind in KINDS.values():
-            for seed in bench.tier.seeds:
-                scale = GAUSS_SCALE if perturbation == "gauss_noise" else None
-                rows.append(
-                    bench.perturbed_eval(model, Condition(metric, seed, kind, perturbation, scale=scale))
-                )
-    same = bench.current_sha256(model) == bench.original_sha256(model)
+            for seed in workbench.tier.seeds:
+                rows.append(workbench.perturbed_eval(model, Condition(metric, seed, kind, perturbation)))
+    same = workbench.current_sha256(model) == workbench.original_sha256(model)
     claim(threshold="sha256 equal").context(model=model, metric=metric, perturbation=list(PERTURBATIONS))
     claim.measure("conditions", len(rows), key=True)
     claim.measure("all_verified", all(r["restored"] for r in rows))
@@ -194,22 +198,17 @@ def test_perturbations_restored_bit_exactly(claim, bench, model, metric):
     claim.check(all(r["restored"] for r in rows) and same, "weights differ from the loaded ones")
 
 
-def test_architecture_perturb_restore(claim, bench, arch):
+def test_architecture_perturb_restore(claim, workbench, arch):
     """On each architecture every perturbation of its top-k is undone bit-exactly and PPL returns
     exactly to baseline."""
-    base = bench.baseline(arch)
-    rows = {
-        p: bench.perturbed_eval(
-            arch, Condition("grad_x_weight", 0, "top", p, scale=GAUSS_SCALE if p == "gauss_noise" else None)
-        )
-        for p in PERTURBATIONS
-    }
+    base = workbench.baseline(arch)
+    rows = {p: workbench.perturbed_eval(arch, Condition("grad_x_weight", 0, "top", p)) for p in PERTURBATIONS}
     from esa.evaluate import evaluate
 
     again = evaluate(
-        bench.model(arch).model, bench.data(arch).eval_ids, bench.tier.batch_size, progress=False
+        workbench.model(arch).model, workbench.data(arch).eval_ids, workbench.tier.batch_size, progress=False
     )
-    same = bench.current_sha256(arch) == bench.original_sha256(arch)
+    same = workbench.current_sha256(arch) == workbench.original_sha256(arch)
     claim(threshold="bit-exact").context(model=arch, metric="grad_x_weight", perturbation=list(PERTURBATIONS))
     claim.measure("delta_ppl", {p: r["delta_ppl"] for p, r in rows.items()}, key=True)
     claim.measure("ppl_after_restore", again.ppl)

@@ -23,7 +23,7 @@ def pytest_generate_tests(metafunc):
 _ROWS: dict = {}
 
 
-def series_rows(series, bench, esa_options):
+def series_rows(series, workbench, esa_options):
     """Per-model measurements of one series (computed once per worker)."""
     from esa.analyses.scaling import measure_family
     from esa.models.family import family_names
@@ -32,7 +32,7 @@ def series_rows(series, bench, esa_options):
         names = family_names() if series == "scaling-family" else list(esa_options.models)
         if len(names) < 3:
             pytest.skip(f"{series}: fewer than 3 models (fixtures/scaling missing?)")
-        t = bench.tier
+        t = workbench.tier
         _ROWS[series] = measure_family(
             names,
             data=str(esa_options.data) if esa_options.data else None,
@@ -40,36 +40,36 @@ def series_rows(series, bench, esa_options):
             max_samples=t.eval_windows,
             n_calib=t.calib_windows,
             seed=t.seeds[0],
-            device=bench.device or "cpu",
+            device=workbench.device or "cpu",
         )
     return _ROWS[series]
 
 
-def _fit(claim, series, measure, bench, esa_options):
+def _fit(claim, series, measure, workbench, esa_options):
     """Points of one measure, and their power-law fit; a measure that is not positive and
     finite on every model has no power law (the claim is falsified, with the values)."""
     import math
 
     from esa.analyses.scaling import fit_scaling
 
-    rows = series_rows(series, bench, esa_options)
+    rows = series_rows(series, workbench, esa_options)
     points = [(r["params_non_embedding"], r[measure]) for r in rows]
     claim.measure("points", {r["name"]: [r["params_non_embedding"], r[measure]] for r in rows})
     claim.check(
         all(math.isfinite(y) and y > 0 for _, y in points),
         f"{measure} is not positive and finite on every model: {[y for _, y in points]}",
     )
-    return rows, points, fit_scaling(points, seed=bench.tier.seeds[0])
+    return rows, points, fit_scaling(points, seed=workbench.tier.seeds[0])
 
 
-def test_scaling_power_law(claim, bench, esa_options, series, measure):
+def test_scaling_power_law(claim, workbench, esa_options, series, measure):
     """The sensitivity measure follows a power law in (non-embedding) parameter count: R² > 0.8."""
     from esa.analyses.scaling import plot_scaling
 
     claim(threshold=SCALING_R2).context(
-        series=series, metric="grad_x_weight", measure=measure, seeds=[bench.tier.seeds[0]]
+        series=series, metric="grad_x_weight", measure=measure, seeds=[workbench.tier.seeds[0]]
     )
-    rows, points, fit = _fit(claim, series, measure, bench, esa_options)
+    rows, points, fit = _fit(claim, series, measure, workbench, esa_options)
     claim.measure("r2", fit["r2"], ci=fit["r2_ci"], key=True)
     claim.measure("alpha", fit["alpha"])
     claim.measure("alpha_stderr", fit["alpha_stderr"])
@@ -81,10 +81,10 @@ def test_scaling_power_law(claim, bench, esa_options, series, measure):
     claim.expect(fit["r2"], ">", SCALING_R2, name="r2")
 
 
-def test_scaling_predicts_largest(claim, bench, esa_options, series, measure):
+def test_scaling_predicts_largest(claim, workbench, esa_options, series, measure):
     """A fit on the smaller models predicts the largest model's measure within 20%."""
     claim(threshold=SCALING_PREDICTION).context(series=series, measure=measure)
-    _rows, _, fit = _fit(claim, series, measure, bench, esa_options)
+    _rows, _, fit = _fit(claim, series, measure, workbench, esa_options)
     err = fit["largest_from_others"]["rel_error"]
     claim.measure("abs_rel_error", abs(err), key=True)
     claim.measure("largest_from_others", fit["largest_from_others"])
@@ -92,14 +92,16 @@ def test_scaling_predicts_largest(claim, bench, esa_options, series, measure):
     claim.expect(abs(err), "<=", SCALING_PREDICTION, name="abs_rel_error")
 
 
-def _profile(bench, name, metric):
+def _profile(workbench, name, metric):
     """Global top-k (k = tier.topk per scored tensor, the per-layer budget) and its tables."""
-    lm = bench.model(name)
-    names = bench.names(name)
-    k = bench.tier.topk * len(names)
-    sel = bench.selection(name, metric, bench.tier.seeds[0], mode="global", k=k)
+    lm = workbench.model(name)
+    names = workbench.names(name)
+    k = workbench.tier.topk * len(names)
+    sel = workbench.selection(name, metric, workbench.tier.seeds[0], mode="global", k=k)
     frame = sel.to_frame(lm.param_map)
-    table = analyze.component_table(frame, lm.param_map, bench.scores(name, metric, bench.tier.seeds[0]))
+    table = analyze.component_table(
+        frame, lm.param_map, workbench.scores(name, metric, workbench.tier.seeds[0])
+    )
     total = sum(lm.param_map[n].numel for n in names)
     param_share = {}
     for n in names:
@@ -108,9 +110,9 @@ def _profile(bench, name, metric):
     return lm, frame, table, analyze.group_ratios(table), param_share
 
 
-def test_mlp_overrepresented(claim, bench, profiled, metric):
+def test_mlp_overrepresented(claim, workbench, profiled, metric):
     """MLP weights hold a larger share of the global top-k than of the scored weights."""
-    lm, frame, table, ratios, param_share = _profile(bench, profiled, metric)
+    lm, frame, table, ratios, param_share = _profile(workbench, profiled, metric)
     top_mlp, par_mlp = ratios["topk"].get("mlp", 0.0), param_share.get("mlp", 0.0)
     claim(threshold="share_topk(mlp) > share_params(mlp)").context(
         model=profiled, metric=metric, mode="global", k=len(frame)
@@ -131,7 +133,7 @@ def test_mlp_overrepresented(claim, bench, profiled, metric):
     claim.expect(top_mlp, ">", par_mlp, name="mlp_topk_share")
 
 
-def test_architectures_compared(claim, bench, esa_options):
+def test_architectures_compared(claim, workbench, esa_options):
     """In every profiled model the MLP holds a larger share of the top-k than attention does."""
     from conftest import TINY_ARCHS
 
@@ -139,7 +141,7 @@ def test_architectures_compared(claim, bench, esa_options):
     names = list(dict.fromkeys([*esa_options.models, *TINY_ARCHS]))
     tables, ratios = {}, {}
     for name in names:
-        _, _, table, r, _ = _profile(bench, name, metric)
+        _, _, table, r, _ = _profile(workbench, name, metric)
         tables[name], ratios[name] = table, r["topk"]
     comparison = analyze.compare_models(tables, by="group")
     failing = [n for n in names if ratios[n].get("mlp", 0.0) <= ratios[n].get("attention", 0.0)]

@@ -9,7 +9,9 @@ from criteria import (
     FLIP_FAILURE_FACTOR,
     FLIP_RATIO,
     PRUNE_GAIN,
+    PRUNE_METHODS,
     PRUNE_SPARSITY,
+    RANK_METRICS,
     SUPER_WEIGHT_VS_RANDOM,
 )
 
@@ -19,38 +21,29 @@ from esa.perturb import perturbed
 
 pytestmark = [pytest.mark.phase5]
 smoke = pytest.mark.smoke
-PRUNE_METHODS = [
-    ("magnitude", "layer"),
-    ("magnitude", "row"),
-    ("act_mag", "row"),
-    ("grad_x_weight", "row"),
-    ("grad_x_weight", "layer"),
-    ("grad_squared", "row"),
-    ("hutchinson_diag", "row"),
-]
 _MEMO: dict = {}
 
 
-def detection(bench, model, tasks):
+def detection(workbench, model, tasks):
     """Detector report, top candidate and the zeroing measurements (once per worker)."""
     from esa.analyses.detect import candidate_selection, detect_super_weights, random_weight_selection
     from esa.analyses.zeroshot import evaluate_task
 
     if model not in _MEMO:
-        lm, data = bench.model(model), bench.data(model)
+        lm, data = workbench.model(model), workbench.data(model)
         report = detect_super_weights(lm)
         out = {"report": report, "candidate": None}
         if report.candidates:
             cand = max(report.candidates, key=lambda c: abs(c.output_activation))
             only = candidate_selection([cand], report.shapes)
-            rand = random_weight_selection(lm, [cand], seed=bench.tier.seeds[0])
-            base = bench.baseline(model)
+            rand = random_weight_selection(lm, [cand], seed=workbench.tier.seeds[0])
+            base = workbench.baseline(model)
             with perturbed(lm.model, only, "zero"):
-                zeroed = evaluate(lm.model, data.eval_ids, bench.tier.batch_size, progress=False)
+                zeroed = evaluate(lm.model, data.eval_ids, workbench.tier.batch_size, progress=False)
                 zs_zeroed = {t: evaluate_task(lm, ex, progress=False)["acc"] for t, ex in tasks.items()}
             with perturbed(lm.model, rand, "zero"):
-                random = evaluate(lm.model, data.eval_ids, bench.tier.batch_size, progress=False)
-            zs_base = {t: r["acc"] for t, r in bench.zeroshot(model, tasks).items()}
+                random = evaluate(lm.model, data.eval_ids, workbench.tier.batch_size, progress=False)
+            zs_base = {t: r["acc"] for t, r in workbench.zeroshot(model, tasks).items()}
             out.update(
                 candidate=cand,
                 ppl_baseline=base.ppl,
@@ -68,10 +61,10 @@ def _damage(ppl, base):
 
 
 @smoke
-def test_super_weight_detected_and_critical(claim, bench, model, zeroshot_examples):
+def test_super_weight_detected_and_critical(claim, workbench, model, zeroshot_examples):
     """The detector finds a super weight in a down projection whose zeroing raises PPL at least
     3x more than zeroing a random weight of the same tensor."""
-    det = detection(bench, model, zeroshot_examples)
+    det = detection(workbench, model, zeroshot_examples)
     report = det["report"]
     claim(threshold=SUPER_WEIGHT_VS_RANDOM).context(
         model=model, prompt=report.prompt, spike_threshold=report.threshold
@@ -108,12 +101,12 @@ def test_super_weight_detected_and_critical(claim, bench, model, zeroshot_exampl
     claim.measure("ppl_zero_random_weight", det["ppl_random"])
     from esa.analyses.detect import rank_under_metric
 
-    seed = bench.tier.seeds[0]
+    seed = workbench.tier.seeds[0]
     claim.measure(
         "rank_under_metric",
         {
-            m: rank_under_metric(bench.scores(model, m, seed), c.param_name, c.flat_index)
-            for m in ("magnitude", "act_mag", "grad_x_weight", "grad_squared")
+            m: rank_under_metric(workbench.scores(model, m, seed), c.param_name, c.flat_index)
+            for m in RANK_METRICS
         },
     )
     claim.measure("zeroshot_acc_baseline", det["zeroshot_baseline"])
@@ -127,20 +120,20 @@ def test_super_weight_detected_and_critical(claim, bench, model, zeroshot_exampl
 
 
 @smoke
-def test_super_activation_restore_recovers(claim, bench, model, zeroshot_examples):
+def test_super_activation_restore_recovers(claim, workbench, model, zeroshot_examples):
     """Zeroing the super weight but restoring its super activation recovers at least half of the
     damage (in mean NLL)."""
     from esa.analyses.detect import super_activation_control
 
-    det = detection(bench, model, zeroshot_examples)
+    det = detection(workbench, model, zeroshot_examples)
     claim(threshold=ACTIVATION_RECOVERY).context(model=model, positions="spike")
     claim.check(det["candidate"] is not None, "no super weight detected")
     res = super_activation_control(
-        bench.model(model),
+        workbench.model(model),
         det["candidate"],
-        bench.data(model).eval_ids,
+        workbench.data(model).eval_ids,
         positions="spike",
-        batch_size=bench.tier.batch_size,
+        batch_size=workbench.tier.batch_size,
     )
     damage = res.nll_zeroed - res.nll_baseline
     recovery = (res.nll_zeroed - res.nll_restored) / damage if damage > 0 else math.nan
@@ -154,35 +147,37 @@ def test_super_activation_restore_recovers(claim, bench, model, zeroshot_example
 
 
 @smoke
-def test_super_weight_ranked_by_metric(claim, bench, model, metric, zeroshot_examples):
+def test_super_weight_ranked_by_metric(claim, workbench, model, metric, zeroshot_examples):
     """The detected super weight is within the metric's global top-k."""
     from esa.analyses.detect import rank_under_metric
 
-    det = detection(bench, model, zeroshot_examples)
-    k = bench.tier.topk
-    claim(threshold=k).context(model=model, metric=metric, seeds=[bench.tier.seeds[0]], mode="global")
+    det = detection(workbench, model, zeroshot_examples)
+    k = workbench.tier.topk
+    claim(threshold=k).context(model=model, metric=metric, seeds=[workbench.tier.seeds[0]], mode="global")
     claim.check(det["candidate"] is not None, "no super weight detected")
     c = det["candidate"]
-    rank = rank_under_metric(bench.scores(model, metric, bench.tier.seeds[0]), c.param_name, c.flat_index)
+    rank = rank_under_metric(
+        workbench.scores(model, metric, workbench.tier.seeds[0]), c.param_name, c.flat_index
+    )
     claim.measure("rank", rank, key=True)
     claim.expect(rank, "<=", k, name="rank")
 
 
 @smoke
-def test_pruning_beats_magnitude(claim, bench, model):
+def test_pruning_beats_magnitude(claim, workbench, model):
     """At 50% unstructured sparsity the best sensitivity-guided pruning beats magnitude pruning by
     more than 15% in perplexity (reported beside Wanda = act_mag per output row)."""
     from esa.analyses.prune import compare_at, pruning_table
 
-    seed = bench.tier.seeds[0]
-    scores = {m: bench.scores(model, m, seed) for m in dict.fromkeys(m for m, _ in PRUNE_METHODS)}
+    seed = workbench.tier.seeds[0]
+    scores = {m: workbench.scores(model, m, seed) for m in dict.fromkeys(m for m, _ in PRUNE_METHODS)}
     table = pruning_table(
-        bench.model(model),
-        bench.data(model),
+        workbench.model(model),
+        workbench.data(model),
         methods=PRUNE_METHODS,
         sparsities=(0.1, 0.2, 0.3, 0.5),
         scores=scores,
-        eval_batch_size=bench.tier.batch_size,
+        eval_batch_size=workbench.tier.batch_size,
         progress=False,
     )
     cmp = compare_at(table, PRUNE_SPARSITY)
@@ -207,17 +202,17 @@ def test_pruning_beats_magnitude(claim, bench, model):
     claim.expect(gain, ">", PRUNE_GAIN, name="improvement_vs_magnitude")
 
 
-def _flip_claim(claim, bench, model, metric, lm, position="exponent_msb"):
+def _flip_claim(claim, workbench, model, metric, lm, position="exponent_msb"):
     from esa.analyses.bitflip import flip_comparison, plot_flip_curves
 
     out = flip_comparison(
         lm,
-        bench.data(model),
-        bench.scores(model, metric, bench.tier.seeds[0]),
+        workbench.data(model),
+        workbench.scores(model, metric, workbench.tier.seeds[0]),
         bit=position,
-        seed=bench.tier.seeds[0],
+        seed=workbench.tier.seeds[0],
         failure_factor=FLIP_FAILURE_FACTOR,
-        batch_size=bench.tier.batch_size,
+        batch_size=workbench.tier.batch_size,
         metric=metric,
         progress=False,
     )
@@ -241,21 +236,21 @@ def _flip_claim(claim, bench, model, metric, lm, position="exponent_msb"):
 
 
 @smoke
-def test_critical_weights_fail_with_fewer_flips(claim, bench, model, metric):
+def test_critical_weights_fail_with_fewer_flips(claim, workbench, model, metric):
     """Flipping the exponent's top bit, the metric's top weights fail the model (PPL >= 10x
     baseline or non-finite) with at least 10x fewer flips than random weights (fp32)."""
     claim(threshold=FLIP_RATIO).context(model=model, metric=metric, bit="exponent_msb", dtype="fp32")
-    _flip_claim(claim, bench, model, metric, bench.model(model))
+    _flip_claim(claim, workbench, model, metric, workbench.model(model))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("position", ["sign", "exponent_msb", "mantissa"])
-def test_flip_tolerance_by_position_and_dtype(claim, bench, model, metric, dtype, position):
+def test_flip_tolerance_by_position_and_dtype(claim, workbench, model, metric, dtype, position):
     """Per bit position and dtype: the metric's top weights fail the model with at least 10x
     fewer flips than random weights."""
     from esa.models import load_model
 
     claim(threshold=FLIP_RATIO).context(model=model, metric=metric, bit=position, dtype=dtype)
-    lm = load_model(model, dtype=dtype, device=bench.device)
-    _flip_claim(claim, bench, model, metric, lm, position)
+    lm = load_model(model, dtype=dtype, device=workbench.device)
+    _flip_claim(claim, workbench, model, metric, lm, position)

@@ -120,7 +120,7 @@ def test_no_import_cycles():
         state[node] = "open"
         for nxt in sorted(g[node]):
             if state.get(nxt) == "open":
-                cycles.append(path[path.index(nxt) :] + [nxt] if nxt in path else [node, nxt])
+                cycles.append([*path[path.index(nxt) :], nxt] if nxt in path else [node, nxt])
             elif nxt not in state:
                 visit(nxt, [*path, nxt])
         state[node] = "done"

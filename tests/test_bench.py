@@ -1,4 +1,4 @@
-"""Tests for esa.bench.harness (CPU smoke run on tiny models), esa.models.archs (exact published configs,
+"""Tests for esa.bench (CPU smoke run on tiny models), esa.models.archs (exact published configs,
 random-init builds, random-id windows) and the speed paths they exercise (checkpointed and lean
 scoring, evaluation reuse in the runbook). GPU tests are marked ``gpu`` (skipped without CUDA)."""
 
@@ -10,7 +10,10 @@ import os
 import pytest
 import torch
 
-from esa.bench import harness as bench
+from esa.bench import main
+from esa.bench.baselines import plain_eval
+from esa.bench.markdown import markdown
+from esa.bench.sections import compiled_sees_perturbation
 from esa.data import random_data, random_windows
 from esa.evaluate import auto_batch_size, evaluate
 from esa.metrics.registry import compute_scores
@@ -145,7 +148,7 @@ def test_runbook_reuses_identical_evaluations():
 
 def test_bench_smoke_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
-    rc = bench.main(
+    rc = main(
         [
             "--sections",
             "env,eval,score,hutchinson,select,perturb,runbook",
@@ -194,7 +197,7 @@ def test_bench_smoke_on_cpu(tmp_path):
     assert all(r["verified"] for r in sections["perturb"]["rows"])
     assert {(r["mode"], r["k"]) for r in sections["select"]["rows"]} >= {("global", 100), ("per_layer", 300)}
     assert sections["runbook"]["rows"][0]["conditions"] == 2 * 3 * 4 * 3
-    text = bench.markdown(results)
+    text = markdown(results)
     assert "Evaluation forward" in text and "Runbook v2" in text
 
 
@@ -207,7 +210,7 @@ def test_arch_builds_on_cuda_in_bf16_and_matches_plain_loss():
     assert all(p.device.type == "cuda" and p.dtype == torch.bfloat16 for p in lm.model.parameters())
     windows = random_windows(4, 128, lm.model.config.vocab_size, seed=0)
     res = evaluate(lm.model, windows, batch_size=4, progress=False)
-    plain = bench.plain_eval(lm.model, windows, 4)
+    plain = plain_eval(lm.model, windows, 4)
     assert abs(res.nll - plain) < 2e-2
 
 
@@ -240,7 +243,7 @@ def test_device_map_splits_over_two_gpus():
     lm = from_module("split", model, None, "arch")
     windows = random_windows(2, 32, config.vocab_size)
     res = evaluate(model, windows, 2, progress=False)
-    plain = bench.plain_eval(model, windows, 2)
+    plain = plain_eval(model, windows, 2)
     assert abs(res.nll - plain) < 2e-2
     scores = compute_scores(lm, "grad_x_weight", windows, batch_size=1, progress=False)
     named = dict(model.named_parameters())
@@ -251,5 +254,5 @@ def test_device_map_splits_over_two_gpus():
 def test_compiled_evaluation_sees_in_place_perturbations():
     lm = load_model("arch-pythia-1.4b", device="cuda")
     windows = random_windows(8, 128, lm.model.config.vocab_size, seed=0)
-    check = bench._compiled_sees_perturbation(lm, windows, 8)
+    check = compiled_sees_perturbation(lm, windows, 8)
     assert check["ok"], check

@@ -231,10 +231,10 @@ def test_unwritable_out_dir(tmp_path, capsys):
 
 
 def test_failure_midway_leaves_no_out_dir(tmp_path, capsys, monkeypatch):
-    import esa.evaluate
+    from esa.runbook import experiment
 
     calls = {"n": 0}
-    real = esa.evaluate.evaluate
+    real = experiment.evaluate
 
     def flaky(*a, **k):
         calls["n"] += 1
@@ -242,7 +242,7 @@ def test_failure_midway_leaves_no_out_dir(tmp_path, capsys, monkeypatch):
             raise RuntimeError("simulated crash")
         return real(*a, **k)
 
-    monkeypatch.setattr(esa.evaluate, "evaluate", flaky)
+    monkeypatch.setattr(experiment, "evaluate", flaky)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError):
         main(["run", *TINY, "--topk", "3", "--perturb", "zero", "--seeds", "0", "--out-dir", str(out)])

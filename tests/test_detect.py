@@ -1,5 +1,6 @@
-"""Tests for esa.analyses.detect: planted super weights are found exactly (dense and fused experts), ranks
-match brute force, and the super-activation control restores the baseline exactly."""
+"""Tests for esa.analyses.detect and ``esa detect``: planted super weights are found exactly (dense and
+fused experts), ranks match brute force, the super-activation control restores the baseline exactly,
+and the CLI prints the detector's measurements as JSON."""
 
 from __future__ import annotations
 
@@ -11,17 +12,18 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import esa.models
 from esa.analyses.detect import (
     SuperWeight,
     detect_super_weights,
-    expert_down_io,
     random_weight_selection,
     rank_under_metric,
     super_activation_control,
 )
+from esa.cli import main
 from esa.data import make_windows
 from esa.errors import ConfigError
-from esa.models import load_model
+from esa.models import load_model, moe
 from esa.models.tokenizer import builtin_corpus
 from esa.perturb import perturbed
 from esa.select import Selection
@@ -188,7 +190,7 @@ def test_fused_expert_replay_matches_module(mixtral):
             for e in range(mod.num_experts):
                 rows = (index[:, slot] == e).nonzero().squeeze(-1)
                 if rows.numel():
-                    _, y = expert_down_io(mod, e, x[rows])
+                    y = moe.expert_out(mod, e, moe.expert_mid(mod, e, x[rows]))
                     total[rows] += y * weights[rows, slot, None]
         seen["ok"] = torch.allclose(total, out, atol=1e-6, rtol=1e-4)
 
@@ -300,3 +302,66 @@ def test_control_validation(llama, eval_ids):
     )
     with pytest.raises(ConfigError):
         super_activation_control(llama, cand, eval_ids, positions="some")
+
+
+# --- esa detect ----------------------------------------------------------------------------------
+
+DETECT = ["detect", "--model", "tiny-mixtral", "--windows", "2", "--length", "32"]
+
+
+def _cli(argv, capsys):
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_detect_without_candidates_prints_the_report(capsys):
+    code, stdout, err = _cli(DETECT, capsys)
+    assert code == 0, err
+    out = json.loads(stdout)
+    assert set(out) == {"model", "detector"} and out["model"] == "tiny-mixtral"
+    assert out["detector"]["candidates"] == [] and len(out["detector"]["layers"]) == 4
+
+
+def test_cli_detect_measures_the_planted_weight(mixtral, capsys, monkeypatch):
+    monkeypatch.setattr(esa.models, "load_model", lambda *a, **k: mixtral)
+    with planted_mixtral(mixtral, 1, 4, 8):
+        code, stdout, err = _cli([*DETECT, "--seed", "3"], capsys)
+    assert code == 0, err
+    out = json.loads(stdout)
+    assert list(out) == [
+        "model",
+        "detector",
+        "magnitude_rank",
+        "magnitude_entries",
+        "random_weight",
+        "restore_spike_positions",
+        "restore_all_positions",
+        "primary",
+        "ppl",
+        "eval",
+        "seconds",
+    ]
+    assert out["primary"] == f"layer {LAYER} row 4 col 8" and list(out["magnitude_rank"]) == [f"{LAYER}:4:8"]
+    assert out["eval"] == {"data": "builtin:pydoc_data.topics", "windows": 2, "length": 32}
+    ppl = out["ppl"]
+    assert ppl["zero_primary"] == ppl["zero_all_candidates"] != ppl["baseline"]
+    assert ppl["zero_primary_restore_all"] == pytest.approx(ppl["baseline"], rel=1e-6)
+    assert out["restore_all_positions"] == [2 * 32, 2 * 32]
+    ((name, [idx]),) = out["random_weight"].items()
+    assert name.endswith("experts.down_proj") and idx != (1 * 64 + 4) * 64 + 8
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--windows", "0"], "--windows"),
+        (["--length", "1"], "--length"),
+        (["--top", "0"], "--top"),
+        (["--data-file", "no-such-file.txt"], "not found"),
+    ],
+)
+def test_cli_detect_bad_input_one_line_error(extra, needle, capsys):
+    code, _, err = _cli([*DETECT, *extra], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("esa: error: ") and needle in lines[0], err

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import esa.perturb as perturb_mod
 from esa.errors import ConfigError, RestoreError
-from esa.perturb import PERTURBATIONS, perturbed
+from esa.perturb import PERTURBATIONS, perturbed, resolve_scale
 from esa.select import select
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -19,12 +19,10 @@ INT = {
     torch.bfloat16: torch.int16,
     torch.float64: torch.int64,
 }
+# every registered perturbation, with a scale where it needs one: a new one is covered when registered
 METHOD_ARGS = {
-    "zero": {},
-    "sign_flip": {},
-    "gauss_noise": {"scale": 0.5},
-    "scale": {"scale": 3.0},
-    "bit_flip": {},
+    n: ({"scale": 0.5 if p.positive_scale else 3.0} if p.needs_scale else {})
+    for n, p in PERTURBATIONS.items()
 }
 
 
@@ -55,8 +53,22 @@ def _selection(model, k=4, seed=0, names=("a", "b")):
     return select(scores, k, kind="random", seed=seed)
 
 
-def test_all_methods_registered():
-    assert set(METHOD_ARGS) <= set(PERTURBATIONS)
+def test_builtin_methods_registered():
+    assert set(PERTURBATIONS) >= {"zero", "sign_flip", "gauss_noise", "scale", "bit_flip"}
+
+
+def test_default_scales_come_from_the_registry():
+    assert {n: p.default_scale for n, p in PERTURBATIONS.items()} == {
+        "zero": None,
+        "sign_flip": None,
+        "gauss_noise": 0.01,
+        "scale": 0.0,
+        "bit_flip": None,
+    }
+    assert resolve_scale("gauss_noise") == 0.01 and resolve_scale("gauss_noise", 0.05) == 0.05
+    assert resolve_scale("zero") is None and resolve_scale("scale", 2.0) == 2.0
+    with pytest.raises(ConfigError, match="unknown perturbation 'nope'"):
+        resolve_scale("nope")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

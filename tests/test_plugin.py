@@ -9,9 +9,13 @@ import numpy as np
 import pytest
 import torch  # imported before any in-process pytester run: pytester drops modules a run imports
 
-import esa.plots  # noqa: F401  (same reason: matplotlib must not be re-imported)
+import esa.metrics  # (same reason: --esa-metric is checked against esa.metrics.METRICS)
+import esa.plots  # (same reason: matplotlib must not be re-imported)
+from esa.claims.options import DEFAULT_METRIC, DEFAULT_TIER
 from esa.claims.plugin import Claim, load_recorded, record_outcome
 from esa.claims.report import load_claims
+from esa.claims.tiers import TIERS
+from esa.claims.workbench import Condition
 
 pytest_plugins = ["pytester"]
 
@@ -349,7 +353,7 @@ def test_opts(esa_options, request):
         "--esa-model",
         "m2",
         "--esa-metric",
-        "hessian",
+        "hessian_diag",
         "--esa-tier",
         "smoke",
         "--esa-device",
@@ -359,11 +363,30 @@ def test_opts(esa_options, request):
         "--esa-report",
         "r2",
     )
-    assert o["models"] == ["m1", "m2"] and o["metrics"] == ["hessian"] and o["tier"] == "smoke"
+    assert o["models"] == ["m1", "m2"] and o["metrics"] == ["hessian_diag"] and o["tier"] == "smoke"
     assert o["device"] == "cpu" and o["data"].endswith("corpus.txt") and o["report"] == "r2"
     bad = pytester.runpytest("--esa-data", "missing.txt")
     assert bad.ret == pytest.ExitCode.USAGE_ERROR
     bad.stderr.fnmatch_lines(["*--esa-data missing.txt: no such file*"])
+    bad = pytester.runpytest("--esa-metric", "grad_x_weight", "--esa-metric", "hessian")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    bad.stderr.fnmatch_lines(["*--esa-metric hessian: unknown metric; use one of *hessian_diag*"])
+    bad = pytester.runpytest("--esa-tier", "huge")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    bad.stderr.fnmatch_lines(
+        [f"*invalid choice: 'huge' (choose from {', '.join(map(repr, sorted(TIERS)))})*"]
+    )
+
+
+def test_defaults_are_registered() -> None:
+    assert DEFAULT_TIER in TIERS and DEFAULT_METRIC in esa.metrics.METRICS
+
+
+def test_condition_takes_the_registered_default_scale() -> None:
+    gauss = Condition("grad_x_weight", 0, "top", "gauss_noise")
+    assert gauss.scale == 0.01 and gauss == Condition("grad_x_weight", 0, "top", "gauss_noise", scale=0.01)
+    assert Condition("grad_x_weight", 0, "top", "gauss_noise", scale=0.05).scale == 0.05
+    assert Condition("grad_x_weight", 0, "top", "zero").scale is None
 
 
 def test_no_report_when_no_claims_or_disabled(pytester: pytest.Pytester) -> None:
@@ -380,6 +403,8 @@ def test_explicit_plugin_without_autoload(pytester: pytest.Pytester, monkeypatch
     result = pytester.runpytest_subprocess("-p", "esa")
     result.assert_outcomes(passed=1)
     assert _verdicts(pytester.path / "reports" / "claims.json") == {"test_c.py::test_c": "holds"}
+    listed = pytester.runpytest_subprocess("-p", "esa", "--fixtures").stdout.str()
+    assert all(f in listed for f in ("claim", "esa_options", "esa_workbench", "esa_header"))
 
 
 def test_claim_api_coerces_and_checks() -> None:

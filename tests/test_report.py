@@ -161,7 +161,7 @@ def test_helpers() -> None:
 
 
 def test_recorded_outcomes_file(tmp_path) -> None:
-    from esa.claims.report import load_recorded, record_outcome
+    from esa.claims.recorded import load_recorded, record_outcome
     from esa.errors import ConfigError
 
     assert load_recorded(tmp_path / "missing.json") == {}

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import esa.analyses.zeroshot as zs
+from esa.analyses import tasks
 from esa.analyses.zeroshot import (
     TASKS,
     encode_pair,
@@ -135,7 +136,7 @@ def test_hub_fields_map_to_the_schema(monkeypatch):
 
 
 def test_google_boolq_answer_field():
-    ex = zs._boolq({"passage": "p", "question": "q", "answer": True}, 0)
+    ex = tasks._boolq({"passage": "p", "question": "q", "answer": True}, 0)
     assert ex["label"] == 1 and ex["id"] == 0
 
 

@@ -44,7 +44,9 @@ import torch
 from tqdm.auto import tqdm
 
 from esa.errors import ConfigError
+from esa.evaluate import evaluate
 from esa.perturb import default_bit, perturbed
+from esa.select import select
 from esa.util.bits import bit_width
 
 log = logging.getLogger("esa")
@@ -96,8 +98,6 @@ def ranked_order(
 ) -> list[tuple[str, int]]:
     """The ``k`` highest (``top``) or lowest (``bottom``) scored entries over all tensors, most
     extreme first (ties: tensor order, then ascending index; NaN last), as (name, flat index)."""
-    from esa.select import select
-
     if kind not in ("top", "bottom"):
         raise ConfigError(
             f"ranked_order kind must be 'top' or 'bottom', got {kind!r}; use random_order for random"
@@ -109,8 +109,6 @@ def ranked_order(
 def random_order(scores: Mapping[str, torch.Tensor], k: int, seed: int = 0) -> list[tuple[str, int]]:
     """``k`` entries drawn uniformly without replacement from all tensors of ``scores`` (only
     their shapes matter), in a seeded random order, so every prefix is a uniform sample."""
-    from esa.select import select
-
     sel = select(scores, k, kind="random", mode="global", seed=seed)
     pairs = [(n, int(i)) for n, idx in sel.indices.items() for i in idx.tolist()]
     gen = torch.Generator().manual_seed(int(seed) % (2**63))
@@ -164,8 +162,6 @@ def flip_curve(
     Returns one plain dict per count: n_flips, ppl, nll, finite, failed (None without
     ``failure_ppl``), n_changed (entries whose bits changed), bit, dtype, label, seed.
     """
-    from esa.evaluate import evaluate
-
     windows = _windows(data)
     order = _dedupe(selection_order)
     counts = _check_counts(counts)
@@ -301,8 +297,6 @@ def flip_comparison(
     ``flips_to_failure`` (kind -> int or None) and ``critical_vs_random`` (when top and random
     were run).
     """
-    from esa.evaluate import evaluate
-
     windows = _windows(data)
     counts = _check_counts(counts)
     baseline = evaluate(lm.model, windows, batch_size=batch_size, progress=False).ppl

@@ -23,6 +23,7 @@ import torch
 
 from esa.errors import ConfigError
 from esa.models.params import ParamMap, head_of_row
+from esa.plots import plot_layer_component_heatmap
 
 NO_LAYER = -1
 GROUPS = ("attention", "mlp", "norm", "embedding", "router", "other")
@@ -183,8 +184,6 @@ def compare_models(
 def heatmap(table: pd.DataFrame, value: str = "share", title: str | None = None):
     """Layer x component heatmap of ``value`` summed over experts (a matplotlib Figure, Agg);
     layer -1 holds the entries outside any layer."""
-    from esa.plots import plot_layer_component_heatmap
-
     if value not in table.columns:
         raise ConfigError(f"table has no column {value!r}; use one of {', '.join(map(str, table.columns))}")
     data = table[["layer", "component", value]].copy()

@@ -38,6 +38,8 @@ import torch
 from tqdm.auto import tqdm
 
 from esa.errors import ConfigError, RestoreError
+from esa.evaluate import evaluate
+from esa.metrics import compute_scores
 from esa.util.bits import bits_view
 
 log = logging.getLogger("esa")
@@ -236,9 +238,6 @@ def pruning_table(
     n_weights, achieved_sparsity (n_pruned / n_weights over all pruned tensors). Non-finite
     perplexities stay ``inf``/``nan``. ``df.attrs`` records the protocol.
     """
-    from esa.evaluate import evaluate
-    from esa.metrics.registry import compute_scores
-
     pairs = _methods(metrics, granularity, methods)
     sparsities = [_check_sparsity(s) for s in sparsities]
     windows = data.eval_ids

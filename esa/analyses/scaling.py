@@ -2,7 +2,7 @@
 
 For each model of a family one number is measured (``measure_model``), then a power law
 ``value = prefactor * n_params ** alpha`` is fitted in log-log space (``fit_scaling``) and drawn
-(``plot_scaling``). All measures rank weights by the ``grad_x_weight`` metric, ``|w ⊙ g|`` with g the
+(``plot_scaling``), both from ``esa.analyses.powerlaw`` and re-exported here. All measures rank weights by the ``grad_x_weight`` metric, ``|w ⊙ g|`` with g the
 gradient of the mean next-token NLL over ``n_calib`` calibration windows
 (``esa.metrics.compute_scores``), over the default scored tensors (``lm.param_map.scorable()``:
 the weight matrices of the blocks; no embeddings, lm_head, norms or biases). PPL is the token
@@ -39,9 +39,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from esa.analyses.powerlaw import fit_scaling, plot_scaling
+from esa.data import prepare_data
 from esa.errors import ConfigError
+from esa.evaluate import evaluate
+from esa.metrics import compute_scores
+from esa.models import load_model
+from esa.perturb import perturbed
+from esa.select import select
 
 log = logging.getLogger("esa")
+
+__all__ = [
+    "DEFAULT_CALIB",
+    "DEFAULT_EVAL",
+    "MEASURES",
+    "METRIC",
+    "fit_scaling",
+    "measure_all",
+    "measure_family",
+    "measure_model",
+    "non_embedding_params",
+    "plot_scaling",
+]
 
 MEASURES = ("concentration", "super_random_ratio", "weights_to_double")
 METRIC = "grad_x_weight"
@@ -115,14 +135,10 @@ def measure_all(
     if unknown:
         raise ConfigError(f"unknown scaling measure(s) {unknown}: choose from {', '.join(MEASURES)}")
     if scores is None:
-        from esa.metrics.registry import compute_scores
-
         scores = compute_scores(
             lm, METRIC, data.calibration(n_calib, seed), seed=seed, batch_size=batch_size, progress=progress
         )
     _check_scores(scores)
-    from esa.evaluate import evaluate
-
     base = evaluate(lm.model, data.eval_ids, batch_size=batch_size, progress=False)
     out: dict = {
         "baseline_ppl": float(base.ppl),
@@ -196,16 +212,11 @@ def _concentration(scores: dict, top_fraction: float) -> dict:
 
 
 def _ppl_zeroed(lm, data, indices, batch_size: int) -> float:
-    from esa.evaluate import evaluate
-    from esa.perturb import perturbed
-
     with perturbed(lm.model, indices, "zero"):
         return float(evaluate(lm.model, data.eval_ids, batch_size=batch_size, progress=False).ppl)
 
 
 def _per_tensor(scores: dict, counts: dict, kind: str, seed: int) -> dict:
-    from esa.select import select
-
     return {
         n: select({n: s}, counts[n], kind, "per_layer", seed=seed, metric=METRIC).indices[n]
         for n, s in scores.items()
@@ -243,8 +254,6 @@ def _super_random_ratio(lm, data, scores, base_ppl, fraction, n_random, seed, ba
 
 
 def _weights_to_double(lm, data, scores, base_ppl, factor, batch_size) -> dict:
-    from esa.select import select
-
     if not factor > 1.0:
         raise ConfigError(f"factor must be > 1, got {factor}")
     target = factor * base_ppl
@@ -303,9 +312,6 @@ def measure_family(
     params_total, params_non_embedding (without the input and output embeddings), n_scored,
     baseline_ppl, one key per measure and details.
     """
-    from esa.data import prepare_data
-    from esa.models import load_model
-
     if data is None and DEFAULT_EVAL.is_file():
         data = str(DEFAULT_EVAL)
     if calib_data is None and DEFAULT_CALIB.is_file():
@@ -337,86 +343,3 @@ def non_embedding_params(model: torch.nn.Module) -> int:
         if emb is not None and emb.weight.data_ptr() in seen:
             total -= seen.pop(emb.weight.data_ptr())
     return total
-
-
-# --- fitting and plotting ---------------------------------------------------------------------
-
-
-def fit_scaling(points: Sequence[tuple[float, float]], n_boot: int = 1000, seed: int = 0) -> dict:
-    """Fit ``value = prefactor * n_params ** alpha`` to ``points`` ``[(n_params, value), ...]``.
-
-    Returns (plain types) alpha, prefactor, r2, r2_ci (95% bootstrap over points), alpha_stderr,
-    pvalue, n (from ``esa.stats.power_law_fit``); x, y (sorted by x); loo_errors (signed relative
-    error (pred − y)/y of each point predicted by a fit on the others, in x order) with
-    loo_mean_abs and loo_max_abs; and largest_from_others (x, actual, predicted, rel_error): the
-    largest model predicted by the fit on all the others. Needs >= 3 points with x, y > 0 finite.
-    """
-    from esa.stats import leave_one_out_errors, power_law_fit
-
-    pts = sorted((float(x), float(y)) for x, y in points)
-    x = [p[0] for p in pts]
-    y = [p[1] for p in pts]
-    fit = power_law_fit(x, y, n_boot=n_boot, seed=seed)
-    loo = leave_one_out_errors(x, y)
-    rel = loo[-1]
-    return {
-        **fit,
-        "r2_ci": list(fit["r2_ci"]),
-        "x": x,
-        "y": y,
-        "loo_errors": loo,
-        "loo_mean_abs": float(np.mean(np.abs(loo))),
-        "loo_max_abs": float(np.max(np.abs(loo))),
-        "largest_from_others": {
-            "x": x[-1],
-            "actual": y[-1],
-            "predicted": y[-1] * (1.0 + rel),
-            "rel_error": rel,
-        },
-    }
-
-
-def plot_scaling(
-    points: Sequence[tuple[float, float]],
-    fit: dict,
-    *,
-    labels: Sequence[str] | None = None,
-    xlabel: str = "parameters",
-    ylabel: str = "measure",
-    title: str | None = None,
-):
-    """Log-log scatter of ``points``, the fitted power law and an α / R² annotation (a Figure)."""
-    from esa.plots import _figure
-    from esa.stats import predict_power_law
-
-    fig, ax = _figure(6.0, 4.2)
-    x = np.array([float(p[0]) for p in points])
-    y = np.array([float(p[1]) for p in points])
-    ax.scatter(x, y, color="#0969da", zorder=3, label="models")
-    if labels:
-        for xi, yi, lab in zip(x, y, labels):
-            ax.annotate(lab, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    grid = np.geomspace(x.min() / 1.2, x.max() * 1.2, 100)
-    ax.plot(grid, predict_power_law(fit, grid), color="#cf222e", label="power-law fit")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ci = fit.get("r2_ci") or (math.nan, math.nan)
-    text = f"α = {fit['alpha']:.3f}\nR² = {fit['r2']:.3f}"
-    if all(math.isfinite(c) for c in ci):
-        text += f" [{ci[0]:.2f}, {ci[1]:.2f}]"
-    ax.text(
-        0.03,
-        0.97,
-        text,
-        transform=ax.transAxes,
-        va="top",
-        ha="left",
-        bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.8},
-    )
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title)
-    ax.legend(loc="lower right")
-    ax.grid(True, which="both", alpha=0.3)
-    return fig

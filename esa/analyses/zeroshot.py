@@ -1,13 +1,7 @@
 """Zero-shot multiple-choice accuracy by log-likelihood (lm-evaluation-harness style).
 
-Example schema (one JSON object per line of a ``.jsonl`` file; see fixtures/zeroshot/README.md)::
-
-    {"id": "piqa-1", "context": "Question: ...\\nAnswer:", "choices": ["...", "..."], "label": 0}
-
-- ``id``: string or integer, unique within the file;
-- ``context``: string (may be empty);
-- ``choices``: list of at least 2 non-empty strings;
-- ``label``: integer index of the correct choice (0-based).
+Examples follow the schema of ``esa.analyses.tasks`` (``id``, ``context``, ``choices``, ``label``);
+``load_task``, ``read_jsonl``, ``validate_example`` and ``TASKS`` live there and are re-exported here.
 
 Scoring: for each choice the continuation ``delimiter + choice`` (delimiter " " by default) is
 appended to the context and scored as the sum of the log-probabilities of its tokens given
@@ -18,220 +12,32 @@ gets the BOS, else EOS, token as its only token). ``acc`` = fraction of examples
 log-likelihood choice is the label; ``acc_norm`` = the same with each log-likelihood divided by
 the character length of the choice string (the harness's ``acc_norm``). Ties go to the first
 choice. Over-long inputs keep their last ``max_length`` tokens.
-
-Tasks ``hellaswag``, ``piqa``, ``boolq``, ``arc_easy`` load from the Hugging Face hub via
-``datasets`` when reachable and are mapped to the schema (prompts as in lm-evaluation-harness):
-
-- hellaswag (``Rowan/hellaswag``, validation): context = preprocess(activity_label + ": " +
-  ctx_a + " " + ctx_b.capitalize()), choices = preprocess(endings), label = int(label);
-  preprocess strips, turns " [title]" into ". ", drops other [bracketed] tags and double spaces.
-- piqa (``baber/piqa`` / ``ybisk/piqa``, validation): context = "Question: {goal}\\nAnswer:",
-  choices = [sol1, sol2], label = label.
-- boolq (``super_glue``/boolq or ``google/boolq``, validation): context =
-  "{passage}\\nQuestion: {question}?\\nAnswer:", choices = ["no", "yes"], label = label (or
-  int(answer)).
-- arc_easy (``allenai/ai2_arc`` ARC-Easy, test): context = "Question: {question}\\nAnswer:",
-  choices = choices["text"], label = choices["label"].index(answerKey).
-
-Without network, pass a local JSONL path to ``load_task`` instead.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import re
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from esa.analyses.tasks import SCHEMA_KEYS, TASKS, TaskSpec, load_task, read_jsonl, validate_example
 from esa.errors import ConfigError, DataError
 
-log = logging.getLogger("esa")
+__all__ = [
+    "SCHEMA_KEYS",
+    "TASKS",
+    "TaskSpec",
+    "encode_pair",
+    "evaluate_task",
+    "load_task",
+    "read_jsonl",
+    "score_choices",
+    "score_requests",
+    "validate_example",
+]
 
-SCHEMA_KEYS = ("id", "context", "choices", "label")
 _TOKEN_BUDGET = 8192  # padded tokens per forward pass
-
-
-# --- task loading ------------------------------------------------------------------------------
-
-
-def _hellaswag_clean(text: str) -> str:
-    text = text.strip().replace(" [title]", ". ")
-    text = re.sub(r"\[.*?\]", "", text)
-    return text.replace("  ", " ")
-
-
-def _hellaswag(doc, i) -> dict:
-    ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
-    return {
-        "id": doc.get("ind", i),
-        "context": _hellaswag_clean(doc["activity_label"] + ": " + ctx),
-        "choices": [_hellaswag_clean(e) for e in doc["endings"]],
-        "label": int(doc["label"]),
-    }
-
-
-def _piqa(doc, i) -> dict:
-    return {
-        "id": doc.get("id", i),
-        "context": f"Question: {doc['goal']}\nAnswer:",
-        "choices": [doc["sol1"], doc["sol2"]],
-        "label": int(doc["label"]),
-    }
-
-
-def _boolq(doc, i) -> dict:
-    label = doc["label"] if "label" in doc else int(bool(doc["answer"]))
-    return {
-        "id": doc.get("idx", i),
-        "context": f"{doc['passage']}\nQuestion: {doc['question']}?\nAnswer:",
-        "choices": ["no", "yes"],
-        "label": int(label),
-    }
-
-
-def _arc(doc, i) -> dict:
-    labels = list(doc["choices"]["label"])
-    return {
-        "id": doc.get("id", i),
-        "context": f"Question: {doc['question']}\nAnswer:",
-        "choices": list(doc["choices"]["text"]),
-        "label": labels.index(doc["answerKey"]),
-    }
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """A hub task: candidate (dataset path, config) pairs tried in order, split, field mapping."""
-
-    name: str
-    sources: tuple[tuple[str, str | None], ...]
-    split: str
-    convert: Callable[[Mapping, int], dict]
-
-
-TASKS: dict[str, TaskSpec] = {
-    "hellaswag": TaskSpec("hellaswag", (("Rowan/hellaswag", None),), "validation", _hellaswag),
-    "piqa": TaskSpec("piqa", (("baber/piqa", None), ("ybisk/piqa", None)), "validation", _piqa),
-    "boolq": TaskSpec("boolq", (("super_glue", "boolq"), ("google/boolq", None)), "validation", _boolq),
-    "arc_easy": TaskSpec("arc_easy", (("allenai/ai2_arc", "ARC-Easy"),), "test", _arc),
-}
-
-
-def load_task(name_or_path: str | Path, limit: int | None = None, split: str | None = None) -> list[dict]:
-    """Examples (schema in the module doc) from a local JSONL file or a hub task name.
-
-    ``limit`` keeps the first ``limit`` examples. A hub task that cannot be loaded raises
-    ``DataError`` asking for a local JSONL file.
-    """
-    if limit is not None and (isinstance(limit, bool) or int(limit) < 1):
-        raise ConfigError(f"limit must be a positive integer or None, got {limit!r}")
-    path = Path(str(name_or_path)).expanduser()
-    if path.is_file():
-        examples = read_jsonl(path, limit=limit)
-    elif str(name_or_path) in TASKS:
-        examples = _load_hub(TASKS[str(name_or_path)], limit, split)
-    else:
-        raise DataError(
-            f"{str(name_or_path)!r} is neither a JSONL file nor a task "
-            f"({', '.join(TASKS)}): pass a local JSONL file (schema: id, context, choices, label)"
-        )
-    if not examples:
-        raise DataError(f"no examples in {str(name_or_path)!r}: the task needs at least one")
-    return examples
-
-
-def _load_hub(spec: TaskSpec, limit: int | None, split: str | None) -> list[dict]:
-    hint = (
-        'pass a local JSONL file with one {"id", "context", "choices", "label"} object per '
-        "line instead (see fixtures/zeroshot/README.md)"
-    )
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(
-            f"task {spec.name!r} needs the datasets package (pip install datasets); or {hint}"
-        ) from None
-    split = split or spec.split
-    errors = []
-    for path, config in spec.sources:
-        try:
-            rows = datasets.load_dataset(path, config, split=split)
-        except Exception as exc:
-            errors.append(f"{path}: {type(exc).__name__}")
-            continue
-        out: list[dict] = []
-        for i, doc in enumerate(rows):
-            if limit is not None and len(out) >= limit:
-                break
-            out.append(validate_example(spec.convert(doc, i), where=f"{path}[{i}]"))
-        return out
-    raise DataError(
-        f"cannot load task {spec.name!r} split {split!r} from the hub ({'; '.join(errors)}): {hint}"
-    )
-
-
-def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict]:
-    """Read and validate a JSONL task file; errors name the file and the 1-based line."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise DataError(
-            f"cannot read task file {str(path)!r} ({exc.strerror}): pass an existing JSONL file"
-        ) from None
-    except UnicodeDecodeError:
-        raise DataError(f"task file {str(path)!r} is not UTF-8: convert it to UTF-8 JSONL") from None
-    examples: list[dict] = []
-    seen: dict[str, int] = {}
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: invalid JSON ({exc.msg}); each line must be one JSON object") from None
-        example = validate_example(obj, where=where)
-        key = str(example["id"])
-        if key in seen:
-            raise DataError(
-                f"{where}: duplicate id {example['id']!r} (first on line {seen[key]}); ids must be unique"
-            )
-        seen[key] = lineno
-        examples.append(example)
-        if limit is not None and len(examples) >= limit:
-            break
-    return examples
-
-
-def validate_example(obj, where: str = "example") -> dict:
-    """Check one example against the schema; return it with exactly the schema keys."""
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object with keys {', '.join(SCHEMA_KEYS)}")
-    missing = [k for k in SCHEMA_KEYS if k not in obj]
-    if missing:
-        raise DataError(f"{where}: missing key(s) {', '.join(missing)}; schema: {', '.join(SCHEMA_KEYS)}")
-    ident, context, choices, label = (obj[k] for k in SCHEMA_KEYS)
-    if isinstance(ident, bool) or not isinstance(ident, (str, int)):
-        raise DataError(f"{where}: 'id' must be a string or an integer, got {type(ident).__name__}")
-    if not isinstance(context, str):
-        raise DataError(f"{where}: 'context' must be a string, got {type(context).__name__}")
-    if not isinstance(choices, list) or len(choices) < 2:
-        raise DataError(f"{where}: 'choices' must be a list of at least 2 strings")
-    for j, c in enumerate(choices):
-        if not isinstance(c, str) or not c:
-            raise DataError(f"{where}: choice {j} must be a non-empty string, got {c!r}")
-    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(choices):
-        raise DataError(f"{where}: 'label' must be an integer in 0..{len(choices) - 1}, got {label!r}")
-    return {"id": ident, "context": context, "choices": list(choices), "label": label}
-
-
-# --- scoring -----------------------------------------------------------------------------------
 
 
 def _encode(tokenizer, text: str) -> list[int]:

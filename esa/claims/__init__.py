@@ -1,4 +1,7 @@
-"""The claim suite's pytest plugin (entry point ``esa`` -> ``esa.claims.plugin``): options and
-markers, the ``claim`` and ``workbench`` fixtures, recorded outcomes, tiers and the reports.
+"""The claim suite's pytest plugin (entry point ``esa`` -> ``esa.claims.plugin``).
 
-Kept cheap to import: nothing here imports torch at module level."""
+``plugin`` (hooks), ``options`` (``--esa-*``, `EsaOptions`), ``claim`` (`Claim`, verdicts),
+``fixtures`` (``claim``, ``esa_options``, ``esa_workbench``, ``esa_header``), ``session``
+(records from workers, reports at session end), ``recorded`` (known falsifications),
+``report`` (claims.json/md/html), ``tiers`` (compute budgets), ``workbench`` (memoized
+measurements). Kept cheap to import: only ``workbench`` imports torch at module level."""

@@ -1,4 +1,5 @@
-"""Claims reports: `claims.json`, `claims.md` and a self-contained `claims.html` (Jinja2)."""
+"""Claims reports: `claims.json`, `claims.md` and a self-contained `claims.html` (Jinja2), the
+verdict names and colours, and the comparison with an older claims.json."""
 
 from __future__ import annotations
 
@@ -8,10 +9,19 @@ import os
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
-from esa.errors import ConfigError
 from esa.util.files import atomic_write
-from esa.util.serialize import decode, dumps, encode, plain
+from esa.util.serialize import decode, encode, plain
+
+__all__ = [
+    "compare_claims",
+    "count_verdicts",
+    "fmt",
+    "key_measure",
+    "load_claims",
+    "write_reports",
+]
 
 SCHEMA = 1
 HOLDS, FALSIFIED, RECORDED, CHANGED = "holds", "falsified", "falsified (recorded)", "changed"
@@ -145,51 +155,6 @@ def _group(claims) -> list[tuple[str, list[dict]]]:
     return sorted(groups.items(), key=lambda kv: order.get(kv[0], len(order)))
 
 
-def load_recorded(path) -> dict[str, dict]:
-    """{claim_id: entry} from a recorded-outcomes file (a JSON list); {} when it does not exist."""
-    path = Path(path)
-    if not path.is_file():
-        return {}
-    try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-        return {e["claim_id"]: decode(e) for e in entries}
-    except (ValueError, TypeError, KeyError) as e:
-        raise ConfigError(
-            f"{path}: expected a JSON list of {{claim_id, measured, date, note}} ({e})"
-        ) from None
-
-
-def record_outcome(
-    recorded_dir,
-    model: str,
-    claim_id: str,
-    measured: dict,
-    note: str = "",
-    day: str | None = None,
-    tier: str | None = None,
-    data_sha256: str | None = None,
-) -> Path:
-    """Add (or replace) the recorded falsification of `claim_id` in ``<recorded_dir>/<model>.json``.
-
-    With ``tier`` / ``data_sha256`` the entry applies only to runs at that tier and on that data
-    (verdicts depend on both)."""
-    path = Path(recorded_dir) / f"{model}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    entries = {k: v for k, v in load_recorded(path).items() if k != claim_id}
-    entries[claim_id] = {
-        "claim_id": claim_id,
-        "measured": plain(measured),
-        "date": day or datetime.now().date().isoformat(),
-        "note": note,
-    }
-    if tier:
-        entries[claim_id]["tier"] = tier
-    if data_sha256:
-        entries[claim_id]["data_sha256"] = data_sha256
-    atomic_write(path, dumps(sorted(entries.values(), key=lambda e: e["claim_id"]), indent=1) + "\n")
-    return path
-
-
 def write_reports(claims, header: Mapping, out_dir, compare=None) -> dict[str, Path]:
     """Write claims.json, claims.md and claims.html into `out_dir` (atomically); return their paths.
 
@@ -197,17 +162,17 @@ def write_reports(claims, header: Mapping, out_dir, compare=None) -> dict[str, P
     older claims.json (path or loaded dict) to diff against.
     """
     claims = sorted((plain(c) for c in claims), key=lambda c: c["id"])
-    header = plain(dict(header))
+    head: dict[str, Any] = plain(dict(header))
     if compare is not None:
-        claims, header["compare"] = compare_claims(claims, compare)
-    header.setdefault("generated", datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    header["counts"] = count_verdicts(claims)
+        claims, head["compare"] = compare_claims(claims, compare)
+    head.setdefault("generated", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    head["counts"] = count_verdicts(claims)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    doc = {"schema": SCHEMA, "header": header, "claims": claims}
+    doc = {"schema": SCHEMA, "header": head, "claims": claims}
     paths = {"json": out / "claims.json", "md": out / "claims.md", "html": out / "claims.html"}
     env = _environment()
-    ctx = {"header": header, "claims": claims, "groups": _group(claims), "verdicts": VERDICTS}
+    ctx = {"header": head, "claims": claims, "groups": _group(claims), "verdicts": VERDICTS}
     atomic_write(paths["json"], json.dumps(encode(doc), indent=2, allow_nan=False, ensure_ascii=False) + "\n")
     atomic_write(paths["md"], env.get_template("claims.md.j2").render(**ctx))
     atomic_write(paths["html"], env.get_template("claims.html.j2").render(**ctx))

@@ -27,6 +27,7 @@ class Tier:
         return d
 
 
+DEFAULT_TIER = "smoke"
 TIERS: dict[str, Tier] = {
     "smoke": Tier("smoke", 128, 8, 4, (0, 1, 2), 4, 100, 4),
     "standard": Tier("standard", 512, 32, 16, (0, 1, 2), 16, 100, 8),

@@ -1,8 +1,9 @@
 """A memoizing session object for claim suites: each model is loaded once, and its data,
 baseline, scores, selections and perturbation results are computed once and reused.
 
-The pytest plugin exposes one per session (fixture ``esa_bench``); tests are grouped by model on
-xdist workers, so a worker loads each of its models once.
+The pytest plugin exposes one per session (fixture ``esa_workbench``; not the speed benchmark
+``esa.bench``); tests are grouped by model on xdist workers, so a worker loads each of its models
+once.
 """
 
 from __future__ import annotations
@@ -11,17 +12,25 @@ import gc
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from esa.claims.tiers import Tier
+from esa.perturb import resolve_scale
+
+if TYPE_CHECKING:
+    from esa.models import LoadedModel
 
 log = logging.getLogger("esa")
 
 
 @dataclass(frozen=True)
 class Condition:
-    """One perturbed evaluation: which set, which perturbation, which seed."""
+    """One perturbed evaluation: which set, which perturbation, which seed.
+
+    ``scale=None`` takes the perturbation's registered default (``esa.perturb.resolve_scale``:
+    gauss_noise σ = 0.01 x |w|), so equal conditions compare (and memoize) equal."""
 
     metric: str
     seed: int
@@ -32,6 +41,9 @@ class Condition:
     scale: float | None = None
     prob: float = 1.0
     include_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scale", resolve_scale(self.perturbation, self.scale))
 
 
 class Workbench:
@@ -49,14 +61,14 @@ class Workbench:
     ):
         self.tier, self.device, self.data_spec, self.calib_spec = tier, device, data, calib_data
         self.progress, self.keep_models = progress, keep_models
-        self._models: dict[str, object] = {}
+        self._models: dict[str, LoadedModel] = {}
         self._memo: dict[tuple, object] = {}
         self._sha256: dict[str, str] = {}
         self._scores: OrderedDict[tuple, dict] = OrderedDict()
         self.keep_scores = keep_scores
 
     # -- models and data -------------------------------------------------------------------
-    def model(self, name: str):
+    def model(self, name: str) -> LoadedModel:
         """The loaded model (only ``keep_models`` stay in memory; the oldest is dropped)."""
         from esa.models import load_model, weights_sha256
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from esa.metrics import registry  # registry.compute_scores is looked up at call time (tests patch it)
 from esa.util.files import cache_dir
 
 log = logging.getLogger("esa")
@@ -97,8 +98,6 @@ def cached_scores(
 ) -> dict:
     """Compute (or load from the safetensors cache) ``metric`` scores on ``seed``'s calibration
     windows. The cache key covers model identity, dtype, data, windows and settings."""
-    from esa.metrics import registry  # looked up at call time (tests patch compute_scores)
-
     calib = data.calibration(calib_windows, seed)
     key = cache_key(
         model=lm.name,

@@ -1,45 +1,40 @@
-"""Private helpers of esa.metrics.registry: gradient passes over calibration batches and diagonal
-curvature estimates (Hutchinson and exact) by Hessian-vector products.
+"""Curvature metrics: ``hutchinson_diag`` and ``hessian_diag``, |diag(H)| of the mean calibration
+loss, by Hessian-vector products Hv = ∇(∇L · v).
 
-The curvature routines take ``loss_terms``: an iterable of zero-argument callables, each returning
-one differentiable (already weighted) term of the total loss, so they work on any scalar loss —
-the LM calibration loss (one term per batch) or a quadratic in tests. The Hessian of the total is
-the sum of the terms' Hessians, so every term is differentiated with the same probe vectors.
+Hutchinson: diag(H) ≈ (1/S) Σ_s z_s ⊙ H z_s over seeded Rademacher z_s; exact: (H e_i)_i for every
+unit vector e_i (one HVP per entry, small requests only). The metrics score by the magnitude of the
+diagonal (a negative diagonal is curvature too); ``_signed_diag`` gives the signed values. They
+need double backward, so attention (and fused-expert) kernels are switched to "eager" for their
+duration and restored after.
+
+The estimators take ``loss_terms``: an iterable of zero-argument callables, each returning one
+differentiable (already weighted) term of the total loss, so they work on any scalar loss (the LM
+calibration loss, one term per batch, or a quadratic in tests). The Hessian of the total is the sum
+of the terms' Hessians, so every term is differentiated with the same probe vectors.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
 from esa.errors import ConfigError
+from esa.metrics.registry import (
+    HESSIAN_MAX_ENTRIES,
+    METRICS,
+    LossTerms,
+    ScoreContext,
+    register_metric,
+    run_metric,
+    score_context,
+)
 
 log = logging.getLogger("esa")
 
-LossTerms = Iterable[Callable[[], torch.Tensor]]
 _HVP_CHUNK = 128  # unit vectors per batched Hessian-vector product in the exact diagonal
 _PROBE_BUDGET = 1 << 22  # Hutchinson probes x entries per batched Hessian-vector product
-
-
-@contextlib.contextmanager
-def grad_scope(model: torch.nn.Module, params: Sequence[torch.nn.Parameter]):
-    """Only ``params`` require grad, model in eval mode; restore flags and free ``.grad`` on exit."""
-    wanted = {id(p) for p in params}
-    saved = [(p, p.requires_grad) for p in model.parameters()]
-    training = model.training
-    try:
-        for p, _ in saved:
-            p.requires_grad_(id(p) in wanted)
-        model.eval()
-        yield
-    finally:
-        for p, flag in saved:
-            p.requires_grad_(flag)
-            p.grad = None
-        model.train(training)
 
 
 @contextlib.contextmanager
@@ -73,60 +68,6 @@ def eager_kernels(model: torch.nn.Module):
 def _grads(loss: torch.Tensor, params, create_graph: bool = False):
     out = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for g, p in zip(out, params)]
-
-
-def gradient_pass(
-    loss_terms: LossTerms, params, square: bool = False, dtype: torch.dtype = torch.float32
-) -> list[torch.Tensor]:
-    """Sum over terms of each term's gradient (``square=False``) or of its square (``square=True``),
-    accumulated in place in ``dtype`` (fp32 by default).
-
-    Each term is differentiated with ``backward()``; a post-accumulate hook on every parameter adds
-    its fresh gradient into the accumulator and frees it at once, so at most a few parameter-sized
-    gradients exist at any time (not a second copy of the model).
-    """
-    params = list(params)
-    acc = [torch.zeros(p.shape, dtype=dtype, device=p.device) for p in params]
-    slots: dict[int, list[int]] = {}
-    for i, p in enumerate(params):
-        slots.setdefault(id(p), []).append(i)
-
-    def hook(param):
-        g = param.grad
-        param.grad = None
-        if g is None:
-            return
-        for i in slots[id(param)]:
-            if square:
-                g32 = g.float()
-                if acc[i].dtype == torch.float32:
-                    acc[i].addcmul_(g32, g32)
-                else:
-                    acc[i].add_(g32.square())
-            else:
-                acc[i].add_(g)
-
-    seen, handles = set(), []
-    for p in params:
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        if not p.requires_grad:
-            continue
-        p.grad = None
-        handles.append(p.register_post_accumulate_grad_hook(hook))
-    try:
-        for term in loss_terms:
-            loss = term()
-            if loss.requires_grad:
-                loss.backward()
-            del loss
-    finally:
-        for h in handles:
-            h.remove()
-        for p in params:
-            p.grad = None
-    return acc
 
 
 def _hvp(grads, params, vectors, retain_graph: bool, batched: bool = False):
@@ -257,3 +198,59 @@ def _take_diagonal(diag, hv, offsets, start: int, stop: int) -> None:
         coords = torch.arange(lo, hi)
         flat = h.detach().reshape(stop - start, -1).cpu().double()
         diag[lo:hi] += flat[coords - start, coords - offsets[i]]
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+
+def _hutchinson_signed(ctx: ScoreContext) -> dict:
+    with eager_kernels(ctx.model):
+        est = hutchinson_diag(ctx.loss_terms(), ctx.params, ctx.hutchinson_samples, ctx.seed)
+    return dict(zip(ctx.names, est))
+
+
+def _hessian_signed(ctx: ScoreContext) -> dict:
+    total = sum(p.numel() for p in ctx.params)
+    if total > ctx.max_entries:  # refuse before any forward pass
+        raise ConfigError(
+            f"hessian_diag is exact and costs one Hessian-vector product per weight: {total} entries "
+            f"> limit {ctx.max_entries}; restrict names=... or use hutchinson_diag"
+        )
+    with eager_kernels(ctx.model):
+        diag = hessian_diag(ctx.loss_terms(), ctx.params, ctx.max_entries)
+    return dict(zip(ctx.names, diag))
+
+
+@register_metric(
+    "hutchinson_diag",
+    needs_grad=True,
+    description="|diag(H)| by Hutchinson: mean of z*Hz over seeded Rademacher z",
+)
+def _hutchinson(ctx: ScoreContext) -> dict:
+    return {n: v.abs_() for n, v in _hutchinson_signed(ctx).items()}
+
+
+@register_metric(
+    "hessian_diag",
+    needs_grad=True,
+    description=f"|diag(H)| exactly, one HVP per weight (<= {HESSIAN_MAX_ENTRIES} entries)",
+)
+def _hessian(ctx: ScoreContext) -> dict:
+    return {n: v.abs_() for n, v in _hessian_signed(ctx).items()}
+
+
+def _signed_diag(lm, calib, which: str = "hutchinson", **options) -> dict[str, torch.Tensor]:
+    """Signed diag(H) estimates (``which`` = "hutchinson" or "exact"); options as compute_scores."""
+    fn = {"hutchinson": _hutchinson_signed, "exact": _hessian_signed}[which]
+    spec = METRICS["hutchinson_diag" if which == "hutchinson" else "hessian_diag"]
+    defaults = dict(
+        seed=0,
+        batch_size=4,
+        hutchinson_samples=8,
+        progress=False,
+        max_entries=HESSIAN_MAX_ENTRIES,
+        desc=f"signed {which}",
+    )
+    names = options.pop("names", None)
+    ctx = score_context(lm, spec, calib, names, **{**defaults, **options})
+    return run_metric(ctx, fn, True)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from esa import plots
 from esa.errors import ConfigError
 from esa.util.runtime import package_root, run_environment
 from esa.util.serialize import jsonable
@@ -104,8 +105,6 @@ def write_all(staging: Staging, result, lm, scores_by: dict) -> None:
 
 
 def _write_plots(folder: Path, result, top: pd.DataFrame, scores_by: dict) -> None:
-    from esa import plots
-
     folder.mkdir()
     for metric, scores in scores_by.items():
         plots.save_figure(

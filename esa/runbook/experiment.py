@@ -11,113 +11,25 @@ import functools
 import hashlib
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from esa import stats
+from esa.data import prepare_data
 from esa.errors import ConfigError
-from esa.metrics.cache import cached_scores
-from esa.models import LoadedModel
+from esa.evaluate import auto_batch_size, evaluate
+from esa.metrics import cached_scores, score_summary
+from esa.models import LoadedModel, load_model
+from esa.perturb import PERTURBATIONS, perturbed
+from esa.runbook import artifacts
+from esa.runbook.config import CONTROLS, SCORE_DTYPES, ExperimentConfig
+from esa.select import select
 from esa.util.runtime import peak_gpu_bytes, reset_peak
 
 log = logging.getLogger("esa")
-
-CONTROLS = {"random_k": "random", "bottom_k": "bottom"}
-MODES = ("per_layer", "global")
-DEFAULT_SCALE = {"gauss_noise": 0.01, "scale": 0.0}
-SCORE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-SEEDLESS = {"zero", "sign_flip", "scale", "bit_flip"}  # perturbations that draw no random numbers
-
-
-@dataclass
-class ExperimentConfig:
-    """Everything one run needs (the CLI flags map 1:1 onto these fields)."""
-
-    model: str
-    out_dir: str | None = None
-    metrics: list[str] = field(default_factory=lambda: ["grad_x_weight"])
-    mode: str = "per_layer"
-    topk: int = 100
-    max_samples: int = 32
-    max_length: int = 512
-    batch_size: int = 8
-    calib_samples: int | None = None
-    seeds: list[int] = field(default_factory=lambda: [0])
-    stability_check: bool = False
-    perturbations: list[str] = field(default_factory=lambda: ["sign_flip"])
-    perturb_scale: float | None = None
-    perturb_prob: float = 1.0
-    perturb_bit: int | None = None
-    controls: list[str] = field(default_factory=lambda: ["random_k", "bottom_k"])
-    dtype: str | None = None
-    device: str | None = None
-    data_file: str | None = None
-    calib_file: str | None = None
-    hutchinson_samples: int = 8
-    include_embeddings: bool = False
-    include_norms: bool = False
-    save_plots: bool = False
-    overwrite: bool = False
-    use_cache: bool = True
-    cache_root: str | None = None
-    progress: bool = True
-    eval_batch_size: int | None = None  # None: auto (about 16k tokens per forward on CUDA)
-    score_dtype: str = "fp32"  # "bf16": lean scores and accumulators (half the memory)
-    device_map: str | None = None  # e.g. "auto": split a large model over the visible GPUs
-    compile: bool | None = None  # torch.compile evaluation: None = auto (one CUDA device, >= 100M params)
-    reuse_evals: bool = True  # evaluate an identical perturbed model once (e.g. random_k per seed)
-
-    def validate(self) -> None:
-        """Check every option that needs no model; raise ConfigError naming the fix."""
-        from esa.metrics.registry import METRICS
-        from esa.perturb import PERTURBATIONS
-
-        for metric in self.metrics:
-            if metric not in METRICS:
-                raise ConfigError(f"unknown metric {metric!r}: choose from {', '.join(sorted(METRICS))}")
-        for method in self.perturbations:
-            if method not in PERTURBATIONS:
-                raise ConfigError(
-                    f"unknown perturbation {method!r}: choose from {', '.join(sorted(PERTURBATIONS))}"
-                )
-        if self.mode not in MODES:
-            raise ConfigError(f"unknown --mode {self.mode!r}: use per_layer or global")
-        if self.topk <= 0:
-            raise ConfigError(f"--topk must be a positive integer, got {self.topk}")
-        for name, value in (
-            ("--max-samples", self.max_samples),
-            ("--max-length", self.max_length),
-            ("--batch-size", self.batch_size),
-            ("--hutchinson-samples", self.hutchinson_samples),
-        ):
-            if value is not None and value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value}")
-        if self.eval_batch_size is not None and self.eval_batch_size <= 0:
-            raise ConfigError(f"--eval-batch-size must be a positive integer, got {self.eval_batch_size}")
-        if self.score_dtype not in SCORE_DTYPES:
-            raise ConfigError(f"unknown --score-dtype {self.score_dtype!r}: use fp32 or bf16")
-        if self.calib_samples is not None and self.calib_samples <= 0:
-            raise ConfigError(f"--calib-samples must be a positive integer, got {self.calib_samples}")
-        if self.perturb_scale is not None and self.perturb_scale < 0:
-            raise ConfigError(f"--perturb-scale must be >= 0, got {self.perturb_scale}")
-        if not 0.0 <= self.perturb_prob <= 1.0:
-            raise ConfigError(f"--perturb-prob must be within [0, 1], got {self.perturb_prob}")
-        for control in self.controls:
-            if control not in CONTROLS:
-                raise ConfigError(f"unknown control {control!r}: use random_k and/or bottom_k")
-        if not self.seeds:
-            raise ConfigError("--seeds needs at least one seed, e.g. --seeds 0,1,2")
-
-    def scale_for(self, method: str) -> float | None:
-        if self.perturb_scale is not None:
-            return self.perturb_scale
-        return DEFAULT_SCALE.get(method)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -140,11 +52,6 @@ class ExperimentResult:
 
 def run_experiment(config: ExperimentConfig, lm: LoadedModel | None = None, data=None) -> ExperimentResult:
     """Run the runbook; write artifacts when ``config.out_dir`` is set."""
-    from esa.data import prepare_data
-    from esa.evaluate import auto_batch_size, evaluate
-    from esa.models import load_model
-    from esa.runbook import artifacts
-
     config.validate()
     staging = artifacts.Staging(config.out_dir, config.overwrite) if config.out_dir else None
     try:
@@ -186,8 +93,6 @@ def run_experiment(config: ExperimentConfig, lm: LoadedModel | None = None, data
             timings[f"score_{metric}_seed{seed}_s"] = time.perf_counter() - t
             memory[f"score_{metric}_seed{seed}"] = _peak_and_reset()
             if seed == config.seeds[0]:
-                from esa.metrics.registry import score_summary
-
                 summaries[metric] = score_summary(scores)
                 if config.save_plots:  # kept for the plots only, off the accelerator
                     scores_by[metric] = {n: v.to("cpu") for n, v in scores.items()}
@@ -259,10 +164,6 @@ def scores_for(lm: LoadedModel, data, metric: str, seed: int, config: Experiment
 def _perturbation_rows(
     lm, data, base, scores, metric, seed, config, selections, timings, evaluator=None, memo=None
 ) -> list[dict]:
-    from esa.evaluate import evaluate
-    from esa.perturb import perturbed
-    from esa.select import select
-
     if evaluator is None:
         evaluator = functools.partial(evaluate, lm.model, data.eval_ids, config.batch_size, config.progress)
     memo = {} if memo is None or not config.reuse_evals else memo
@@ -326,7 +227,7 @@ def _condition_key(selection, method: str, seed: int, config: ExperimentConfig) 
         if idx.numel():
             digest.update(name.encode())
             digest.update(idx.to(torch.int64).contiguous().numpy().tobytes())
-    seeded = method not in SEEDLESS or config.perturb_prob < 1.0
+    seeded = PERTURBATIONS[method].random or config.perturb_prob < 1.0
     return (
         digest.hexdigest(),
         method,
@@ -387,15 +288,6 @@ def _stability(config: ExperimentConfig, selections: dict) -> dict:
             "mode": config.mode,
         }
     return out
-
-
-def parse_int_list(text: str) -> list[int]:
-    """'0,1,2' -> [0, 1, 2] (ConfigError on junk)."""
-    try:
-        values = [int(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"expected comma-separated integers like 0,1,2, got {text!r}") from None
-    return values
 
 
 def _peak_and_reset() -> int:

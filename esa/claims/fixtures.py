@@ -1,0 +1,47 @@
+"""The esa fixtures: ``claim``, ``esa_options``, ``esa_workbench`` and ``esa_header``.
+
+Registered by ``esa.claims.plugin`` in ``pytest_configure`` (never load this module yourself).
+``esa_workbench`` is the claims' measurement session (``esa.claims.workbench``), not the speed
+benchmark ``esa.bench``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from esa.claims.claim import Claim, claim_for
+from esa.claims.options import HEADER_KEY, OPTIONS_KEY, EsaOptions
+
+if TYPE_CHECKING:
+    from esa.claims.workbench import Workbench
+
+
+@pytest.fixture
+def claim(request: pytest.FixtureRequest) -> Claim:
+    """This test's `Claim`: ``claim("statement", threshold=..., key=...)``, ``claim.measure(...)``."""
+    return claim_for(request.node)
+
+
+@pytest.fixture(scope="session")
+def esa_options(pytestconfig: pytest.Config) -> EsaOptions:
+    """The resolved esa options (models, metrics, tier, device, data, ...)."""
+    return pytestconfig.stash[OPTIONS_KEY]
+
+
+@pytest.fixture(scope="session")
+def esa_workbench(pytestconfig: pytest.Config) -> Workbench:
+    """The session's :class:`esa.claims.workbench.Workbench`: models loaded once, measurements
+    memoized (imported here, not at plugin import: it needs torch)."""
+    from esa.claims.workbench import Workbench
+
+    o = pytestconfig.stash[OPTIONS_KEY]
+    device = None if o.device == "auto" else o.device
+    return Workbench(o.tier, device=device, data=str(o.data) if o.data else None)
+
+
+@pytest.fixture(scope="session")
+def esa_header(pytestconfig: pytest.Config) -> dict[str, Any]:
+    """Mutable dict merged into the report header (e.g. ``esa_header["windows_sha256"] = h``)."""
+    return pytestconfig.stash[HEADER_KEY]
