@@ -34,7 +34,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -47,6 +46,7 @@ from esa.metrics import compute_scores
 from esa.models import load_model
 from esa.perturb import perturbed
 from esa.select import select
+from esa.util.runtime import package_root
 
 log = logging.getLogger("esa")
 
@@ -65,7 +65,7 @@ __all__ = [
 
 MEASURES = ("concentration", "super_random_ratio", "weights_to_double")
 METRIC = "grad_x_weight"
-_SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+_SHARED = package_root().parent / "shared" / "data"  # the checkout's ../shared/data
 DEFAULT_EVAL = _SHARED / "wikitext-2-raw" / "wiki.test.raw"
 DEFAULT_CALIB = _SHARED / "wikitext-2" / "valid.txt"
 

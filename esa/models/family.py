@@ -22,10 +22,11 @@ from esa.models.loaded import LoadedModel, from_module
 from esa.models.registry import register_model
 from esa.models.tokenizer import builtin_tokenizer
 from esa.util.files import file_sha256
+from esa.util.runtime import package_root
 
 log = logging.getLogger("esa")
 
-FIXTURE_DIR = Path(__file__).resolve().parent.parent / "fixtures" / "scaling"
+FIXTURE_DIR = package_root() / "fixtures" / "scaling"
 PREFIX = "scaling-"
 
 

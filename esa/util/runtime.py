@@ -61,7 +61,7 @@ def run_environment(root: str | os.PathLike = ".") -> dict:
 
 def package_root() -> Path:
     """The directory holding the esa package (its git checkout in a development install)."""
-    return Path(__file__).resolve().parents[1]
+    return Path(__file__).resolve().parents[2]
 
 
 @contextlib.contextmanager
