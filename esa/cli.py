@@ -17,8 +17,37 @@ def _csv(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
+def _bit(text: str) -> int | str:
+    """--perturb-bit: an integer index, else a position name (checked by the runbook)."""
+    try:
+        return int(text)
+    except ValueError:
+        return text.strip()
+
+
+def _default_data(args, calib: bool) -> None:
+    """Fill --data-file (and --calib-file) with the offline WikiText-2 test (validation) file
+    under ../shared/data when the user gave none and it is present; else leave None (built-in
+    corpus; windows after the evaluation ones)."""
+    from esa.data import default_data_file
+
+    if args.data_file is None:
+        found = default_data_file("test")
+        args.data_file = None if found is None else str(found)
+    if calib and args.calib_file is None:
+        found = default_data_file("validation")
+        args.calib_file = None if found is None else str(found)
+
+
 _MODEL_HELP = "registry name (esa models), hub id, local HF dir or .gguf"
-_DATA_HELP = "evaluation text (a file, or wikitext-2-raw-v1 via datasets); default: built-in corpus"
+_DATA_HELP = (
+    "evaluation text: a file, wikitext-2-raw-v1 (via datasets) or builtin; default "
+    "../shared/data/wikitext-2-raw/wiki.test.raw when present, else the built-in corpus"
+)
+_CALIB_HELP = (
+    "calibration text; default ../shared/data/wikitext-2/valid.txt when present, else the windows "
+    "after the evaluation ones (also what the evaluation text itself, or builtin with it, gives)"
+)
 _DTYPE_HELP = "default fp32 on CPU, bf16 on CUDA"
 _DEVICE_HELP = "cpu, cuda, cuda:N (default: cuda if available)"
 
@@ -26,9 +55,7 @@ _DEVICE_HELP = "cpu, cuda, cuda:N (default: cuda if available)"
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help=_MODEL_HELP)
     p.add_argument("--data-file", default=None, help=_DATA_HELP)
-    p.add_argument(
-        "--calib-file", default=None, help="calibration text (default: windows after the eval ones)"
-    )
+    p.add_argument("--calib-file", default=None, help=_CALIB_HELP)
     p.add_argument("--max-length", type=int, default=512, help="tokens per window (default 512)")
     p.add_argument("--max-samples", type=int, default=32, help="evaluation windows (default 32)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -86,12 +113,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--perturb-scale",
         type=float,
         default=None,
-        help="gauss_noise sigma relative to |w| (default 0.01); factor for scale",
+        help="gauss_noise sigma relative to |w| (default 0.02); factor for scale (default 0)",
     )
     run.add_argument(
-        "--perturb-prob", type=float, default=1.0, help="probability each selected weight is hit"
+        "--perturb-prob",
+        type=float,
+        default=None,
+        help="probability each selected weight is hit (default 0.05 for bit_flip, 1 for the others)",
     )
-    run.add_argument("--perturb-bit", type=int, default=None, help="bit for bit_flip (default exponent MSB)")
+    run.add_argument(
+        "--perturb-bit",
+        type=_bit,
+        default=None,
+        help="bit for bit_flip: sign, exponent_msb (default), exponent_lsb, mantissa_msb, or an index",
+    )
     run.add_argument("--controls", type=_csv, default=["random_k", "bottom_k"])
     run.add_argument("--hutchinson-samples", type=int, default=8)
     run.add_argument("--include-embeddings", action="store_true")
@@ -158,6 +193,7 @@ def _run(args) -> int:
     from esa.runbook import ExperimentConfig, parse_int_list, run_experiment
     from esa.runbook.artifacts import format_summary
 
+    _default_data(args, calib=True)
     config = ExperimentConfig(
         model=args.model,
         out_dir=args.out_dir,
@@ -209,6 +245,7 @@ def _eval(args) -> int:
     ):
         if value <= 0:
             raise EsaError(f"{name} must be a positive integer, got {value}")
+    _default_data(args, calib=False)
     lm = load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map)
     data = prepare_data(
         lm.tokenizer, args.data_file, None, args.max_length, args.max_samples, min_calib_windows=0
@@ -242,9 +279,10 @@ def _detect(args) -> int:
     ):
         if value < least:
             raise EsaError(f"{name} must be an integer >= {least}, got {value}")
+    _default_data(args, calib=False)
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
     data = prepare_data(lm.tokenizer, args.data_file, None, args.length, args.windows, min_calib_windows=0)
-    label = args.data_file or data.eval_source.name
+    label = data.eval_source.name if args.data_file in (None, "builtin") else args.data_file
     out = detector_run(lm, data.eval_ids, data=label, seed=args.seed, threshold=args.threshold, top=args.top)
     print(json.dumps(out, indent=1))
     return 0
@@ -270,7 +308,14 @@ def _record(args) -> int:
         if c["verdict"] == "falsified" and (ctx_model == args.model or (session_level and run_here)):
             measured = {k: v["value"] for k, v in c["measured"].items()}
             record_outcome(
-                args.recorded_dir, args.model, c["id"], measured, args.note, tier=tier, data_sha256=data_sha
+                args.recorded_dir,
+                args.model,
+                c["id"],
+                measured,
+                args.note,
+                tier=tier,
+                data_sha256=data_sha,
+                claim=c,
             )
             done += 1
     print(f"recorded {done} falsified claims of {args.model} (tier {tier}) in {args.recorded_dir}")

@@ -3,7 +3,13 @@
 Protocol: tokenize the whole text once with no special tokens, cut it into consecutive
 non-overlapping windows of ``max_length`` tokens and drop the remainder. Evaluation takes the
 first ``max_samples`` windows; calibration samples windows with the seed from text disjoint from
-the evaluation windows (a separate calibration text, or the windows after the evaluation ones).
+the evaluation windows (a separate calibration text, or the windows after the evaluation ones
+when none is given or it is the evaluation text itself).
+
+Seeds must draw materially different calibration sets: two draws of n windows from a pool of N
+share n/N of their windows on average, so ``calibration`` refuses n/N > 0.5 (``DataError``
+naming the fix) and ``calibration_overlap`` reports the Jaccard overlaps the seeds actually get.
+``default_data_file`` finds the offline WikiText-2 copies under ``<root>/../shared/data``.
 """
 
 from __future__ import annotations
@@ -21,6 +27,11 @@ from esa.util.files import file_sha256, text_sha256
 log = logging.getLogger("esa")
 
 BUILTIN = "builtin"
+SHARED_DATA = {  # split -> path under <root>/../shared/data (offline WikiText-2 copies)
+    "test": ("wikitext-2-raw", "wiki.test.raw"),
+    "validation": ("wikitext-2", "valid.txt"),
+}
+MAX_CALIB_OVERLAP = 0.5  # largest expected share of windows two seeds' calibration sets may have
 HF_DATASETS = {
     "wikitext-2-raw-v1": ("wikitext", "wikitext-2-raw-v1"),
     "wikitext-2-v1": ("wikitext", "wikitext-2-v1"),
@@ -39,6 +50,17 @@ class TextSource:
 
     def describe(self) -> dict:
         return {"name": self.name, "path": self.path, "sha256": self.sha256, "chars": len(self.text)}
+
+
+def default_data_file(split: str, root: str | Path | None = None) -> Path | None:
+    """The offline WikiText-2 ``split`` ("test": wikitext-2-raw/wiki.test.raw, "validation":
+    wikitext-2/valid.txt) under ``<root>/../shared/data`` (root: the current directory), resolved;
+    None when the file is absent."""
+    if split not in SHARED_DATA:
+        raise DataError(f"no default data file for split {split!r}: use one of {', '.join(SHARED_DATA)}")
+    path = Path.cwd() if root is None else Path(root)
+    path = path / ".." / "shared" / "data" / Path(*SHARED_DATA[split])
+    return path.resolve() if path.is_file() else None
 
 
 def load_text(spec: str | Path | None, split: str = "test") -> TextSource:
@@ -117,27 +139,62 @@ class DataBundle:
     calib_source: TextSource
     max_length: int
     eval_total_windows: int
+    disjoint: bool = True  # no calibration text overlaps the evaluation text (see prepare_data)
 
     def calibration(self, n: int, seed: int) -> torch.Tensor:
-        """``n`` calibration windows drawn without replacement with ``seed``."""
-        n = min(n, self.calib_pool.shape[0])
+        """``n`` calibration windows drawn without replacement with ``seed`` (in pool order);
+        DataError when n exceeds half the pool (seeds would share most of their windows)."""
+        return self.calib_pool[self._draw(n, seed)]
+
+    def calibration_overlap(self, n: int, seeds) -> dict:
+        """Pairwise Jaccard overlap of the seeds' calibration window sets (plain numbers):
+        ``mean_jaccard`` and ``max_jaccard`` (0.0 with fewer than two seeds), ``expected_overlap``
+        = n / pool (the expected share of windows two draws have in common), ``n``, ``pool``."""
+        self._check(n)
+        sets = [set(self._draw(n, s).tolist()) for s in seeds]
+        pairs = [len(a & b) / len(a | b) for i, a in enumerate(sets) for b in sets[i + 1 :]]
+        return {
+            "n": int(n),
+            "pool": int(self.calib_pool.shape[0]),
+            "seeds": [int(s) for s in seeds],
+            "expected_overlap": n / max(int(self.calib_pool.shape[0]), 1),
+            "mean_jaccard": sum(pairs) / len(pairs) if pairs else 0.0,
+            "max_jaccard": max(pairs) if pairs else 0.0,
+        }
+
+    def _draw(self, n: int, seed: int) -> torch.Tensor:
+        self._check(n)
         gen = torch.Generator().manual_seed(int(seed))
-        order = torch.randperm(self.calib_pool.shape[0], generator=gen)[:n]
-        return self.calib_pool[order.sort().values]
+        return torch.randperm(int(self.calib_pool.shape[0]), generator=gen)[:n].sort().values
+
+    def _check(self, n: int) -> None:
+        pool = int(self.calib_pool.shape[0])
+        if n > MAX_CALIB_OVERLAP * pool:
+            name = self.calib_source.name if self.calib_source is not None else "the pool"
+            raise DataError(
+                f"{n} calibration windows from a pool of {pool} ({name}, {self.max_length} tokens each): "
+                f"seeds would share about {n / max(pool, 1):.0%} of their windows; use at most "
+                f"{pool // 2} (--calib-samples), shorter windows (--max-length) or a longer --calib-file"
+            )
 
     def manifest(self) -> dict:
-        same = self.calib_source.sha256 == self.eval_source.sha256
+        after = self.calib_source.sha256 == self.eval_source.sha256
         return {
             "protocol": "tokenize once without special tokens; consecutive non-overlapping windows; "
             "remainder dropped; eval = first windows; calibration sampled per seed"
-            + ("; calibration from the windows after the evaluation ones" if same else ""),
+            + ("; calibration from the windows after the evaluation ones" if after else ""),
             "max_length": self.max_length,
             "eval": {
                 **self.eval_source.describe(),
                 "windows_total": self.eval_total_windows,
                 "windows_used": int(self.eval_ids.shape[0]),
             },
-            "calibration": {**self.calib_source.describe(), "windows_pool": int(self.calib_pool.shape[0])},
+            "calibration": {
+                **self.calib_source.describe(),
+                "windows_pool": int(self.calib_pool.shape[0]),
+                "from": "windows after the evaluation ones" if after else "a separate text",
+            },
+            "calibration_disjoint": bool(self.disjoint),
         }
 
 
@@ -148,8 +205,13 @@ def prepare_data(
     max_length: int = 512,
     max_samples: int | None = None,
     min_calib_windows: int = 1,
+    calib_windows: int | None = None,
 ) -> DataBundle:
-    """Load and window the evaluation text (and calibration text, disjoint from it)."""
+    """Load and window the evaluation text (and calibration text, disjoint from it).
+
+    Calibration comes from ``calib_data`` unless it is None or the evaluation text itself; then
+    from the windows after the evaluation ones. With ``calib_windows`` it checks at once that the
+    pool can give seeds materially different draws (as ``DataBundle.calibration`` does)."""
     if max_length < 2:
         raise DataError(f"--max-length {max_length} is too short: use at least 2 tokens")
     if max_samples is not None and max_samples < 1:
@@ -171,17 +233,36 @@ def prepare_data(
             eval_src.name,
             max_samples,
         )
-    if calib_data is not None:
-        calib_src = load_text(calib_data, split="train")
-        pool = make_windows(tokenizer, calib_src.text, max_length)
-    else:
+    calib_src = eval_src if calib_data is None else load_text(calib_data, split="train")
+    if calib_src.sha256 == eval_src.sha256:
         calib_src, pool = eval_src, all_windows[n_eval:]
+    else:
+        pool = make_windows(tokenizer, calib_src.text, max_length)
     if pool.shape[0] < min_calib_windows:
         raise DataError(
             f"no calibration text left after {n_eval} evaluation windows of {eval_src.name}: "
             "lower --max-samples or --max-length, or pass --calib-file"
         )
-    return DataBundle(all_windows[:n_eval], pool, eval_src, calib_src, max_length, int(all_windows.shape[0]))
+    disjoint = _disjoint(eval_src, calib_src, all_windows[:n_eval], pool)
+    bundle = DataBundle(
+        all_windows[:n_eval], pool, eval_src, calib_src, max_length, int(all_windows.shape[0]), disjoint
+    )
+    if calib_windows is not None:
+        bundle._check(calib_windows)
+    return bundle
+
+
+def _disjoint(
+    eval_src: TextSource, calib_src: TextSource, eval_ids: torch.Tensor, pool: torch.Tensor
+) -> bool:
+    """True when calibration is the windows after the evaluation ones, or a text that neither
+    contains nor is contained in the evaluation text and shares no window with it."""
+    if calib_src.sha256 == eval_src.sha256:
+        return True
+    if calib_src.text in eval_src.text or eval_src.text in calib_src.text:
+        return False
+    rows = {r.numpy().tobytes() for r in eval_ids}
+    return not any(r.numpy().tobytes() in rows for r in pool)
 
 
 def random_windows(n: int, length: int, vocab_size: int, seed: int = 0) -> torch.Tensor:

@@ -3,13 +3,22 @@
 ``perturbed`` snapshots the selected entries (and an integer checksum of every touched tensor)
 before changing anything, and in ``finally`` writes the snapshot back and verifies it bitwise;
 a failed verification raises ``RestoreError``. Only the selected entries are copied.
+
+Registry defaults (callers resolve them, ``perturbed`` never fills them in): gauss_noise
+σ = 0.02·|w| (``resolve_scale``), scale factor 0; hit probability 0.05 for bit_flip and 1 for
+the others (``resolve_prob``). ``changeable`` gives the entries a method actually changes (zero,
+sign_flip, gauss_noise, scale: w ≠ 0; none at gauss σ = 0 or scale factor 1; bit_flip: all).
+
+Bit positions (``bit_position``; bit 0 = least significant bit of the integer view; m = mantissa
+bits: 23 fp32, 7 bf16, 10 fp16, 52 fp64): ``sign`` = width − 1, ``exponent_msb`` = width − 2
+(``default_bit``), ``exponent_lsb`` = m (the lowest exponent bit: |w| doubles or halves),
+``mantissa_msb`` (alias ``mantissa``) = m − 1 (×1.5 or ×2/3 or so), ``mantissa_lsb`` = 0 (one ulp).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -17,14 +26,19 @@ import torch
 
 from esa.errors import ConfigError, RestoreError
 from esa.util.bits import bit_width, bits_checksum, bits_view
+from esa.util.sampling import tensor_seed
+
+POSITIONS = ("sign", "exponent_msb", "exponent_lsb", "mantissa_msb", "mantissa", "mantissa_lsb")
+Changes = Callable[[torch.Tensor, "float | None"], torch.Tensor]  # (weights, scale) -> bool mask
 
 
 @dataclass(frozen=True)
 class Perturbation:
     """A registered method: ``fn(values, *, scale, bit, generator) -> new values``.
 
-    ``default_scale`` is the scale callers use when they give none (`resolve_scale`); `perturbed`
-    itself never fills it in."""
+    ``default_scale`` / ``default_prob`` are what callers use when they give none
+    (`resolve_scale`, `resolve_prob`); `perturbed` itself never fills them in. ``changes(w, scale)``
+    marks the entries the method changes (None: every entry)."""
 
     name: str
     fn: Callable[..., torch.Tensor]
@@ -33,6 +47,8 @@ class Perturbation:
     uses_bit: bool = False
     default_scale: float | None = None
     random: bool = False  # draws random numbers (its result depends on the seed)
+    default_prob: float = 1.0
+    changes: Changes | None = None
 
     def __call__(self, values: torch.Tensor, **kwargs) -> torch.Tensor:
         return self.fn(values, **kwargs)
@@ -49,6 +65,8 @@ def register_perturbation(
     uses_bit: bool = False,
     default_scale: float | None = None,
     random: bool = False,
+    default_prob: float = 1.0,
+    changes: Changes | None = None,
 ):
     """Decorator registering ``fn(values, *, scale, bit, generator)`` under ``name``.
 
@@ -58,7 +76,7 @@ def register_perturbation(
 
     def decorate(fn):
         PERTURBATIONS[name] = Perturbation(
-            name, fn, needs_scale, positive_scale, uses_bit, default_scale, random
+            name, fn, needs_scale, positive_scale, uses_bit, default_scale, random, default_prob, changes
         )
         return fn
 
@@ -67,14 +85,56 @@ def register_perturbation(
 
 def resolve_scale(method: str, scale: float | None = None) -> float | None:
     """``scale`` when given, else the method's registered ``default_scale`` (None for methods
-    without a scale): gauss_noise σ = 0.01 x |w|, scale factor 0.0. ConfigError if unknown."""
+    without a scale): gauss_noise σ = 0.02 x |w|, scale factor 0.0. ConfigError if unknown."""
     return _spec(method).default_scale if scale is None else scale
+
+
+def resolve_prob(method: str, prob: float | None = None) -> float:
+    """``prob`` when given, else the method's ``default_prob``: 0.05 for bit_flip (each selected
+    weight is hit with probability 0.05), 1.0 for the others. ConfigError if unknown."""
+    return _spec(method).default_prob if prob is None else prob
 
 
 def _spec(method: str) -> Perturbation:
     if method not in PERTURBATIONS:
         raise ConfigError(f"unknown perturbation {method!r}; use one of {', '.join(sorted(PERTURBATIONS))}")
     return PERTURBATIONS[method]
+
+
+class Changeable(Mapping[str, torch.Tensor]):
+    """name -> bool mask of the entries ``method`` changes, computed on access from the current
+    weights (one tensor's mask at a time: no second model-sized copy is kept)."""
+
+    def __init__(self, params: Mapping[str, torch.Tensor], spec: Perturbation, scale: float | None):
+        self.params, self.spec, self.scale = params, spec, scale
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        w = self.params[name].detach()
+        if self.spec.changes is None:
+            return torch.ones_like(w, dtype=torch.bool)
+        return torch.as_tensor(self.spec.changes(w, self.scale), device=w.device).expand(w.shape)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.params)
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+
+def changeable(params_or_model, method: str, names=None, scale: float | None = None) -> Changeable:
+    """The entries that ``method`` (with ``scale``, default `resolve_scale`) actually changes, as a
+    lazy mapping name -> bool mask of the parameter's shape and device, over ``names`` (default:
+    every parameter). zero, sign_flip, gauss_noise (σ ∝ |w|) and scale change w ≠ 0 only (none at
+    σ = 0 or factor 1); bit_flip changes every entry. Controls are drawn among these
+    (``esa.select.select(..., eligible=changeable(...))``)."""
+    spec = _spec(method)
+    params = _as_params(params_or_model)
+    if names is not None:
+        missing = [n for n in names if n not in params]
+        if missing:
+            raise ConfigError(f"unknown parameter name(s) {missing[:3]}: use names of the model's parameters")
+        params = {n: params[n] for n in names}
+    return Changeable(params, spec, resolve_scale(method, scale))
 
 
 @dataclass
@@ -96,17 +156,54 @@ def default_bit(dtype: torch.dtype) -> int:
     return bit_width(dtype) - 2
 
 
-@register_perturbation("zero")
+def bit_position(position: str | int | None, dtype: torch.dtype) -> int:
+    """The bit index of ``position`` (one of ``POSITIONS``, see the module docstring) in
+    ``dtype``; ints pass through (range-checked), None = ``exponent_msb``."""
+    if not dtype.is_floating_point:
+        raise ConfigError(f"bit flips need a floating-point dtype, not {dtype}")
+    nbits, mantissa = bit_width(dtype), round(-math.log2(torch.finfo(dtype).eps))
+    if isinstance(position, bool) or not isinstance(position, (int, str, type(None))):
+        raise ConfigError(f"bit must be an integer or one of {', '.join(POSITIONS)}, got {position!r}")
+    if isinstance(position, int):
+        if not 0 <= position < nbits:
+            raise ConfigError(f"bit={position} out of range for {dtype}; use 0..{nbits - 1}")
+        return position
+    named = {
+        None: nbits - 2,
+        "sign": nbits - 1,
+        "exponent_msb": nbits - 2,
+        "exponent_lsb": mantissa,
+        "mantissa_msb": mantissa - 1,
+        "mantissa": mantissa - 1,
+        "mantissa_lsb": 0,
+    }
+    if position not in named:
+        raise ConfigError(f"unknown bit position {position!r}; use an int or one of {', '.join(POSITIONS)}")
+    return named[position]
+
+
+def _nonzero(w: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    return w != 0
+
+
+@register_perturbation("zero", changes=_nonzero)
 def _zero(values, **_):
     return torch.zeros_like(values)
 
 
-@register_perturbation("sign_flip")
+@register_perturbation("sign_flip", changes=_nonzero)
 def _sign_flip(values, **_):
     return _xor_bit(values, bit_width(values.dtype) - 1)
 
 
-@register_perturbation("gauss_noise", needs_scale=True, positive_scale=True, default_scale=0.01, random=True)
+@register_perturbation(
+    "gauss_noise",
+    needs_scale=True,
+    positive_scale=True,
+    default_scale=0.02,
+    random=True,
+    changes=lambda w, scale: (w != 0) & (scale != 0),
+)
 def _gauss_noise(values, *, scale, generator, **_):
     compute = torch.float64 if values.dtype == torch.float64 else torch.float32
     noise = torch.randn(values.numel(), generator=generator, dtype=compute).to(values.device)
@@ -114,13 +211,13 @@ def _gauss_noise(values, *, scale, generator, **_):
     return (w + scale * w.abs() * noise).to(values.dtype)
 
 
-@register_perturbation("scale", needs_scale=True, default_scale=0.0)
+@register_perturbation("scale", needs_scale=True, default_scale=0.0, changes=lambda w, s: (w != 0) & (s != 1))
 def _scale(values, *, scale, **_):
     compute = torch.float64 if values.dtype == torch.float64 else torch.float32
     return (values.to(compute) * scale).to(values.dtype)
 
 
-@register_perturbation("bit_flip", uses_bit=True)
+@register_perturbation("bit_flip", uses_bit=True, default_prob=0.05)
 def _bit_flip(values, *, bit, **_):
     return _xor_bit(values, bit)
 
@@ -133,20 +230,21 @@ def perturbed(
     *,
     scale: float | None = None,
     prob: float = 1.0,
-    bit: int | None = None,
+    bit: int | str | None = None,
     seed: int = 0,
 ) -> Iterator[PerturbInfo]:
     """Apply ``method`` in place to the selected entries; restore and verify them on exit.
 
     ``model_or_params`` is an ``nn.Module`` or a dict name -> Parameter; ``selection`` is a
     ``Selection`` (or a dict name -> flat indices). Each selected entry is perturbed with
-    probability ``prob`` (seeded). ``bit`` is used by ``bit_flip`` (default: exponent MSB).
+    probability ``prob`` (seeded). ``bit`` is used by ``bit_flip``: an index or a name of
+    ``POSITIONS`` resolved per parameter dtype (default: exponent MSB).
     """
     spec = _check_options(method, scale, prob, bit)
     plan = _plan(_as_params(model_or_params), selection)
     if spec.uses_bit:
         for name, param, _ in plan:
-            _check_bit(_resolve_bit(bit, param.dtype), param.dtype, name)
+            _resolve_bit(bit, param.dtype, name)
     with torch.no_grad():
         saved = _snapshot(plan)
     info = None
@@ -173,19 +271,27 @@ def _check_options(method, scale, prob, bit) -> Perturbation:
             raise ConfigError(f"{method} scale must be > 0, got {scale}; pass e.g. scale=0.5")
     if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0.0 <= prob <= 1.0:
         raise ConfigError(f"prob must be in [0, 1], got {prob!r}; pass e.g. prob=1.0")
-    if spec.uses_bit and bit is not None and (isinstance(bit, bool) or not isinstance(bit, int)):
-        raise ConfigError(f"bit must be an integer, got {bit!r}; pass e.g. bit=30 for fp32")
+    named = isinstance(bit, str) and bit in POSITIONS
+    if (
+        spec.uses_bit
+        and bit is not None
+        and not named
+        and (isinstance(bit, bool) or not isinstance(bit, int))
+    ):
+        raise ConfigError(
+            f"bit must be an integer or one of {', '.join(POSITIONS)}, got {bit!r}; pass e.g. bit=30 for fp32"
+        )
     return spec
 
 
-def _check_bit(bit: int, dtype: torch.dtype, name: str) -> None:
-    nbits = bit_width(dtype)
-    if not 0 <= bit < nbits:
-        raise ConfigError(f"bit={bit} out of range for {name!r} ({dtype}); use 0..{nbits - 1}")
-
-
-def _resolve_bit(bit: int | None, dtype: torch.dtype) -> int:
-    return default_bit(dtype) if bit is None else int(bit)
+def _resolve_bit(bit: int | str | None, dtype: torch.dtype, name: str) -> int:
+    """The bit index for parameter ``name`` (ConfigError naming it when out of range)."""
+    if isinstance(bit, int) and not isinstance(bit, bool):
+        nbits = bit_width(dtype)
+        if not 0 <= bit < nbits:
+            raise ConfigError(f"bit={bit} out of range for {name!r} ({dtype}); use 0..{nbits - 1}")
+        return bit
+    return bit_position(bit, dtype)
 
 
 def _as_params(model_or_params) -> dict[str, torch.Tensor]:
@@ -247,16 +353,12 @@ def _snapshot(plan) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor,
     return [(n, p, idx, _gather(p, idx), bits_checksum(p)) for n, p, idx in plan]
 
 
-def _tensor_seed(seed: int, name: str) -> int:
-    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
-
-
 def _apply(plan, spec: Perturbation, *, scale, prob, bit, seed) -> PerturbInfo:
     n_selected = n_changed = 0
     for name, param, idx in plan:
-        gen = torch.Generator().manual_seed(_tensor_seed(seed, name))
+        gen = torch.Generator().manual_seed(tensor_seed(seed, name))
         old = _gather(param, idx)
-        used_bit = _resolve_bit(bit, param.dtype) if spec.uses_bit else None
+        used_bit = _resolve_bit(bit, param.dtype, name) if spec.uses_bit else None
         new = spec(old, scale=scale, bit=used_bit, generator=gen)
         if new.dtype != old.dtype or new.shape != old.shape:
             raise ConfigError(f"perturbation {spec.name!r} returned {new.dtype}{tuple(new.shape)}")

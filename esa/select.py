@@ -1,23 +1,26 @@
 """Top-k / bottom-k / random-k selection of weight entries from sensitivity scores.
 
-NaN scores are ordered deterministically: as ``-inf`` for ``top`` and as ``+inf`` for ``bottom``
-(i.e. NaN entries are chosen last). Ties are broken by tensor order (the order of the ``scores``
-dict) and then by ascending flat index, so a selection is a pure function of its inputs.
+NaN scores are ordered as ``-inf`` for ``top`` and as ``+inf`` for ``bottom`` (chosen last).
+Ties (equal keys) are broken by a pseudo-random priority of (seed, tensor name, flat index)
+(``esa.util.sampling.priority``): the same seed always picks the same tied entries, other seeds
+pick others; equal priorities fall back to tensor order, then ascending index. A selection is a
+pure function of its inputs. ``eligible`` (name -> bool mask) restricts every kind to the entries
+marked True (``esa.perturb.changeable``: the entries a perturbation actually changes).
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
-import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
 from esa.errors import ConfigError
+from esa.util.files import atomic_write
+from esa.util.sampling import priority, sample_segments, tensor_seed
 
 KINDS = ("top", "bottom", "random")
 MODES = ("per_layer", "global")
@@ -37,6 +40,7 @@ class Selection:
     indices: dict[str, torch.Tensor]
     values: dict[str, torch.Tensor]
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    excluded: int = 0  # entries of the scored tensors that ``eligible`` ruled out
 
     @property
     def size(self) -> int:
@@ -50,8 +54,7 @@ class Selection:
     def jaccard(self, other: Selection) -> float:
         """|A∩B| / |A∪B| (1.0 when both are empty)."""
         a, b = self.keys(), other.keys()
-        union = len(a | b)
-        return 1.0 if union == 0 else len(a & b) / union
+        return len(a & b) / len(a | b) if a | b else 1.0
 
     def overlap(self, other: Selection) -> float:
         """|A∩B| / min(|A|, |B|) (1.0 when both are empty, 0.0 when only one is)."""
@@ -91,18 +94,7 @@ class Selection:
 
     def to_csv(self, path, param_map=None) -> None:
         """Write ``to_frame`` atomically (temp file + ``os.replace``)."""
-        frame = self.to_frame(param_map)
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".csv", dir=directory)
-        try:
-            with os.fdopen(fd, "w", newline="") as handle:
-                frame.to_csv(handle, index=False)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(Path(path), self.to_frame(param_map).to_csv(index=False))
 
     @classmethod
     def from_frame(
@@ -170,31 +162,35 @@ def select(
     mode: str = "per_layer",
     seed: int = 0,
     metric: str = "",
+    eligible: Mapping[str, torch.Tensor] | None = None,
 ) -> Selection:
     """Select ``k`` entries per tensor (``per_layer``) or over all tensors (``global``).
 
-    ``top`` takes the largest scores, ``bottom`` the smallest, ``random`` a uniform sample without
-    replacement (seeded; the scores are only recorded). Global selection streams over the tensors
-    (per-tensor top-k, then a running merge); it never concatenates all scores.
+    ``top`` takes the largest scores, ``bottom`` the smallest (ties broken with ``seed``),
+    ``random`` a uniform sample without replacement (seeded; the scores are only recorded).
+    ``eligible`` maps a tensor name to a bool mask of its shape: entries marked False are never
+    selected (a name left out is all eligible); ConfigError when fewer than k are eligible.
+    Global selection streams over the tensors (per-tensor top-k, then a running merge); it never
+    concatenates all scores.
     """
     k = _check(scores, k, kind, mode)
-    shapes = {name: tuple(int(d) for d in s.shape) for name, s in scores.items()}
+    counts = _eligible_counts(scores, eligible, k, mode)
     if kind == "random":
-        picks = _random_per_layer(scores, k, seed) if mode == "per_layer" else _random_global(scores, k, seed)
+        sampler = _random_per_layer if mode == "per_layer" else _random_global
+        picks = sampler(scores, k, seed, eligible)
     elif mode == "per_layer":
-        picks = {name: _tensor_topk(s, k, kind) for name, s in scores.items()}
+        picks = {n: _tensor_topk(s, k, kind, seed, n, _mask(eligible, n, s)) for n, s in scores.items()}
     else:
-        picks = _global_extreme(scores, k, kind)
+        picks = _global_extreme(scores, k, kind, seed, eligible)
     indices, values = {}, {}
     for name, s in scores.items():
-        idx = picks.get(name)
-        if idx is None:
-            idx = torch.empty(0, dtype=torch.long)
-        idx = torch.sort(idx.to("cpu", torch.long)).values
-        indices[name] = idx
+        idx = picks.get(name, torch.empty(0, dtype=torch.long))
+        indices[name] = idx = torch.sort(idx.to("cpu", torch.long)).values
         flat = s.detach().reshape(-1)
         values[name] = flat[idx.to(flat.device)].to("cpu", torch.float32)
-    return Selection(kind, mode, k, int(seed), metric, indices, values, shapes)
+    shapes = {name: tuple(int(d) for d in s.shape) for name, s in scores.items()}
+    excluded = sum(int(s.numel()) - counts[n] for n, s in scores.items())
+    return Selection(kind, mode, k, int(seed), metric, indices, values, shapes, excluded)
 
 
 def _check(scores, k, kind, mode) -> int:
@@ -225,6 +221,35 @@ def _check(scores, k, kind, mode) -> int:
     return k
 
 
+def _eligible_counts(scores, eligible, k: int, mode: str) -> dict[str, int]:
+    """Eligible entries per tensor (ConfigError when fewer than k can be selected)."""
+    counts = {name: int(s.numel()) for name, s in scores.items()}
+    if eligible is not None and not isinstance(eligible, Mapping):
+        raise ConfigError("eligible must map tensor names to bool masks; pass e.g. changeable(...)")
+    for name, s in scores.items():
+        mask = _mask(eligible, name, s)
+        counts[name] = counts[name] if mask is None else int(mask.sum())
+        if mode == "per_layer" and counts[name] < k:
+            raise ConfigError(
+                f"only {counts[name]} of the {s.numel()} entries of {name!r} are eligible; "
+                f"lower k to at most {counts[name]} or use mode='global'"
+            )
+    if mode == "global" and sum(counts.values()) < k:
+        raise ConfigError(f"only {sum(counts.values())} scored entries are eligible; lower k to at most that")
+    return counts
+
+
+def _mask(eligible, name: str, score: torch.Tensor, device=None) -> torch.Tensor | None:
+    """The flat eligibility mask of ``name`` on the score's device (None: all eligible); masks
+    are fetched per use, so a lazy mapping (``changeable``) holds one tensor's mask at a time."""
+    mask = None if eligible is None else eligible.get(name)
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.numel() != score.numel():
+        raise ConfigError(f"eligible[{name!r}] must be a bool tensor of shape {tuple(score.shape)}")
+    return mask.detach().reshape(-1).to(device or score.device)
+
+
 def _key(score: torch.Tensor, kind: str) -> torch.Tensor:
     """Flat float key where larger = more extreme; NaN becomes -inf (chosen last)."""
     flat = score.detach().reshape(-1)
@@ -234,12 +259,9 @@ def _key(score: torch.Tensor, kind: str) -> torch.Tensor:
     return torch.nan_to_num(key, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
 
 
-def _topk_indices(key: torch.Tensor, k: int) -> torch.Tensor:
-    """Positions of the k largest keys, ties broken by lower position; ascending order."""
-    return _topk_mask(key, k).nonzero().flatten()
-
-
-def _topk_mask(key: torch.Tensor, k: int) -> torch.Tensor:
+def _topk_mask(key: torch.Tensor, k: int, prio: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Mask of the k largest keys; ties at the k-th key go to the highest ``prio(positions)``,
+    then to the lower position."""
     k = min(k, key.numel())
     if k == 0:
         return torch.zeros_like(key, dtype=torch.bool)
@@ -247,79 +269,78 @@ def _topk_mask(key: torch.Tensor, k: int) -> torch.Tensor:
     mask = key > threshold
     need = k - int(mask.sum())
     if need > 0:
-        ties = (key == threshold).nonzero().flatten()[:need]
+        ties = (key == threshold).nonzero().flatten()
+        if ties.numel() > need:  # priority first, then the lower position (positions < 2**32)
+            order = prio(ties).to(ties.device) * 2**32 + (2**32 - 1 - ties)
+            ties = ties[torch.topk(order, need, sorted=False).indices]
         mask[ties] = True
     return mask
 
 
-def _tensor_topk(score: torch.Tensor, k: int, kind: str) -> torch.Tensor:
-    """Ascending positions of the k most extreme entries of one tensor (ties: lower position),
-    in chunks of ``_CHUNK`` entries so the temporary keys stay small whatever the tensor size."""
+def _tensor_topk(
+    score: torch.Tensor, k: int, kind: str, seed: int = 0, name: str = "", mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Ascending positions of the k most extreme (eligible) entries of one tensor, ties by
+    ``priority(seed, name)``, in chunks of ``_CHUNK`` entries so the temporary keys stay small."""
     flat = score.detach().reshape(-1)
-    if flat.numel() <= _CHUNK:
-        return _topk_indices(_key(flat, kind), k)
-    cand_idx, cand_key = [], []
-    for start in range(0, flat.numel(), _CHUNK):
-        key = _key(flat[start : start + _CHUNK], kind)
-        idx = _topk_indices(key, k)
-        cand_idx.append(idx + start)
-        cand_key.append(key[idx])
-    idx, key = torch.cat(cand_idx), torch.cat(cand_key)  # ascending positions
-    return idx[_topk_indices(key, k)]
+    cands = []
+    for start in range(0, max(flat.numel(), 1), _CHUNK):  # one (empty) chunk at least
+        pos = None if mask is None else mask[start : start + _CHUNK].nonzero().flatten()
+        cands.append(_chunk_topk(_key(flat[start : start + _CHUNK], kind), k, seed, name, start, pos))
+    if len(cands) == 1:
+        return cands[0][0]
+    idx, key = torch.cat([c[0] for c in cands]), torch.cat([c[1] for c in cands])  # ascending
+    return idx[_topk_mask(key, k, lambda i: priority(idx[i], seed, name)).nonzero().flatten()]
 
 
-def _global_extreme(scores, k: int, kind: str) -> dict[str, torch.Tensor]:
+def _chunk_topk(key, k: int, seed: int, name: str, start: int, pos) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat positions, keys) of the k largest keys of a chunk at ``start`` (only at ``pos``)."""
+    if pos is not None:
+        key = key[pos]
+
+    def at(i: torch.Tensor) -> torch.Tensor:
+        return (i if pos is None else pos[i]) + start
+
+    local = _topk_mask(key, k, lambda i: priority(at(i), seed, name)).nonzero().flatten()
+    return at(local), key[local]
+
+
+def _global_extreme(scores, k: int, kind: str, seed: int, eligible) -> dict[str, torch.Tensor]:
     """Streaming global top-k: per-tensor top-k (on the scores' device), then a running best-k of
-    (key, tensor, index) on the CPU. Extra memory: one chunk of keys plus O(k) candidates."""
+    (key, priority, tensor, index) on the CPU. Extra memory: one chunk of keys plus O(k) candidates."""
     names = list(scores)
     run_key = torch.empty(0, dtype=torch.float64)
+    run_prio = torch.empty(0, dtype=torch.long)
     run_tensor = torch.empty(0, dtype=torch.long)
     run_index = torch.empty(0, dtype=torch.long)
     for pos, name in enumerate(names):
-        idx = _tensor_topk(scores[name], k, kind)
+        idx = _tensor_topk(scores[name], k, kind, seed, name, _mask(eligible, name, scores[name]))
         cand_key = _key(scores[name].detach().reshape(-1)[idx], kind).to("cpu", torch.float64)
         idx = idx.cpu()
         run_key = torch.cat([run_key, cand_key])
+        run_prio = torch.cat([run_prio, priority(idx, seed, name)])
         run_tensor = torch.cat([run_tensor, torch.full_like(idx, pos)])
         run_index = torch.cat([run_index, idx])
-        keep = _topk_mask(run_key, k)
-        run_key, run_tensor, run_index = run_key[keep], run_tensor[keep], run_index[keep]
+        keep = _topk_mask(run_key, k, run_prio.__getitem__)
+        run_key, run_prio = run_key[keep], run_prio[keep]
+        run_tensor, run_index = run_tensor[keep], run_index[keep]
     return {name: run_index[run_tensor == pos] for pos, name in enumerate(names)}
 
 
-def _tensor_seed(seed: int, name: str) -> int:
-    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
-
-
-def _sample_unique(total: int, k: int, gen: torch.Generator) -> torch.Tensor:
-    """k distinct integers uniform in [0, total): first k distinct of iid draws (or randperm)."""
-    if 2 * k >= total:
-        return torch.randperm(total, generator=gen)[:k]
-    chosen = torch.empty(0, dtype=torch.long)
-    while chosen.numel() < k:
-        draw = torch.randint(0, total, (k - chosen.numel(),), generator=gen)
-        fresh = torch.unique(draw)
-        chosen = torch.cat([chosen, fresh[~torch.isin(fresh, chosen)]])
-    return chosen
-
-
-def _random_per_layer(scores, k: int, seed: int) -> dict[str, torch.Tensor]:
+def _random_per_layer(scores, k: int, seed: int, eligible) -> dict[str, torch.Tensor]:
     out = {}
     for name, s in scores.items():
-        gen = torch.Generator().manual_seed(_tensor_seed(seed, name))
-        out[name] = _sample_unique(int(s.numel()), k, gen)
+        gen = torch.Generator().manual_seed(tensor_seed(seed, name))
+        out[name] = sample_segments([int(s.numel())], k, gen, [_mask(eligible, name, s, "cpu")])[1]
     return out
 
 
-def _random_global(scores, k: int, seed: int) -> dict[str, torch.Tensor]:
+def _random_global(scores, k: int, seed: int, eligible) -> dict[str, torch.Tensor]:
+    """Uniform over all (eligible) entries; the eligible masks are held on the CPU meanwhile."""
     names = list(scores)
-    numels = torch.tensor([int(scores[n].numel()) for n in names], dtype=torch.long)
-    ends = torch.cumsum(numels, 0)
-    starts = ends - numels
     gen = torch.Generator().manual_seed(int(seed) % (2**63))
-    pos = _sample_unique(int(ends[-1]), k, gen)
-    which = torch.searchsorted(ends, pos, right=True)
-    flat = pos - starts[which]
+    masks = [_mask(eligible, n, scores[n], "cpu") for n in names]
+    which, flat = sample_segments([int(scores[n].numel()) for n in names], k, gen, masks)
     return {name: flat[which == i] for i, name in enumerate(names)}
 
 

@@ -162,6 +162,10 @@ BAD = {
     "short data": (["--data-file", "SHORT"], "--max-length"),
     "missing data": (["--data-file", "MISSING"], "not found"),
     "bad seeds": (["--seeds", "a,b"], "comma-separated"),
+    "calibration overlap": (["--calib-samples", "100000"], "--calib-samples"),
+    "bad bit name": (["--perturb", "bit_flip", "--perturb-bit", "exponent"], "--perturb-bit"),
+    "bit out of range": (["--perturb", "bit_flip", "--perturb-bit", "40"], "0..31"),
+    "identity scale": (["--perturb", "scale", "--perturb-scale", "1"], "changes no weight"),
     "nan weights": (["--model", "NANMODEL"], "NaN"),
 }
 
@@ -247,3 +251,100 @@ def test_failure_midway_leaves_no_out_dir(tmp_path, capsys, monkeypatch):
     with pytest.raises(RuntimeError):
         main(["run", *TINY, "--topk", "3", "--perturb", "zero", "--seeds", "0", "--out-dir", str(out)])
     assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def _write_shared_data(root):
+    """A project dir beside a fake ../shared/data with small WikiText-like test/valid files."""
+    from esa.models.tokenizer import builtin_corpus
+
+    corpus = builtin_corpus()
+    files = {"wikitext-2-raw/wiki.test.raw": corpus[:20_000], "wikitext-2/valid.txt": corpus[30_000:60_000]}
+    for rel, text in files.items():
+        path = root / "shared" / "data" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    (root / "project").mkdir()
+    return root / "project"
+
+
+def test_data_defaults_to_the_shared_wikitext_files(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(_write_shared_data(tmp_path))
+    out = tmp_path / "out"
+    args = ["run", *TINY, "--topk", "3", "--perturb", "zero", "--seeds", "0,1", "--out-dir", str(out)]
+    code, stdout, err = run_cli(args, capsys)
+    assert code == 0, err
+    data = json.loads((out / "experiment_manifest.json").read_text())["data"]
+    assert data["eval"]["path"] == str((tmp_path / "shared/data/wikitext-2-raw/wiki.test.raw").resolve())
+    assert data["calibration"]["path"] == str((tmp_path / "shared/data/wikitext-2/valid.txt").resolve())
+    assert data["calibration_disjoint"] is True and data["calibration"]["from"] == "a separate text"
+    assert "data: eval wiki.test.raw, calibration valid.txt (disjoint from eval)" in stdout
+    code, stdout, err = run_cli(["eval", *TINY], capsys)
+    assert code == 0 and json.loads(stdout)["data"]["name"] == "wiki.test.raw", err
+
+
+def test_without_shared_data_the_builtin_corpus_is_used(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    args = ["run", *TINY, "--topk", "3", "--perturb", "zero", "--controls", "random_k", "--out-dir", str(out)]
+    code, stdout, err = run_cli(args, capsys)
+    assert code == 0, err
+    data = json.loads((out / "experiment_manifest.json").read_text())["data"]
+    assert data["eval"]["path"] is None and data["calibration"]["from"] == "windows after the evaluation ones"
+    assert data["calibration_disjoint"] is True and "calibration windows after the evaluation ones" in stdout
+
+
+def _zeros_model_dir(tmp_path):
+    """tiny-llama with the first half of every 2-D weight set to exact zeros (as after 4-bit)."""
+    from esa.models import load_model
+
+    lm = load_model("tiny-llama")
+    zeros = 0
+    with torch.no_grad():
+        for name in lm.param_map.scorable():
+            w = dict(lm.model.named_parameters())[name].view(-1)
+            w[: w.numel() // 2] = 0.0
+            zeros += w.numel() // 2
+    path = tmp_path / "zeros-model"
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return str(path), zeros
+
+
+def test_controls_are_drawn_among_changed_weights(tmp_path, capsys, monkeypatch):
+    model, zeros = _zeros_model_dir(tmp_path)
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    args = [*TINY, "--model", model, "--topk", "3", "--perturb", "zero,bit_flip", "--seeds", "0,1"]
+    code, _, err = run_cli(["run", *args, "--perturb-bit", "exponent_lsb", "--out-dir", str(out)], capsys)
+    assert code == 0, err
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    for r in rows:
+        if r["perturbation"] == "zero" and r["condition"] != "super":
+            assert r["n_excluded"] == zeros and r["n_changed"] == r["n_weights"] > 0, r
+        if r["perturbation"] == "bit_flip":
+            assert r["n_excluded"] == 0 and r["prob"] == 0.05 and r["bit"] == "exponent_lsb", r
+    manifest = json.loads((out / "experiment_manifest.json").read_text())
+    assert manifest["controls_excluded"] == {
+        "zero": {"random_k": zeros, "bottom_k": zeros},
+        "bit_flip": {"random_k": 0, "bottom_k": 0},
+    }
+    assert manifest["perturbation_options"]["bit_flip"] == {
+        "scale": None,
+        "prob": 0.05,
+        "bit": "exponent_lsb",
+    }
+    assert manifest["perturbation_options"]["zero"]["prob"] == 1.0
+    overlap = manifest["calibration_overlap"]
+    assert overlap["seeds"] == [0, 1] and overlap["n"] == 2 and overlap["mean_jaccard"] < 1.0
+
+
+def test_help_states_the_registry_defaults():
+    from esa.cli import build_parser
+    from esa.perturb import PERTURBATIONS
+
+    run = build_parser()._subparsers._group_actions[0].choices["run"]
+    helps = {a.dest: a.help for a in run._actions}
+    assert f"default {PERTURBATIONS['gauss_noise'].default_scale}" in helps["perturb_scale"]
+    assert f"default {PERTURBATIONS['bit_flip'].default_prob} for bit_flip" in helps["perturb_prob"]
+    assert "exponent_lsb" in helps["perturb_bit"] and "valid.txt" in helps["calib_file"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from esa.data import (
+    MAX_CALIB_OVERLAP,
     DataBundle,
+    default_data_file,
     load_text,
     make_windows,
     prepare_data,
@@ -23,6 +26,7 @@ from esa.errors import DataError
 from esa.models.tokenizer import builtin_corpus, builtin_tokenizer
 from esa.util.files import file_sha256
 
+ROOT = Path(__file__).resolve().parents[1]
 CORPUS = builtin_corpus()
 TEXT = CORPUS[:30_000]  # natural prose: no two 32-token windows are identical
 L = 32
@@ -171,13 +175,15 @@ def test_calibration_seeded(tok, text_file):
         assert s.shape == (6, L)
         assert len(_rows(s)) == 6  # without replacement
         assert _rows(s) <= pool
-    # Asking for more than the pool gives the whole pool (in order).
-    everything = b.calibration(10_000, seed=3)
-    assert torch.equal(everything, b.calib_pool)
+    # Asking for more than half the pool is refused: seeds would share most of their windows.
+    pool = b.calib_pool.shape[0]
+    assert b.calibration(pool // 2, seed=3).shape[0] == pool // 2
+    with pytest.raises(DataError, match=f"at most {pool // 2}"):
+        b.calibration(pool // 2 + 1, seed=3)
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 12))
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 10))
 def test_calibration_property(seed, n):
     pool = torch.arange(20 * 4).view(20, 4)
     b = DataBundle(pool[:0], pool, None, None, 4, 0)
@@ -219,6 +225,7 @@ def test_separate_calibration_file(tok, text_file, tmp_path):
     assert m["calibration"]["sha256"] == hashlib.sha256(calib.read_bytes()).hexdigest()
     assert m["calibration"]["windows_pool"] == b.calib_pool.shape[0]
     assert "after the evaluation" not in m["protocol"]
+    assert m["calibration_disjoint"] is True and m["calibration"]["from"] == "a separate text"
 
 
 def test_manifest(tok, text_file, all_windows):
@@ -235,6 +242,8 @@ def test_manifest(tok, text_file, all_windows):
     assert m["calibration"]["windows_pool"] == all_windows.shape[0] - 7
     assert "after the evaluation" in m["protocol"]
     assert m["eval"]["chars"] == len(TEXT)
+    assert m["calibration_disjoint"] is True
+    assert m["calibration"]["from"] == "windows after the evaluation ones"
 
 
 def test_builtin_data_when_no_file(tok):
@@ -242,3 +251,70 @@ def test_builtin_data_when_no_file(tok):
     expected = make_windows(tok, CORPUS, 64)
     assert torch.equal(b.eval_ids, expected[:2])
     assert b.manifest()["eval"]["path"] is None
+
+
+# --------------------------------------------------------------------------- defaults, overlap
+
+
+def test_default_data_files(tmp_path):
+    assert default_data_file("test", tmp_path) is None and default_data_file("validation", tmp_path) is None
+    root = tmp_path / "project"
+    root.mkdir()
+    for split, rel in {"test": "wikitext-2-raw/wiki.test.raw", "validation": "wikitext-2/valid.txt"}.items():
+        path = tmp_path / "shared" / "data" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("text")
+        assert default_data_file(split, root) == path.resolve()
+    with pytest.raises(DataError, match="test, validation"):
+        default_data_file("train", root)
+
+
+def test_same_text_for_calibration_uses_the_windows_after_evaluation(tok, text_file, all_windows):
+    b = prepare_data(tok, str(text_file), calib_data=str(text_file), max_length=L, max_samples=5)
+    assert torch.equal(b.calib_pool, all_windows[5:])
+    assert b.manifest()["calibration_disjoint"] is True and not _rows(b.eval_ids) & _rows(b.calib_pool)
+
+
+def test_calibration_text_containing_the_evaluation_text_is_not_disjoint(tok, text_file, tmp_path):
+    both = tmp_path / "both.txt"
+    both.write_text(CORPUS[40_000:45_000] + TEXT, encoding="utf-8")
+    m = prepare_data(tok, str(text_file), calib_data=str(both), max_length=L, max_samples=3).manifest()
+    assert m["calibration_disjoint"] is False and m["calibration"]["from"] == "a separate text"
+
+
+def test_a_tiny_pool_is_refused(tok, text_file, all_windows):
+    n_eval = all_windows.shape[0] - 6  # 6 calibration windows left
+    b = prepare_data(tok, str(text_file), max_length=L, max_samples=n_eval, calib_windows=3)
+    assert b.calibration_overlap(3, [0, 1, 2])["expected_overlap"] == 0.5
+    with pytest.raises(DataError, match="--calib-samples") as info:
+        prepare_data(tok, str(text_file), max_length=L, max_samples=n_eval, calib_windows=4)
+    assert "\n" not in str(info.value) and "at most 3" in str(info.value)
+    with pytest.raises(DataError, match="67%"):
+        b.calibration_overlap(4, [0, 1])
+
+
+@settings(max_examples=25, deadline=None)
+@given(pool=st.integers(1, 60), n=st.integers(1, 60), seeds=st.lists(st.integers(0, 10**6), max_size=5))
+def test_calibration_overlap_property(pool, n, seeds):
+    ids = torch.arange(pool * 2).view(pool, 2)
+    b = DataBundle(ids[:0], ids, None, None, 2, 0)
+    if n > MAX_CALIB_OVERLAP * pool:
+        with pytest.raises(DataError):
+            b.calibration_overlap(n, seeds)
+        return
+    o = b.calibration_overlap(n, seeds)
+    assert 0.0 <= o["mean_jaccard"] <= o["max_jaccard"] <= 1.0
+    assert o["expected_overlap"] == n / pool and o["n"] == n and o["pool"] == pool
+    assert all(type(o[key]) is float for key in ("mean_jaccard", "max_jaccard", "expected_overlap"))
+    if len(set(seeds)) < len(seeds):  # a repeated seed draws the same set
+        assert o["max_jaccard"] == 1.0
+
+
+def test_seeds_draw_nearly_disjoint_sets_from_wikitext_valid(tok):
+    valid = default_data_file("validation", ROOT)
+    if valid is None:
+        pytest.skip("../shared/data/wikitext-2/valid.txt is absent")
+    b = prepare_data(tok, None, calib_data=str(valid), max_length=128, max_samples=8, calib_windows=4)
+    o = b.calibration_overlap(4, [0, 1, 2])
+    assert o["pool"] > 1000 and o["max_jaccard"] < 0.2 and o["mean_jaccard"] < 0.05
+    assert b.manifest()["calibration_disjoint"] is True

@@ -306,7 +306,7 @@ def test_control_validation(llama, eval_ids):
 
 # --- esa detect ----------------------------------------------------------------------------------
 
-DETECT = ["detect", "--model", "tiny-mixtral", "--windows", "2", "--length", "32"]
+DETECT = ["detect", "--model", "tiny-mixtral", "--windows", "2", "--length", "32", "--data-file", "builtin"]
 
 
 def _cli(argv, capsys):

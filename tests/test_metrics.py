@@ -211,17 +211,31 @@ def test_grad_x_weight_matches_transformers_loss(tiny):
         _assert_close(scores[n], (named[n].detach() * grads[n]).abs())
 
 
-def test_grad_squared_batch1_is_mean_per_window_fisher(tiny):
+def _brute_force_fisher(model, calib, names):
+    """(1/N) Σ_i g_i², g_i from transformers' own loss on window i alone (an independent path)."""
+    per_window = [_hf_grads(model, calib[i : i + 1], names) for i in range(calib.shape[0])]
+    return {n: torch.stack([g[n] ** 2 for g in per_window]).mean(0) for n in names}
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 8])
+def test_grad_squared_is_the_per_window_empirical_fisher(micro, batch_size):
+    lm, calib = micro  # 4 windows: batch sizes 2, 3 and 8 group them differently, same Fisher
+    names = lm.param_map.scorable()
+    scores = compute_scores(lm, "grad_squared", calib, batch_size=batch_size, progress=False)
+    expected = _brute_force_fisher(lm.model, calib, names)
+    for n in names:
+        _assert_close(scores[n], expected[n])
+    squared_mean = _hf_grads(lm.model, calib, names[:1])[names[0]] ** 2  # what a batch gives
+    assert not torch.allclose(scores[names[0]], squared_mean, rtol=1e-2)
+
+
+def test_grad_squared_on_a_tiny_architecture(tiny):
     lm, calib = tiny["tiny-phi3"]
     names = lm.param_map.scorable()
-    scores = compute_scores(lm, "grad_squared", calib, batch_size=1, progress=False)
-    per_window = [_hf_grads(lm.model, calib[i : i + 1], names) for i in range(calib.shape[0])]
+    scores = compute_scores(lm, "grad_squared", calib, batch_size=2, progress=False)
+    expected = _brute_force_fisher(lm.model, calib, names)
     for n in names:
-        _assert_close(scores[n], torch.stack([g[n] ** 2 for g in per_window]).mean(0))
-    # with one batch of both windows it is the squared full-batch gradient instead
-    full = compute_scores(lm, "grad_squared", calib, batch_size=2, progress=False)
-    g = _hf_grads(lm.model, calib, names[:1])[names[0]]
-    _assert_close(full[names[0]], g**2)
+        _assert_close(scores[n], expected[n])
 
 
 def test_act_mag_matches_manual_hook(tiny):

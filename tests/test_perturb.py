@@ -9,7 +9,15 @@ from hypothesis import strategies as st
 
 import esa.perturb as perturb_mod
 from esa.errors import ConfigError, RestoreError
-from esa.perturb import PERTURBATIONS, perturbed, resolve_scale
+from esa.perturb import (
+    PERTURBATIONS,
+    POSITIONS,
+    bit_position,
+    changeable,
+    perturbed,
+    resolve_prob,
+    resolve_scale,
+)
 from esa.select import select
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -61,11 +69,11 @@ def test_default_scales_come_from_the_registry():
     assert {n: p.default_scale for n, p in PERTURBATIONS.items()} == {
         "zero": None,
         "sign_flip": None,
-        "gauss_noise": 0.01,
+        "gauss_noise": 0.02,
         "scale": 0.0,
         "bit_flip": None,
     }
-    assert resolve_scale("gauss_noise") == 0.01 and resolve_scale("gauss_noise", 0.05) == 0.05
+    assert resolve_scale("gauss_noise") == 0.02 and resolve_scale("gauss_noise", 0.05) == 0.05
     assert resolve_scale("zero") is None and resolve_scale("scale", 2.0) == 2.0
     with pytest.raises(ConfigError, match="unknown perturbation 'nope'"):
         resolve_scale("nope")
@@ -244,6 +252,7 @@ def test_checksum_catches_changes_outside_selection():
         ("bit_flip", {"bit": 32}, "0..31"),
         ("bit_flip", {"bit": -1}, "0..31"),
         ("bit_flip", {"bit": 1.5}, "integer"),
+        ("bit_flip", {"bit": "exponent"}, "exponent_lsb"),
     ],
 )
 def test_bad_inputs_raise_config_error(method, kwargs, match):
@@ -271,3 +280,89 @@ def test_unknown_tensor_and_bad_index():
         pass
     with pytest.raises(ConfigError, match="out of range"), perturbed(model, {"b": torch.tensor([7])}, "zero"):
         pass
+
+
+def test_default_probs_come_from_the_registry():
+    assert {n: p.default_prob for n, p in PERTURBATIONS.items()} == {
+        "zero": 1.0,
+        "sign_flip": 1.0,
+        "gauss_noise": 1.0,
+        "scale": 1.0,
+        "bit_flip": 0.05,
+    }
+    assert resolve_prob("bit_flip") == 0.05 and resolve_prob("bit_flip", 1.0) == 1.0
+    assert resolve_prob("zero") == 1.0
+    with pytest.raises(ConfigError, match="unknown perturbation"):
+        resolve_prob("nope")
+
+
+BITS = {  # position -> bit index per dtype
+    "sign": [31, 15, 15, 63],
+    "exponent_msb": [30, 14, 14, 62],
+    "exponent_lsb": [23, 10, 7, 52],
+    "mantissa_msb": [22, 9, 6, 51],
+    "mantissa": [22, 9, 6, 51],
+    "mantissa_lsb": [0, 0, 0, 0],
+}
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+def test_named_bit_positions(position):
+    assert [bit_position(position, d) for d in DTYPES] == BITS[position]
+
+
+def test_named_bit_semantics():
+    x = torch.tensor([0.75, -1.5, 3.0])
+    for position, expected in {
+        "sign": [-0.75, 1.5, -3.0],
+        "exponent_lsb": [1.5, -0.75, 6.0],  # the lowest exponent bit doubles or halves |w|
+        "mantissa_msb": [0.5, -1.0, 2.0],
+    }.items():
+        params = {"w": torch.nn.Parameter(x.clone())}
+        with perturbed(params, {"w": torch.arange(3)}, "bit_flip", bit=position):
+            assert params["w"].detach().tolist() == expected, position
+        assert torch.equal(params["w"].detach(), x)
+
+
+def test_named_bit_is_resolved_per_dtype():
+    model = Tiny(torch.bfloat16)
+    snap = _snapshot(model)
+    with perturbed(model, {"a": torch.tensor([0])}, "bit_flip", bit="exponent_lsb"):
+        assert int((_bits(model.a) ^ snap["a"]).view(-1)[0]) == 1 << 7
+    _assert_same(model, snap)
+
+
+def test_changeable_masks():
+    w = torch.tensor([[0.0, 1.5], [-2.0, 0.0]])
+    params = {"w": torch.nn.Parameter(w.clone()), "v": torch.nn.Parameter(torch.zeros(3))}
+    nonzero = w != 0
+    for method in ("zero", "sign_flip", "gauss_noise", "scale"):
+        masks = changeable(params, method)
+        assert set(masks) == {"w", "v"} and len(masks) == 2
+        assert torch.equal(masks["w"], nonzero) and not masks["v"].any()
+    assert changeable(params, "bit_flip")["w"].all() and changeable(params, "bit_flip")["v"].all()
+    assert not changeable(params, "scale", scale=1.0)["w"].any()
+    assert torch.equal(changeable(params, "scale", scale=2.0)["w"], nonzero)
+    assert list(changeable(params, "zero", names=["v"])) == ["v"]
+    with pytest.raises(ConfigError, match="unknown parameter"):
+        changeable(params, "zero", names=["nope"])
+    with pytest.raises(ConfigError, match="unknown perturbation"):
+        changeable(params, "melt")
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.sampled_from(DTYPES), st.sampled_from(sorted(METHOD_ARGS)), st.integers(0, 10_000))
+def test_changeable_entries_are_exactly_the_changed_ones(dtype, method, seed):
+    model = Tiny(dtype, seed=seed)
+    with torch.no_grad():
+        model.a.view(-1)[::3] = 0.0  # exact zeros
+    snap = _snapshot(model)
+    masks = dict(changeable(model, method, scale=METHOD_ARGS[method].get("scale")))  # before: lazy
+    everything = {n: torch.arange(p.numel()) for n, p in model.named_parameters()}
+    with perturbed(model, everything, method, seed=seed, **METHOD_ARGS[method]):
+        for name, p in model.named_parameters():
+            changed = p.detach() != snap[name].view(dtype)  # a changed value (-0.0 == 0.0)
+            assert not (changed & ~masks[name]).any(), (method, name)  # never outside the mask
+            if method != "gauss_noise":  # noise can round to the same value
+                assert torch.equal(changed, masks[name]), (method, name)
+    _assert_same(model, snap)

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch  # imported before any in-process pytester run: pytester drops modules a run imports
 
+import esa.data  # (same reason: the default texts come from esa.data at configure)
 import esa.metrics  # (same reason: --esa-metric is checked against esa.metrics.METRICS)
 import esa.plots  # (same reason: matplotlib must not be re-imported)
+from esa.claims.claim import ClaimFalsified, ClaimInconclusive, parse_doc
 from esa.claims.options import DEFAULT_METRIC, DEFAULT_TIER
 from esa.claims.plugin import Claim, load_recorded, record_outcome
 from esa.claims.report import load_claims
@@ -63,8 +65,23 @@ def test_crash(claim):
     raise RuntimeError("shape mismatch")
 
 @pytest.mark.phase3
+def test_bare_assert(claim):
+    assert 1 == 2, "a bare assert is not the claim's decision rule"
+
+@pytest.mark.phase3
 def test_skipped(claim):
     pytest.skip("not at this tier")
+
+@pytest.mark.phase3
+def test_nan_key(claim):
+    claim("finite or nothing", threshold=1.0)
+    claim.expect(float("nan"), ">", name="ratio")
+
+@pytest.mark.phase3
+@pytest.mark.min_tier("standard", reason="8 windows cannot resolve a 5% effect")
+def test_below_tier(claim):
+    claim.measure("effect", 0.01, key=True)
+    claim.check(False, "effect 0.01 < 0.05")
 
 def test_not_a_claim():
     pass
@@ -78,6 +95,9 @@ VERDICTS = {
     "test_claims.py::test_teardown_error": "error",
     "test_claims.py::test_skipped": "skipped",
     "test_claims.py::test_crash": "error",  # an exception in the body is not a falsification
+    "test_claims.py::test_bare_assert": "error",  # only ClaimFalsified falsifies
+    "test_claims.py::test_nan_key": "inconclusive",
+    "test_claims.py::test_below_tier": "inconclusive",
 }
 
 
@@ -88,7 +108,7 @@ def _verdicts(path) -> dict[str, str]:
 def test_verdicts_numbers_and_reports(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_claims=CLAIMS)
     result = pytester.runpytest("-W", "error::pytest.PytestUnknownMarkWarning")
-    result.assert_outcomes(passed=4, failed=2, errors=2, skipped=1)
+    result.assert_outcomes(passed=4, failed=3, errors=2, skipped=3)
     doc = load_claims(pytester.path / "reports" / "claims.json")
     claims = {c["id"]: c for c in doc["claims"]}
     assert {k: c["verdict"] for k, c in claims.items()} == VERDICTS
@@ -108,7 +128,14 @@ def test_verdicts_numbers_and_reports(pytester: pytest.Pytester) -> None:
     crash = claims["test_claims.py::test_crash"]
     assert crash["message"] == "RuntimeError: shape mismatch" and crash["outcome"] == "failed"
     assert crash["measured"]["before_crash"]["value"] == 2
-    assert doc["header"]["counts"]["holds"] == 2 and doc["header"]["counts"]["error"] == 3
+    assert doc["header"]["counts"]["holds"] == 2 and doc["header"]["counts"]["error"] == 4
+    assert doc["header"]["counts"]["inconclusive"] == 2
+    nan_key = claims["test_claims.py::test_nan_key"]
+    assert "non-finite measurement ratio = nan" in nan_key["message"] and nan_key["outcome"] == "skipped"
+    below = claims["test_claims.py::test_below_tier"]
+    assert below["min_tier"] == {"tier": "standard", "reason": "8 windows cannot resolve a 5% effect"}
+    assert "below the minimum tier standard (this run: smoke)" in below["message"]
+    assert below["measured"]["effect"]["value"] == 0.01  # measurements still recorded
     assert doc["header"]["windows_sha256"] == "abc123" and doc["header"]["tier"]["name"] == "smoke"
     md = (pytester.path / "reports" / "claims.md").read_text()
     html = (pytester.path / "reports" / "claims.html").read_text()
@@ -119,9 +146,11 @@ def test_verdicts_numbers_and_reports(pytester: pytest.Pytester) -> None:
         [
             "*= esa claims =*",
             "FALSIFIED *test_claims.py::test_falsified*",
+            "INCONCLUSIVE *test_claims.py::test_nan_key*ratio=nan*",
             "HOLDS *test_claims.py::test_ratio?tiny-a?*ratio=42.5*",
             "ERROR *test_claims.py::test_setup_error*",
             "SKIPPED *test_claims.py::test_skipped*",
+            "2 holds, 1 falsified, 2 inconclusive, 4 error, 1 skipped",
             "esa report: *claims.json*claims.md*claims.html",
         ]
     )
@@ -154,58 +183,145 @@ raise ModelError("unknown model 'nope': run `esa models` to list the available m
 RECORDED = """
 import pytest
 
+def measured(claim, value, threshold=1.0):
+    claim(threshold=threshold, key="ratio")
+    claim.expect(value, ">", name="ratio")
+
 @pytest.mark.phase4
 @pytest.mark.parametrize("model", ["tiny-a"])
 def test_still_false(claim, model):
-    claim.expect(0.5, ">", 1.0, name="ratio")
+    measured(claim, 0.5)
+
+@pytest.mark.phase4
+@pytest.mark.parametrize("model", ["tiny-a"])
+def test_within(claim, model):
+    measured(claim, 0.52)
 
 @pytest.mark.phase4
 @pytest.mark.parametrize("model", ["tiny-a"])
 def test_now_true(claim, model):
-    claim.expect(2.0, ">", 1.0, name="ratio")
+    measured(claim, 2.0)
+
+@pytest.mark.phase4
+@pytest.mark.parametrize("model", ["tiny-a"])
+def test_moved(claim, model):
+    measured(claim, 0.5)
+
+@pytest.mark.phase4
+@pytest.mark.parametrize("model", ["tiny-a"])
+def test_threshold_moved(claim, model):
+    measured(claim, 0.5, threshold=2.0)
+
+@pytest.mark.phase4
+@pytest.mark.parametrize("model", ["tiny-a"])
+def test_crash(claim, model):
+    raise RuntimeError("injected")
+
+@pytest.mark.phase4
+@pytest.mark.parametrize("model", ["tiny-a"])
+def test_now_nan(claim, model):
+    measured(claim, float("nan"))
+
+@pytest.mark.phase4
+@pytest.mark.parametrize("model", ["tiny-a"])
+def test_legacy(claim, model):
+    measured(claim, 0.5)
 
 @pytest.mark.phase4
 @pytest.mark.xfail(strict=True, reason="known to fail on tiny models")
 def test_marked_by_hand(claim):
     claim.expect(0.0, ">", 1.0, name="ratio")
+
+@pytest.mark.phase4
+@pytest.mark.xfail(strict=True, reason="known to fail on tiny models")
+def test_marked_crash(claim):
+    raise TypeError("broken metric")
 """
+RECORDED_VERDICTS = {
+    "test_still_false[tiny-a]": "falsified (recorded)",
+    "test_within[tiny-a]": "falsified (recorded)",
+    "test_marked_by_hand": "falsified (recorded)",
+    "test_now_true[tiny-a]": "changed",
+    "test_moved[tiny-a]": "changed",
+    "test_threshold_moved[tiny-a]": "changed",
+    "test_now_nan[tiny-a]": "changed",
+    "test_legacy[tiny-a]": "changed",
+    "test_crash[tiny-a]": "error",
+    "test_marked_crash": "error",
+}
+
+
+def _record_all(rec_dir) -> None:
+    def rec(name, value, **kw):
+        kw.setdefault("threshold", 1.0)
+        record_outcome(rec_dir, "tiny-a", f"test_rec.py::{name}[tiny-a]", {"ratio": value}, key="ratio", **kw)
+
+    rec("test_still_false", 0.5, note="seed 0", day="2025-01-02")
+    rec("test_within", 0.5, day="2025-01-02")  # 0.52 is within the default 10%
+    rec("test_now_true", 0.75, day="2025-01-03")
+    rec("test_moved", 0.5 / 1000)  # the measured value is 1000x the recorded one
+    rec("test_threshold_moved", 0.5)  # criteria.py moved the threshold from 1.0 to 2.0
+    rec("test_crash", 0.5)
+    rec("test_now_nan", 0.5)
+    record_outcome(
+        rec_dir, "tiny-a", "test_rec.py::test_legacy[tiny-a]", {"ratio": 0.5}
+    )  # nothing to compare
 
 
 def test_recorded_outcomes(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_rec=RECORDED)
     rec_dir = pytester.path / "experiments" / "recorded"
-    record_outcome(
-        rec_dir,
-        "tiny-a",
-        "test_rec.py::test_still_false[tiny-a]",
-        {"ratio": 0.25},
-        note="seed 0",
-        day="2025-01-02",
-    )
-    record_outcome(rec_dir, "tiny-a", "test_rec.py::test_now_true[tiny-a]", {"ratio": 0.75}, day="2025-01-03")
-    assert set(load_recorded(rec_dir / "tiny-a.json")) == {
-        "test_rec.py::test_still_false[tiny-a]",
-        "test_rec.py::test_now_true[tiny-a]",
-    }
+    _record_all(rec_dir)
+    assert len(load_recorded(rec_dir / "tiny-a.json")) == 8
     result = pytester.runpytest("-rxX")
-    result.assert_outcomes(xfailed=2, failed=1)
-    result.stdout.fnmatch_lines(["*recorded: falsified on tiny-a (2025-01-02): ratio=0.25*"])
-    claims = {c["id"]: c for c in load_claims(pytester.path / "reports" / "claims.json")["claims"]}
-    still = claims["test_rec.py::test_still_false[tiny-a]"]
-    assert still["verdict"] == "falsified (recorded)" and still["outcome"] == "xfailed"
+    result.assert_outcomes(xfailed=3, failed=7)
+    result.stdout.fnmatch_lines(["*recorded: falsified on tiny-a (2025-01-02): ratio=0.5*"])
+    claims = {c["name"]: c for c in load_claims(pytester.path / "reports" / "claims.json")["claims"]}
+    assert {k: c["verdict"] for k, c in claims.items()} == RECORDED_VERDICTS
+    still = claims["test_still_false[tiny-a]"]
+    assert still["outcome"] == "xfailed"
     assert still["recorded"] == {
         "model": "tiny-a",
         "claim_id": still["id"],
-        "measured": {"ratio": 0.25},
+        "verdict": "falsified",
+        "key": "ratio",
+        "key_value": 0.5,
+        "threshold": 1.0,
+        "tolerance": {"rel": 0.1, "abs": 1e-9},
+        "measured": {"ratio": 0.5},
         "date": "2025-01-02",
         "note": "seed 0",
     }
-    now = claims["test_rec.py::test_now_true[tiny-a]"]
-    assert now["verdict"] == "changed" and "XPASS(strict)" in now["message"]
-    assert claims["test_rec.py::test_marked_by_hand"]["verdict"] == "falsified (recorded)"
+    assert "XPASS(strict)" in claims["test_now_true[tiny-a]"]["message"]
+    assert "ratio = 0.5, recorded 0.0005 (tolerance rel 0.1" in claims["test_moved[tiny-a]"]["message"]
+    moved_thr = claims["test_threshold_moved[tiny-a]"]["message"]
+    assert (
+        "threshold changed since it was recorded (recorded 1, now 2)" in moved_thr
+        and "re-record" in moved_thr
+    )
+    assert "now claim inconclusive: non-finite" in claims["test_now_nan[tiny-a]"]["message"]
+    assert "has no key, key_value, threshold" in claims["test_legacy[tiny-a]"]["message"]
+    assert claims["test_crash[tiny-a]"]["message"] == "RuntimeError: injected"
+    assert claims["test_marked_crash"]["message"] == "TypeError: broken metric"
     md = (pytester.path / "reports" / "claims.md").read_text()
-    assert "| ratio | 0.5 |  | 0.25 |" in md and "| ratio | 2 |  | 0.75 |" in md
-    result.stdout.fnmatch_lines(["CHANGED *test_now_true*", "FALSIFIED (RECORDED) *test_still_false*"])
+    assert "| ratio (key) | 0.5 |  | 0.5 |" in md and "| ratio (key) | 2 |  | 0.75 |" in md
+    assert "Recorded falsified on tiny-a (2025-01-02): ratio = 0.5 (tolerance rel 0.1, abs 1e-09)" in md
+    result.stdout.fnmatch_lines(["CHANGED *test_moved*", "FALSIFIED (RECORDED) *test_still_false*"])
+
+
+@pytest.mark.parametrize(
+    ("selected", "exit_code"),
+    [
+        ("test_still_false or test_within or test_marked_by_hand", pytest.ExitCode.OK),
+        ("test_moved", pytest.ExitCode.TESTS_FAILED),
+        ("test_threshold_moved", pytest.ExitCode.TESTS_FAILED),
+        ("test_crash", pytest.ExitCode.TESTS_FAILED),  # a crash never passes as recorded
+    ],
+)
+def test_recorded_exit_codes(pytester: pytest.Pytester, selected: str, exit_code: int) -> None:
+    pytester.makepyfile(test_rec=RECORDED)
+    _record_all(pytester.path / "experiments" / "recorded")
+    assert pytester.runpytest("-k", selected).ret == exit_code
 
 
 def test_xdist_matches_serial(pytester: pytest.Pytester) -> None:
@@ -326,6 +442,7 @@ def test_opts(esa_options, request):
     print("OPTS", json.dumps({"models": o.models, "metrics": o.metrics, "tier": o.tier.name,
                               "max_length": o.tier.max_length, "device": o.device,
                               "data": o.data and str(o.data), "report": o.report_dir.name,
+                              "calib": o.calib_data and str(o.calib_data), "calib_spec": o.calib_spec,
                               "n_plugins": len(plugins)}))
 """
     )
@@ -343,10 +460,13 @@ def test_opts(esa_options, request):
         "max_length": 512,
         "device": "auto",
         "data": None,
+        "calib": None,
+        "calib_spec": None,
         "report": "out",
         "n_plugins": 1,
     }
     (pytester.path / "corpus.txt").write_text("hello world\n" * 10)
+    (pytester.path / "valid.txt").write_text("other words\n" * 10)
     o = opts(
         "--esa-model",
         "m1",
@@ -360,9 +480,17 @@ def test_opts(esa_options, request):
         "cpu",
         "--esa-data",
         "corpus.txt",
+        "--esa-calib-data",
+        "valid.txt",
         "--esa-report",
         "r2",
     )
+    assert o["calib"].endswith("valid.txt") and o["calib_spec"] == o["calib"]
+    builtin = opts("--esa-data", "corpus.txt", "--esa-calib-data", "builtin")
+    assert builtin["calib"] == "builtin" and builtin["calib_spec"] == "builtin"
+    bad = pytester.runpytest("--esa-calib-data", "missing.txt")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    bad.stderr.fnmatch_lines(["*--esa-calib-data missing.txt: no such file*"])
     assert o["models"] == ["m1", "m2"] and o["metrics"] == ["hessian_diag"] and o["tier"] == "smoke"
     assert o["device"] == "cpu" and o["data"].endswith("corpus.txt") and o["report"] == "r2"
     bad = pytester.runpytest("--esa-data", "missing.txt")
@@ -384,7 +512,7 @@ def test_defaults_are_registered() -> None:
 
 def test_condition_takes_the_registered_default_scale() -> None:
     gauss = Condition("grad_x_weight", 0, "top", "gauss_noise")
-    assert gauss.scale == 0.01 and gauss == Condition("grad_x_weight", 0, "top", "gauss_noise", scale=0.01)
+    assert gauss.scale == 0.02 and gauss == Condition("grad_x_weight", 0, "top", "gauss_noise", scale=0.02)
     assert Condition("grad_x_weight", 0, "top", "gauss_noise", scale=0.05).scale == 0.05
     assert Condition("grad_x_weight", 0, "top", "zero").scale is None
 
@@ -416,11 +544,99 @@ def test_claim_api_coerces_and_checks() -> None:
     assert c.measured["a"] == {"value": 3, "ci": [1.0, 5.0]} and type(c.measured["a"]["value"]) is int
     assert c.measured["arr"]["value"] == [1.0, math.inf] and c.threshold == 2.0
     assert c.ctx == {"model": "m", "seeds": [0, 1], "flag": True}
-    assert c.expect(3, ">=") and c.expect(1, "<", 2) and c.expect(1, "!=", math.nan)
-    with pytest.raises(pytest.fail.Exception, match=r"nan >= 2 does not hold"):
-        c.expect(math.nan, ">=", name="n")
-    with pytest.raises(pytest.fail.Exception, match="claim falsified: custom 7"):
+    assert c.expect(3, ">=") and c.expect(1, "<", 2)
+    with pytest.raises(ClaimInconclusive, match=r"non-finite measurement n = nan"):
+        c.expect(math.nan, ">=", name="n")  # NaN never satisfies (nor falsifies) a threshold
+    with pytest.raises(ClaimInconclusive, match=r"threshold = inf"):
+        c.expect(1, "!=", math.inf)
+    with pytest.raises(ClaimFalsified, match="claim falsified: custom 7"):
         c.check(False, "custom 7")
+    with pytest.raises(ClaimInconclusive, match="x = -inf"):
+        c.require_finite(ok=1.0, x=-math.inf)
     with pytest.raises(ValueError, match="unknown op"):
         c.expect(1, "=>", 2)
-    assert [ch["ok"] for ch in c.checks] == [True, True, True, False, False]
+    assert [ch["ok"] for ch in c.checks] == [True, True, None, None, False, None]
+    assert issubclass(ClaimFalsified, AssertionError) and not issubclass(ClaimInconclusive, AssertionError)
+
+
+def test_parse_doc_sections() -> None:
+    doc = """Top weights matter 10x more than random ones.
+
+    Hypothesis: zeroing the top-k entries hurts more
+        than zeroing k random ones.
+    Measurement: ΔPPL per set, bootstrap CI over windows.
+    Decision: ratio >= 10 with the CI excluding zero.
+    Minimum tier: standard (8 windows cannot resolve it).
+    Falsified if: the ratio CI lies below 10.
+
+    Free text after a blank line belongs to no section.
+    """
+    assert parse_doc(doc) == {
+        "hypothesis": "zeroing the top-k entries hurts more than zeroing k random ones.",
+        "measurement": "ΔPPL per set, bootstrap CI over windows.",
+        "decision": "ratio >= 10 with the CI excluding zero.",
+        "minimum_tier": "standard (8 windows cannot resolve it).",
+        "falsified_if": "the ratio CI lies below 10.",
+    }
+    assert parse_doc(None) == {} and parse_doc("One line only.") == {}
+
+
+TIERED = """
+import pytest
+
+@pytest.mark.phase1
+@pytest.mark.min_tier("standard", reason="8 windows cannot resolve it")
+def test_needs_standard(claim):
+    \"\"\"Ratio above one.
+
+    Hypothesis: the ratio exceeds one.
+    Minimum tier: standard.
+    \"\"\"
+    claim(threshold=1.0).expect(2.0, ">", name="ratio")
+
+@pytest.mark.min_tier("smoke", reason="cheap")
+def test_at_smoke(claim):
+    claim(threshold=1.0).expect(2.0, ">", name="ratio")
+
+def test_inf(claim):
+    claim(threshold=1.0).expect(float("inf"), ">", name="ratio")
+
+def test_pytest_fail(claim):
+    pytest.fail("not a decision rule")
+"""
+
+
+def test_inconclusive_and_min_tier(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_tier=TIERED)
+    smoke = pytester.runpytest("-rs", "--strict-markers")
+    smoke.assert_outcomes(passed=1, skipped=2, failed=1)
+    doc = load_claims(pytester.path / "reports" / "claims.json")
+    claims = {c["name"]: c for c in doc["claims"]}
+    assert {k: c["verdict"] for k, c in claims.items()} == {
+        "test_needs_standard": "inconclusive",  # below its tier: never holds
+        "test_at_smoke": "holds",
+        "test_inf": "inconclusive",  # inf never satisfies a threshold
+        "test_pytest_fail": "error",
+    }
+    needs = claims["test_needs_standard"]
+    assert needs["measured"]["ratio"]["value"] == 2.0 and "(would be: holds)" in needs["message"]
+    assert needs["doc"] == {"hypothesis": "the ratio exceeds one.", "minimum_tier": "standard."}
+    smoke.stdout.fnmatch_lines(["*inconclusive: below the minimum tier standard (this run: smoke)*"])
+    html = (pytester.path / "reports" / "claims.html").read_text()
+    md = (pytester.path / "reports" / "claims.md").read_text()
+    assert (
+        "<dt>Hypothesis</dt><dd>the ratio exceeds one.</dd>" in html and "minimum tier</b> standard" in html
+    )
+    assert "- **Hypothesis:** the ratio exceeds one." in md and "- minimum tier: standard (8 windows" in md
+    assert "calibration disjoint from evaluation: no" in html.lower() and "| inconclusive | 2 |" in md
+    ok = pytester.runpytest("-k", "needs_standard or at_smoke or inf")
+    assert ok.ret == pytest.ExitCode.OK  # inconclusive does not fail the run
+    standard = pytester.runpytest("--esa-tier", "standard", "-k", "needs_standard")
+    assert standard.ret == pytest.ExitCode.OK
+    assert _verdicts(pytester.path / "reports" / "claims.json") == {
+        "test_tier.py::test_needs_standard": "holds"
+    }
+    pytester.makepyfile(test_bad='import pytest\n@pytest.mark.min_tier("huge")\ndef test_x(claim): pass\n')
+    bad = pytester.runpytest("test_bad.py")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    bad.stderr.fnmatch_lines(["*min_tier 'huge' is not a tier; use one of smoke, standard, extended*"])

@@ -8,8 +8,19 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
-from esa.claims.report import compare_claims, count_verdicts, fmt, key_measure, load_claims, write_reports
+from esa.claims.recorded import changed, load_recorded, record_outcome, within
+from esa.claims.report import (
+    compare_claims,
+    count_verdicts,
+    data_rows,
+    fmt,
+    key_measure,
+    load_claims,
+    write_reports,
+)
 from esa.util.serialize import decode, dumps, encode, plain
 
 PNG_B64 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
@@ -161,7 +172,6 @@ def test_helpers() -> None:
 
 
 def test_recorded_outcomes_file(tmp_path) -> None:
-    from esa.claims.recorded import load_recorded, record_outcome
     from esa.errors import ConfigError
 
     assert load_recorded(tmp_path / "missing.json") == {}
@@ -180,8 +190,9 @@ def test_recorded_outcomes_file(tmp_path) -> None:
         "experiments/t.py::test_a[tiny-a]",
         "experiments/t.py::test_x[tiny-a]",
     ]
-    assert entries[1] == {
+    assert entries[1] == {  # no key or threshold given: nothing a later run could compare
         "claim_id": "experiments/t.py::test_x[tiny-a]",
+        "verdict": "falsified",
         "measured": {"ratio": 0.5},
         "date": "2025-02-01",
         "note": "",
@@ -189,3 +200,97 @@ def test_recorded_outcomes_file(tmp_path) -> None:
     (tmp_path / "bad.json").write_text('{"not": "a list"}')
     with pytest.raises(ConfigError, match="expected a JSON list"):
         load_recorded(tmp_path / "bad.json")
+
+
+def test_record_outcome_from_the_claims_json_record(tmp_path) -> None:
+    claim = {
+        "id": "experiments/t.py::test_r[tiny-a]",
+        "key": "ratio",
+        "threshold": "inf",  # as load_claims leaves a non-finite threshold
+        "measured": {"ratio": {"value": 0.25, "ci": None}, "ppl": {"value": math.inf, "ci": None}},
+    }
+    measured = {k: v["value"] for k, v in claim["measured"].items()}
+    path = record_outcome(
+        tmp_path, "tiny-a", claim["id"], measured, "n", day="2025-03-01", tier="standard", claim=claim
+    )
+    raw = json.loads(path.read_text())[0]
+    assert raw == {
+        "claim_id": claim["id"],
+        "verdict": "falsified",
+        "key": "ratio",
+        "key_value": 0.25,
+        "threshold": "inf",
+        "tolerance": {"rel": 0.1, "abs": 1e-9},
+        "measured": {"ratio": 0.25, "ppl": "inf"},
+        "date": "2025-03-01",
+        "note": "n",
+        "tier": "standard",
+    }
+    entry = load_recorded(path)[claim["id"]]
+    assert entry["threshold"] == math.inf and entry["measured"]["ppl"] == math.inf
+    now = {"ratio": {"value": 0.26}}
+    assert changed(entry, now, math.inf) is None
+    assert "ratio = 260, recorded 0.25" in changed(entry, {"ratio": {"value": 260.0}}, math.inf)
+    assert "threshold changed" in changed(entry, now, 3.0)
+    assert "'ratio' was not measured" in changed(entry, {}, math.inf)
+    loose = {**entry, "tolerance": {"rel": 2000.0}}  # overridable per entry (abs keeps its floor)
+    assert changed(loose, {"ratio": {"value": 260.0}}, math.inf) is None
+    assert "has no key, key_value, threshold" in changed({"measured": {}}, now, None)
+
+
+finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
+
+
+@given(st.floats(allow_nan=True, allow_infinity=True) | st.integers() | st.none() | st.text(max_size=3))
+def test_within_matches_itself(x) -> None:
+    assert within(x, x) and within([x, {"a": x}], [x, {"a": x}], 0.1, 1e-9)
+
+
+@given(finite.filter(lambda v: abs(v) > 1e-6 and abs(v) < 1e300))
+def test_within_tolerance(x) -> None:
+    assert within(x * 1.05, x, 0.1, 1e-9) and not within(x * 1000, x, 0.1, 1e-9)
+    assert not within(-x, x, 0.1, 1e-9) and not within(math.nan, x, 0.1, 1e-9)
+    assert not within(math.inf, x, 0.1, 1e-9) and not within(x, math.inf, 0.1, 1e-9)
+
+
+def test_within_nonfinite() -> None:
+    assert within(math.inf, math.inf) and within(-math.inf, -math.inf) and within(math.nan, math.nan)
+    assert (
+        not within(math.inf, -math.inf, 1e9, 1e9) and not within(1e-10, 0.0) and within(1e-10, 0.0, 0, 1e-9)
+    )
+    assert not within([1.0], [1.0, 2.0]) and not within({"a": 1.0}, {"b": 1.0}) and not within(True, 1)
+
+
+def _manifest(eval_sha: str, calib_sha: str, calib_name: str = "valid.txt") -> dict:
+    return {
+        "max_length": 128,
+        "eval": {"name": "wiki.test.raw", "sha256": eval_sha, "windows_total": 2000, "windows_used": 8},
+        "calibration": {"name": calib_name, "sha256": calib_sha, "windows_pool": 400, "overlap": 0.02},
+    }
+
+
+def test_header_names_the_data_and_disjointness(tmp_path) -> None:
+    header = {
+        "eval_data": "/d/wiki.test.raw",
+        "calib_data": "/d/valid.txt",
+        "data": {
+            "tiny-a": _manifest("e" * 64, "c" * 64),
+            "tiny-b": _manifest("e" * 64, "e" * 64, "wiki.test.raw"),
+        },
+    }
+    rows = data_rows(header)
+    assert [(r["model"], r["disjoint"]) for r in rows] == [("tiny-a", "yes"), ("tiny-b", "no")]
+    assert rows[0]["eval_windows"] == "8 of 2000" and rows[0]["more"] == {"overlap": 0.02}
+    paths = write_reports([{"id": "t.py::test_a", "verdict": "inconclusive"}], header, tmp_path)
+    html, md = paths["html"].read_text(), paths["md"].read_text()
+    assert (
+        "calibration disjoint from evaluation: no" in html
+        and "**Calibration disjoint from evaluation: no.**" in md
+    )
+    assert "| `tiny-a` | wiki.test.raw | `" + "e" * 64 + "` | 8 of 2000 × 128 tokens | valid.txt |" in md
+    assert "c" * 64 in html and "pool 400" in html
+    one = write_reports([], {**header, "data": {"tiny-a": header["data"]["tiny-a"]}}, tmp_path / "one")
+    assert "Calibration disjoint from evaluation: yes." in one["md"].read_text()
+    assert load_claims(paths["json"])["header"]["counts"]["inconclusive"] == 1
+    no_manifest = write_reports([], {"eval_data": "built-in corpus", "calib_data": "x"}, tmp_path / "none")
+    assert "Calibration disjoint from evaluation: no." in no_manifest["md"].read_text()

@@ -45,45 +45,14 @@ from tqdm.auto import tqdm
 
 from esa.errors import ConfigError
 from esa.evaluate import evaluate
-from esa.perturb import default_bit, perturbed
+from esa.perturb import bit_position, perturbed
 from esa.select import select
-from esa.util.bits import bit_width
 
 log = logging.getLogger("esa")
 
-POSITIONS = ("sign", "exponent_msb", "mantissa", "mantissa_lsb")
 DEFAULT_COUNTS = tuple(2**i for i in range(11))  # 1, 2, 4, ..., 1024
 FAILURE_FACTOR = 10.0
 _COLORS = ["#0969da", "#cf222e", "#1a7f37", "#8250df", "#bf8700", "#57606a", "#e16f24", "#0a7f86"]
-
-
-def bit_position(position: str | int | None, dtype: torch.dtype) -> int:
-    """The bit index of ``position`` (see the module table) in ``dtype``; ints pass through
-    (range-checked), None = ``exponent_msb``."""
-    if not dtype.is_floating_point:
-        raise ConfigError(f"bit flips need a floating-point dtype, not {dtype}")
-    nbits = bit_width(dtype)
-    if position is None:
-        return default_bit(dtype)
-    if isinstance(position, bool):
-        raise ConfigError(f"bit must be an int or one of {', '.join(POSITIONS)}, got {position!r}")
-    if isinstance(position, int):
-        if not 0 <= position < nbits:
-            raise ConfigError(f"bit={position} out of range for {dtype}; use 0..{nbits - 1}")
-        return position
-    if position == "sign":
-        return nbits - 1
-    if position == "exponent_msb":
-        return default_bit(dtype)
-    if position == "mantissa":
-        return _mantissa_bits(dtype) - 1
-    if position == "mantissa_lsb":
-        return 0
-    raise ConfigError(f"unknown bit position {position!r}; use an int or one of {', '.join(POSITIONS)}")
-
-
-def _mantissa_bits(dtype: torch.dtype) -> int:
-    return round(-math.log2(torch.finfo(dtype).eps))
 
 
 # --- candidate orders -------------------------------------------------------------------------

@@ -1,14 +1,19 @@
 """``Claim``: what one experiment states and measures, and its verdict bookkeeping.
 
-The verdict is the test outcome: pass = holds, failed check/assert = falsified, any other
-exception (setup, call or teardown) = error, xfail = falsified (recorded), xpass = changed,
-skip = skipped. The plugin feeds every phase report to `Claim.observe`; `Claim.record` is the
-plain-dict record that lands in the reports.
+Verdicts (``esa.claims.verdict.decide`` maps the call phase): no exception = holds,
+`ClaimFalsified` (``check``/``expect``) = falsified, `ClaimInconclusive` (``inconclusive``,
+``require_finite``, a non-finite ``expect``, or a run below the ``min_tier`` marker) =
+inconclusive, any other exception (setup, call or teardown; a bare assert or pytest.fail too) =
+error, a matching recorded falsification = falsified (recorded), a recorded one that passes or
+moved = changed, skip = skipped. The plugin feeds every phase report to `Claim.observe`;
+`Claim.record` is the plain-dict record that lands in the reports.
 """
 
 from __future__ import annotations
 
 import base64
+import inspect
+import math
 import operator
 import os
 from pathlib import Path
@@ -17,10 +22,19 @@ from typing import Any
 import pytest
 
 from esa.claims.recorded import claim_id
-from esa.claims.report import CHANGED, ERROR, FALSIFIED, HOLDS, RECORDED, SKIPPED, phase_of
+from esa.claims.report import DOC_SECTIONS, ERROR, SKIPPED, phase_of
 from esa.util.serialize import plain
 
-SKIP_MARKERS = {"parametrize", "usefixtures", "filterwarnings", "xfail", "skip", "skipif", "xdist_group"}
+SKIP_MARKERS = {
+    "parametrize",
+    "usefixtures",
+    "filterwarnings",
+    "xfail",
+    "skip",
+    "skipif",
+    "xdist_group",
+    "min_tier",
+}
 OPS = {
     "<": operator.lt,
     "<=": operator.le,
@@ -37,6 +51,56 @@ def _num(v) -> str:
     return f"{v:.6g}" if isinstance(v, float) else repr(v)
 
 
+class ClaimFalsified(AssertionError):
+    """The claim's own decision rule came out false (``Claim.check``/``Claim.expect``).
+
+    Only this exception falsifies a claim: a recorded falsified outcome is a strict
+    ``xfail(raises=ClaimFalsified)``, so any other exception is an error that fails the run."""
+
+
+class ClaimInconclusive(Exception):
+    """The measurement cannot decide the claim (non-finite, or below the claim's minimum tier):
+    verdict ``inconclusive``, which neither holds nor fails the run."""
+
+
+def finite(value: Any) -> bool:
+    """True for a finite real number (bools and ints count; NaN, inf, None and strings do not)."""
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def phase_message(call: pytest.CallInfo, report: pytest.TestReport) -> str:
+    """A phase's message: pytest.fail/skip and the claim's own exceptions their text, other
+    exceptions "Type: message",
+    else the report's text (a skip reason, an XPASS line)."""
+    exc = call.excinfo
+    if exc is not None:
+        own = (pytest.fail.Exception, pytest.skip.Exception, ClaimFalsified, ClaimInconclusive)
+        outcome_exc = isinstance(exc.value, own)
+        return str(exc.value) if outcome_exc else f"{exc.typename}: {exc.value}"
+    if isinstance(report.longrepr, tuple):
+        return str(report.longrepr[2])
+    return report.longrepr if isinstance(report.longrepr, str) else ""
+
+
+def parse_doc(docstring: str | None) -> dict[str, str]:
+    """The docstring's sections (lines starting ``Hypothesis:``, ``Measurement:``, ``Decision:``,
+    ``Minimum tier:``, ``Falsified if:``; a section runs to the next one or a blank line) as
+    {"hypothesis": ..., "measurement": ..., "decision": ..., "minimum_tier": ..., "falsified_if": ...}."""
+    doc: dict[str, str] = {}
+    current: str | None = None
+    for line in inspect.cleandoc(docstring or "").splitlines()[1:]:
+        text = line.strip()
+        label = next((lb for lb in DOC_SECTIONS if text.startswith(lb)), None)
+        if label is not None:
+            current = DOC_SECTIONS[label]
+            doc[current] = text[len(label) :].strip()
+        elif not text:
+            current = None
+        elif current is not None:
+            doc[current] = f"{doc[current]} {text}".strip()
+    return doc
+
+
 class Claim:
     """What one experiment states and measures; the test outcome is its verdict."""
 
@@ -46,6 +110,7 @@ class Claim:
         self.ctx: dict = {}
         self.figures: list[dict] = []
         self.checks: list[dict] = []
+        self.doc: dict[str, str] = {}
         self._phases: dict[str, Phase] = {}
 
     def __call__(self, statement: str | None = None, *, threshold=None, key: str | None = None) -> Claim:
@@ -82,55 +147,61 @@ class Claim:
         return self
 
     def check(self, condition, message: str) -> bool:
-        """Record a check; when false, fail the test (the claim is falsified) with `message`."""
+        """Record a check; when false, raise `ClaimFalsified` (the claim is falsified) with `message`."""
+        __tracebackhide__ = True  # pytest shows the claim's line, not this one
         ok = bool(condition)
         self.checks.append({"ok": ok, "message": str(message)})
         if not ok:
-            pytest.fail(f"claim falsified: {message}", pytrace=False)
+            raise ClaimFalsified(f"claim falsified: {message}")
         return True
+
+    def inconclusive(self, reason: str) -> None:
+        """Stop here: the measurements cannot decide the claim (raises `ClaimInconclusive`)."""
+        __tracebackhide__ = True
+        self.checks.append({"ok": None, "message": f"inconclusive: {reason}"})
+        raise ClaimInconclusive(f"claim inconclusive: {reason}")
+
+    def require_finite(self, **values: Any) -> None:
+        """Inconclusive unless every value is a finite number (NaN/inf never decide a claim)."""
+        __tracebackhide__ = True
+        bad = {k: v for k, v in values.items() if not finite(v)}
+        if bad:
+            self.inconclusive(
+                "non-finite measurement " + ", ".join(f"{k} = {_num(v)}" for k, v in bad.items())
+            )
 
     def expect(self, value, op: str, threshold=None, *, name: str | None = None) -> bool:
         """Check ``value <op> threshold`` (op in < <= > >= == !=; threshold defaults to the
-        claim's); with `name` the value is also measured. NaN never satisfies < <= > >= ==."""
+        claim's); with `name` the value is also measured. A non-finite value or threshold (NaN,
+        inf, None) decides nothing: the claim is inconclusive."""
+        __tracebackhide__ = True
         if op not in OPS:
             raise ValueError(f"unknown op {op!r}: use one of {' '.join(OPS)}")
         threshold = self.threshold if threshold is None else plain(threshold)
         value = plain(value)
         if name is not None:
             self.measure(name, value)
-        try:
-            ok = bool(OPS[op](value, threshold))
-        except TypeError:
-            ok = False
+        self.require_finite(**{name or "value": value, "threshold": threshold})
+        ok = bool(OPS[op](value, threshold))
         text = f"{name or 'value'} = {_num(value)} {op} {_num(threshold)}"
         return self.check(ok, text if ok else f"{text} does not hold")
 
-    def observe(self, call: pytest.CallInfo, report: pytest.TestReport) -> None:
-        """Turn one phase report into (verdict, outcome, message, duration)."""
-        when, xf = report.when, hasattr(report, "wasxfail")
-        exc, msg = call.excinfo, report.longrepr if isinstance(report.longrepr, str) else ""
-        if exc is not None:  # pytest.fail/skip/xfail: their message; anything else: "Type: message"
-            outcome_exc = isinstance(exc.value, (pytest.fail.Exception, pytest.skip.Exception))
-            msg = str(exc.value) if outcome_exc else f"{exc.typename}: {exc.value}"
+    def observe(
+        self, call: pytest.CallInfo, report: pytest.TestReport, decided: tuple[str, str, str] | None = None
+    ) -> None:
+        """Keep one phase's (verdict, outcome, message, duration); the call phase comes `decided`
+        by ``esa.claims.verdict.decide``, setup and teardown only error or skip."""
+        when = report.when
         verdict: str | None
         outcome: str | None
-        if report.failed and when != "call":
-            verdict, outcome = ERROR, "error"
-        elif report.failed:  # no exception: strict XPASS; only a failed check/assert falsifies
-            if exc is None:
-                verdict, outcome = CHANGED, "xpassed"
-            else:
-                falsified = exc.errisinstance((AssertionError, pytest.fail.Exception))
-                verdict, outcome = (FALSIFIED if falsified else ERROR), "failed"
+        if decided is not None:
+            verdict, outcome, msg = decided
+        elif report.failed:
+            verdict, outcome, msg = ERROR, "error", phase_message(call, report)
         elif report.skipped:
-            verdict = RECORDED if xf and when == "call" else SKIPPED
-            outcome = "xfailed" if verdict == RECORDED else "skipped"
-            msg = msg or (report.longrepr[2] if isinstance(report.longrepr, tuple) else "")
-        elif when == "call":
-            verdict, outcome = (CHANGED, "xpassed") if xf else (HOLDS, "passed")
-            msg = f"[XPASS] {report.wasxfail}" if xf else ""
+            verdict, outcome, msg = SKIPPED, "skipped", phase_message(call, report)
         else:
-            verdict = outcome = None
+            verdict, outcome, msg = None, None, ""
         self._phases[when] = (verdict, outcome, msg[:4000], report.duration)
 
     def record(self, item: pytest.Item) -> dict:
@@ -148,6 +219,8 @@ class Claim:
                 "phase": phase_of(markers),
                 "markers": markers,
                 "statement": self.statement,
+                "doc": self.doc,
+                "min_tier": min_tier_of(item),
                 "threshold": self.threshold,
                 "key": self.key,
                 "measured": self.measured,
@@ -167,8 +240,21 @@ CLAIM_KEY = pytest.StashKey[Claim]()
 
 
 def claim_for(item: pytest.Item) -> Claim:
-    """The item's `Claim`, created on first use with the test's docstring (first line) as statement."""
+    """The item's `Claim`, created on first use: the docstring's first line is the statement, its
+    sections (`parse_doc`) the claim's documentation."""
     if CLAIM_KEY not in item.stash:
         doc = (getattr(getattr(item, "function", None), "__doc__", None) or "").strip()
-        item.stash[CLAIM_KEY] = Claim(doc.splitlines()[0] if doc else item.name)
+        c = item.stash[CLAIM_KEY] = Claim(doc.splitlines()[0] if doc else item.name)
+        c.doc = parse_doc(doc)
     return item.stash[CLAIM_KEY]
+
+
+def min_tier_of(item: pytest.Item) -> dict | None:
+    """``{"tier", "reason"}`` of the item's ``min_tier`` marker
+    (``@pytest.mark.min_tier("standard", reason="...")``), else None."""
+    m = item.get_closest_marker("min_tier")
+    if m is None:
+        return None
+    tier = m.args[0] if m.args else m.kwargs.get("tier")
+    reason = m.kwargs.get("reason", m.args[1] if len(m.args) > 1 else "")
+    return {"tier": str(tier), "reason": str(reason)}

@@ -7,6 +7,7 @@ benchmark ``esa.bench``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -31,14 +32,20 @@ def esa_options(pytestconfig: pytest.Config) -> EsaOptions:
 
 
 @pytest.fixture(scope="session")
-def esa_workbench(pytestconfig: pytest.Config) -> Workbench:
+def esa_workbench(pytestconfig: pytest.Config) -> Iterator[Workbench]:
     """The session's :class:`esa.claims.workbench.Workbench`: models loaded once, measurements
-    memoized (imported here, not at plugin import: it needs torch)."""
+    memoized (imported here, not at plugin import: it needs torch). Evaluation text ``--esa-data``,
+    calibration text ``--esa-calib-data``; at the end the data manifest of every model whose data
+    was prepared goes to the report header (``header["data"][model]``)."""
     from esa.claims.workbench import Workbench
 
     o = pytestconfig.stash[OPTIONS_KEY]
     device = None if o.device == "auto" else o.device
-    return Workbench(o.tier, device=device, data=str(o.data) if o.data else None)
+    wb = Workbench(o.tier, device=device, data=str(o.data) if o.data else None, calib_data=o.calib_spec)
+    yield wb
+    prepared = [k[1] for k in getattr(wb, "_memo", {}) if k[0] == "data"]  # never loads anything
+    manifests = pytestconfig.stash[HEADER_KEY].setdefault("data", {})
+    manifests.update({name: wb.data_manifest(name) for name in prepared})
 
 
 @pytest.fixture(scope="session")

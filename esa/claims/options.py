@@ -3,7 +3,9 @@ per config, CLI over ini over defaults, and kept in ``config.stash[OPTIONS_KEY]`
 
 Registries are the source of truth: ``--esa-tier`` choices come from ``esa.claims.tiers.TIERS``,
 ``--esa-metric`` names are checked against ``esa.metrics.METRICS`` (imported only when metrics are
-given, so the plugin stays cheap to import).
+given, so the plugin stays cheap to import). The default texts come from the data layer
+(``esa.data.default_data_file``: WikiText-2 test for evaluation, validation for calibration,
+next to the repository), imported only when no text is given.
 """
 
 from __future__ import annotations
@@ -20,13 +22,10 @@ from esa.errors import EsaError
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_METRIC = "grad_x_weight"
-DEFAULT_DATA = Path("..", "shared", "data", "wikitext-2-raw", "wiki.test.raw")
-"""WikiText-2 (raw) test split, relative to pytest's rootdir: the evaluation and calibration text
-when neither ``--esa-data`` nor ini ``esa_data`` is given and the file exists; else the built-in
-corpus (``esa.data`` has no default path of its own: there ``None`` means the built-in corpus)."""
 DEFAULT_REPORT = "reports"  # relative to rootdir
 DEFAULT_RECORDED = "experiments/recorded"  # relative to rootdir
 NO_DATA = ("builtin", "none")  # --esa-data values that select the built-in corpus
+BUILTIN = "builtin"
 
 # (flag, dest = ini name, argparse action or None for ini-only, help)
 OPTIONS: list[tuple[str | None, str, str | None, str]] = [
@@ -35,7 +34,13 @@ OPTIONS: list[tuple[str | None, str, str | None, str]] = [
     ("--esa-tier", "esa_tier", "store", f"compute tier: {', '.join(TIERS)} (default {DEFAULT_TIER})"),
     ("--esa-device", "esa_device", "store", "cpu, cuda, cuda:N or auto (default)"),
     ("--esa-report", "esa_report", "store", f"report directory (default: {DEFAULT_REPORT} under rootdir)"),
-    ("--esa-data", "esa_data", "store", "evaluation/calibration text; 'builtin' for the built-in corpus"),
+    ("--esa-data", "esa_data", "store", "evaluation text; 'builtin' for the built-in corpus"),
+    (
+        "--esa-calib-data",
+        "esa_calib_data",
+        "store",
+        "calibration text (default: WikiText-2 validation when present); 'builtin' for the built-in corpus",
+    ),
     ("--esa-compare", "esa_compare", "store", "older claims.json to diff the verdicts against"),
     ("--esa-no-report", "esa_no_report", "store_true", "write no claims report"),
     (None, "esa_recorded", None, f"recorded-outcomes directory (default {DEFAULT_RECORDED})"),
@@ -52,9 +57,23 @@ class EsaOptions:
     tier: Tier
     device: str
     data: Path | None  # None = the built-in corpus
+    calib_data: Path | str | None  # a file, "builtin", or None = the data layer's fallback
     report_dir: Path | None  # None = --esa-no-report
     compare: Path | None
     recorded_dir: Path
+
+    @property
+    def calib_spec(self) -> str | None:
+        """What the workbench gets as ``calib_data`` (None: the data layer takes the windows after
+        the evaluation ones, as it does when the calibration text is the evaluation text)."""
+        return None if self.calib_data is None else str(self.calib_data)
+
+    @property
+    def calib_label(self) -> str:
+        """The calibration text in words (header line and report)."""
+        if self.calib_data is None:
+            return "windows after the evaluation windows (no calibration text given)"
+        return "built-in corpus" if self.calib_data == BUILTIN else str(self.calib_data)
 
 
 OPTIONS_KEY = pytest.StashKey[EsaOptions]()
@@ -88,20 +107,34 @@ def check_metrics(metrics: tuple[str, ...]) -> None:
         raise pytest.UsageError(f"--esa-metric {unknown[0]}: unknown metric; use one of {', '.join(METRICS)}")
 
 
-def _data(config: pytest.Config) -> Path | None:
-    """--esa-data (relative to the working directory) over ini (relative to rootdir) over
-    `DEFAULT_DATA` when present; None selects the built-in corpus."""
-    given = config.getoption("esa_data")
-    raw, base = (
-        (given, config.invocation_params.dir) if given else (config.getini("esa_data"), config.rootpath)
-    )
+def default_data(split: str, root: Path) -> Path | None:
+    """The data layer's default text for `split` ("test" or "validation") next to `root`, or None."""
+    from esa.data import default_data_file
+
+    found = default_data_file(split, root)
+    return None if found is None else Path(found).resolve()
+
+
+def _data(config: pytest.Config, name: str = "esa_data", split: str = "test") -> Path | None:
+    """--esa-data / --esa-calib-data (relative to the working directory) over ini (relative to
+    rootdir) over `default_data` for `split` when present; None selects the built-in corpus (or,
+    for calibration without a default, the data layer's fallback)."""
+    given = config.getoption(name)
+    raw, base = (given, config.invocation_params.dir) if given else (config.getini(name), config.rootpath)
     if raw and raw.lower() not in NO_DATA:
         data = _path(raw, base)
         if not data.is_file():
-            raise pytest.UsageError(f"--esa-data {raw}: no such file")
+            raise pytest.UsageError(f"--{name.replace('_', '-')} {raw}: no such file")
         return data
-    default = (config.rootpath / DEFAULT_DATA).resolve()
-    return default if not raw and default.is_file() else None
+    return default_data(split, config.rootpath) if not raw else None
+
+
+def _calib_data(config: pytest.Config) -> Path | str | None:
+    """The calibration text: a file, `BUILTIN` when 'builtin' is given, else the default or None."""
+    raw = config.getoption("esa_calib_data") or config.getini("esa_calib_data")
+    if raw and raw.lower() in NO_DATA:
+        return BUILTIN
+    return _data(config, "esa_calib_data", "validation")
 
 
 def _report_dir(config: pytest.Config) -> Path:
@@ -122,7 +155,7 @@ def resolve_options(config: pytest.Config) -> EsaOptions:
     given_metrics = tuple(opt("esa_metrics") or ini("esa_metrics") or ())
     if given_metrics:
         check_metrics(given_metrics)
-    data = _data(config)
+    data, calib = _data(config), _calib_data(config)
     report = None if opt("esa_no_report") else _report_dir(config)
     compare = _path(opt("esa_compare"), cwd) if opt("esa_compare") else None
     if compare is not None and not compare.is_file():
@@ -133,6 +166,7 @@ def resolve_options(config: pytest.Config) -> EsaOptions:
         tier=tier,
         device=opt("esa_device") or ini("esa_device") or "auto",
         data=data,
+        calib_data=calib,
         report_dir=report,
         compare=compare,
         recorded_dir=_path(ini("esa_recorded") or DEFAULT_RECORDED, root),

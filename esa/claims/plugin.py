@@ -9,7 +9,8 @@ The parts, one concept each: ``options`` (``--esa-*`` flags, `EsaOptions`), ``cl
 and its verdict), ``fixtures`` (``claim``, ``esa_options``, ``esa_workbench``, ``esa_header``;
 registered in `pytest_configure`), ``recorded`` (recorded outcomes -> strict xfail),
 ``session`` (`ClaimsSession`: records from workers, reports at session end), ``report``
-(claims.json/md/html).
+(claims.json/md/html), ``verdict`` (the call phase's verdict: holds, falsified, inconclusive,
+error, falsified (recorded), changed).
 
 State lives in ``config.stash`` and a per-config ``ClaimsSession`` object, never module globals,
 so in-process pytester runs do not leak into each other. Cheap to import: no torch here.
@@ -22,11 +23,12 @@ import os
 import pytest
 
 from esa.claims import fixtures
-from esa.claims.claim import RECORDED_KEY, Claim, claim_for
+from esa.claims.claim import RECORDED_KEY, Claim, ClaimFalsified, ClaimInconclusive, claim_for
 from esa.claims.options import HEADER_KEY, OPTIONS_KEY, EsaOptions, add_options, resolve_options
 from esa.claims.recorded import RecordedOutcomes, item_models, load_recorded, record_outcome
 from esa.claims.report import fmt
 from esa.claims.session import PROPERTY, WORKER_HEADER, ClaimsSession, is_controller
+from esa.claims.verdict import below_min_tier, check_min_tier, decide
 from esa.errors import EsaError
 from esa.util.serialize import dumps
 
@@ -34,6 +36,8 @@ __all__ = [
     "HEADER_KEY",
     "OPTIONS_KEY",
     "Claim",
+    "ClaimFalsified",
+    "ClaimInconclusive",
     "ClaimsSession",
     "EsaOptions",
     "item_models",
@@ -46,6 +50,7 @@ MARKERS = {
     "gpu": "needs CUDA; skipped when torch.cuda.is_available() is False",
     "slow": "minutes or more even at the smoke tier",
     "claim": "added to every test that states a claim (uses the claim fixture)",
+    "min_tier": "min_tier(tier, reason=...): below this tier the claim runs but is inconclusive",
 }
 
 
@@ -79,7 +84,8 @@ def pytest_report_header(config: pytest.Config) -> str:
     o = config.stash[OPTIONS_KEY]
     return (
         f"esa: models={','.join(o.models)} metrics={','.join(o.metrics)} tier={o.tier.name} "
-        f"device={o.device} data={o.data or 'built-in corpus'}"
+        f"device={o.device} data={o.data or 'built-in corpus'} "
+        f"calibration={o.calib_label}"
     )
 
 
@@ -95,11 +101,14 @@ def _cuda_available() -> bool:
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselection, so `-m "not claim"` sees the marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark claims; skip `gpu` items without CUDA; mark recorded falsified claims xfail(strict=True)."""
+    """Mark claims; check ``min_tier`` markers; skip `gpu` items without CUDA; mark recorded
+    falsified claims ``xfail(strict=True, raises=ClaimFalsified)`` (not below their minimum tier,
+    where they cannot be falsified)."""
     options = config.stash[OPTIONS_KEY]
     recorded, cuda = RecordedOutcomes(options), None
     xdist = config.pluginmanager.hasplugin("xdist")
     for item in items:
+        check_min_tier(item)
         if _is_claim(item):
             item.add_marker(pytest.mark.claim)
             if xdist:  # with --dist loadgroup, a model's claims of one file share a worker (one load each)
@@ -114,20 +123,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             raise pytest.UsageError(str(e)) from None
         if entry is not None:
             item.stash[RECORDED_KEY] = entry
-            when = entry.get("date", "?")
-            reason = f"recorded: falsified on {entry['model']} ({when}): {fmt(entry.get('measured'))}"
-            item.add_marker(pytest.mark.xfail(strict=True, reason=reason))
+            if below_min_tier(item, options.tier) is None:
+                when = entry.get("date", "?")
+                reason = f"recorded: falsified on {entry['model']} ({when}): {fmt(entry.get('measured'))}"
+                item.add_marker(pytest.mark.xfail(strict=True, raises=ClaimFalsified, reason=reason))
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
-    """Shorten EsaError reports to their one-line message; attach claim records at teardown."""
+    """Shorten EsaError reports to their one-line message; decide a claim's verdict after its call
+    (`esa.claims.verdict.decide`, which makes the report agree); attach its record at teardown."""
     report = yield
     if report.failed and call.excinfo is not None and call.excinfo.errisinstance(EsaError):
         report.longrepr = f"{call.excinfo.typename}: {call.excinfo.value}"
     if _is_claim(item):
         c = claim_for(item)
-        c.observe(call, report)
+        tier = item.config.stash[OPTIONS_KEY].tier
+        c.observe(call, report, decide(item, call, report, tier) if report.when == "call" else None)
         if report.when == "teardown":
             report.user_properties.append((PROPERTY, dumps(c.record(item))))
     return report

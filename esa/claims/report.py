@@ -17,6 +17,7 @@ from esa.util.serialize import decode, encode, plain
 __all__ = [
     "compare_claims",
     "count_verdicts",
+    "data_rows",
     "fmt",
     "key_measure",
     "load_claims",
@@ -25,15 +26,24 @@ __all__ = [
 
 SCHEMA = 1
 HOLDS, FALSIFIED, RECORDED, CHANGED = "holds", "falsified", "falsified (recorded)", "changed"
-ERROR, SKIPPED = "error", "skipped"
-VERDICTS = (HOLDS, FALSIFIED, RECORDED, CHANGED, ERROR, SKIPPED)
+INCONCLUSIVE, ERROR, SKIPPED = "inconclusive", "error", "skipped"
+VERDICTS = (HOLDS, FALSIFIED, RECORDED, CHANGED, INCONCLUSIVE, ERROR, SKIPPED)
+FAILING = (FALSIFIED, CHANGED, ERROR)  # verdicts that fail the pytest run
 COLORS = {
     HOLDS: "#1a7f37",
     FALSIFIED: "#cf222e",
     RECORDED: "#b07d00",
     CHANGED: "#8250df",
+    INCONCLUSIVE: "#5b7b9a",
     ERROR: "#6e7781",
     SKIPPED: "#9aa4ae",
+}
+DOC_SECTIONS = {  # claim docstring section label -> key of the record's "doc"
+    "Hypothesis:": "hypothesis",
+    "Measurement:": "measurement",
+    "Decision:": "decision",
+    "Minimum tier:": "minimum_tier",
+    "Falsified if:": "falsified_if",
 }
 PHASES = ("phase1", "phase2", "phase3", "phase4", "phase5")
 
@@ -131,6 +141,58 @@ def _recorded_value(claim: Mapping, name: str):
     return v.get("value") if isinstance(v, Mapping) else v
 
 
+DOC_TITLES = {key: label[:-1] for label, key in DOC_SECTIONS.items()}
+_KNOWN_SOURCE = ("name", "path", "sha256", "chars", "windows_total", "windows_used", "windows_pool")
+
+
+def _disjoint_text(manifest: Mapping) -> bool:
+    """The data layer's ``calibration_disjoint`` when the manifest has it, else different sha256."""
+    if "calibration_disjoint" in manifest:
+        return bool(manifest["calibration_disjoint"])
+    ev, cal = manifest["eval"], manifest.get("calibration") or {}
+    return bool(cal.get("sha256")) and cal.get("sha256") != ev.get("sha256")
+
+
+def data_rows(header: Mapping) -> list[dict]:
+    """One row per model of the header's data manifests (``header["data"][model]``, from
+    ``DataBundle.manifest``): evaluation and calibration text (name, sha256, windows), whether the
+    calibration is disjoint from the evaluation text (the manifest's ``calibration_disjoint``, else
+    a different sha256), and any further calibration entries (e.g. where it comes from)."""
+    manifests = header.get("data")
+    rows = []
+    for model, m in manifests.items() if isinstance(manifests, Mapping) else ():
+        if not isinstance(m, Mapping) or not isinstance(m.get("eval"), Mapping):
+            continue
+        ev, cal = m["eval"], m.get("calibration") or {}
+        rows.append(
+            {
+                "model": model,
+                "eval": ev.get("name"),
+                "eval_sha256": ev.get("sha256"),
+                "eval_windows": f"{fmt(ev.get('windows_used'))} of {fmt(ev.get('windows_total'))}",
+                "calib": cal.get("name"),
+                "calib_sha256": cal.get("sha256"),
+                "calib_windows": f"pool {fmt(cal.get('windows_pool'))}",
+                "disjoint": "yes" if _disjoint_text(m) else "no",
+                "more": {k: v for k, v in cal.items() if k not in _KNOWN_SOURCE},
+                "max_length": m.get("max_length"),
+            }
+        )
+    return rows
+
+
+def disjoint(header: Mapping, rows: list[dict]) -> str:
+    """ "yes" when every model's calibration text differs from its evaluation text (from the data
+    manifests; without any, from the header's evaluation and calibration entries), else "no"."""
+    if rows:
+        return "yes" if all(r["disjoint"] == "yes" for r in rows) else "no"
+    calib, ev = header.get("calib_data_sha256"), header.get("data_sha256")
+    builtin_calib = (
+        header.get("calib_data") == "built-in corpus" and header.get("eval_data") != "built-in corpus"
+    )
+    return "yes" if (calib and calib != ev) or builtin_calib else "no"
+
+
 def _environment():
     from jinja2 import Environment, PackageLoader, StrictUndefined
 
@@ -143,7 +205,9 @@ def _environment():
         keep_trailing_newline=True,
     )
     env.filters.update(fmt=fmt, ci=_ci, mdcell=_mdcell)
-    env.globals.update(colors=COLORS, key_measure=key_measure, recorded_value=_recorded_value)
+    env.globals.update(
+        colors=COLORS, key_measure=key_measure, recorded_value=_recorded_value, doc_titles=DOC_TITLES
+    )
     return env
 
 
@@ -172,7 +236,15 @@ def write_reports(claims, header: Mapping, out_dir, compare=None) -> dict[str, P
     doc = {"schema": SCHEMA, "header": head, "claims": claims}
     paths = {"json": out / "claims.json", "md": out / "claims.md", "html": out / "claims.html"}
     env = _environment()
-    ctx = {"header": head, "claims": claims, "groups": _group(claims), "verdicts": VERDICTS}
+    rows = data_rows(head)
+    ctx = {
+        "header": head,
+        "claims": claims,
+        "groups": _group(claims),
+        "verdicts": VERDICTS,
+        "data_rows": rows,
+        "disjoint": disjoint(head, rows),
+    }
     atomic_write(paths["json"], json.dumps(encode(doc), indent=2, allow_nan=False, ensure_ascii=False) + "\n")
     atomic_write(paths["md"], env.get_template("claims.md.j2").render(**ctx))
     atomic_write(paths["html"], env.get_template("claims.html.j2").render(**ctx))

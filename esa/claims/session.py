@@ -22,6 +22,7 @@ from esa.claims.report import (
     ERROR,
     FALSIFIED,
     HOLDS,
+    INCONCLUSIVE,
     RECORDED,
     SKIPPED,
     count_verdicts,
@@ -37,9 +38,19 @@ MARKUP = {
     FALSIFIED: {"red": True, "bold": True},
     RECORDED: {"yellow": True},
     CHANGED: {"purple": True, "bold": True},
+    INCONCLUSIVE: {"blue": True},
     ERROR: {"red": True},
     SKIPPED: {},
 }
+
+
+def merge_header(into: dict[str, Any], entries: dict[str, Any]) -> dict[str, Any]:
+    """Merge `entries` into `into` (and return it); mapping values merge one level deep, so the
+    per-model entries (``data``, ``models``) of several xdist workers add up."""
+    for k, v in entries.items():
+        old = into.get(k)
+        into[k] = {**old, **v} if isinstance(old, dict) and isinstance(v, dict) else v
+    return into
 
 
 def is_controller(config: pytest.Config) -> bool:
@@ -74,21 +85,25 @@ class ClaimsSession:
         """xdist: merge header entries that worker fixtures wrote."""
         raw = getattr(node, "workeroutput", {}).get(WORKER_HEADER)
         if raw:
-            self.worker_header.update(decode(json.loads(raw)))
+            merge_header(self.worker_header, decode(json.loads(raw)))
 
     def header(self, exitstatus: int) -> dict[str, Any]:
-        """Run header: options, data hash, versions, host, git commit, timings + fixture entries."""
+        """Run header: options, evaluation and calibration text (and hashes), versions, host, git
+        commit, timings + fixture entries (``data``: the data manifest per model)."""
         from esa.util.files import file_sha256
         from esa.util.runtime import run_environment
 
         o = self.options
+        calib = o.calib_data if isinstance(o.calib_data, Path) else None
         head = {
             "models": list(o.models),
             "metrics": list(o.metrics),
             "tier": o.tier.to_dict(),
             "device": o.device,
-            "data": str(o.data) if o.data else "built-in corpus",
+            "eval_data": str(o.data) if o.data else "built-in corpus",
             "data_sha256": file_sha256(o.data) if o.data else None,
+            "calib_data": o.calib_label,
+            "calib_data_sha256": file_sha256(calib) if calib else None,
             **run_environment(self.config.rootpath),
             "args": " ".join(self.config.invocation_params.args),
             "started": datetime.fromtimestamp(self.start, timezone.utc).isoformat(timespec="seconds"),
@@ -96,7 +111,7 @@ class ClaimsSession:
             "exit_status": int(exitstatus),
         }
         written: dict[str, Any] = self.config.stash[HEADER_KEY]  # by fixtures in this process
-        return plain({**head, **self.worker_header, **written})
+        return plain(merge_header(merge_header(head, self.worker_header), written))
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, exitstatus: int) -> None:

@@ -104,6 +104,7 @@ def cached_scores(
         weights=lm.fingerprint(),
         dtype=str(lm.dtype),
         metric=metric,
+        metric_version=registry.METRICS[metric].version,
         seed=seed,
         calib_sha256=data.calib_source.sha256,
         max_length=data.max_length,

@@ -1,11 +1,14 @@
 """First-order metrics: ``magnitude`` |w|, ``grad_x_weight`` |w ⊙ g| and ``grad_squared``.
 
-g is the gradient of the mean calibration loss L = Σ_b (n_b / n) L_b over batches b;
-``grad_squared`` is the empirical Fisher diagonal (1/B) Σ_b g_b², g_b the gradient of batch b's
-mean loss, so it depends on ``batch_size`` (``batch_size=1`` gives the per-window Fisher).
+g is the gradient of the mean calibration loss L = Σ_b (n_b / n) L_b over batches b.
+``grad_squared`` is the empirical Fisher diagonal F = (1/N) Σ_i g_i², g_i the gradient of
+window i's mean next-token NLL, over the N calibration windows: one backward pass per window
+(whatever ``batch_size``), each squared gradient accumulated in place and freed at once.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -29,15 +32,17 @@ def _grad_x_weight(ctx: ScoreContext) -> dict:
 @register_metric(
     "grad_squared",
     needs_grad=True,
-    description="empirical Fisher diagonal: mean over batches of the squared batch "
-    "gradient (depends on batch_size; 1 = per-window Fisher)",
+    description="empirical Fisher diagonal: mean over calibration windows of the squared "
+    "per-window gradient (one backward pass per window, whatever batch_size)",
+    version=2,  # v1: squared gradient of each batch mean
 )
 def _grad_squared(ctx: ScoreContext) -> dict:
+    per_window = dataclasses.replace(ctx, batch_size=1)  # shares ctx.options (checkpointing)
     with ctx.first_order():
         sums = gradient_pass(
-            ctx.loss_terms(weighted=False), ctx.params, square=True, dtype=ctx.accumulate_dtype
+            per_window.loss_terms(weighted=False), ctx.params, square=True, dtype=ctx.accumulate_dtype
         )
-    return {n: s.div_(ctx.n_batches) for n, s in zip(ctx.names, sums)}
+    return {n: s.div_(per_window.n_batches) for n, s in zip(ctx.names, sums)}
 
 
 def gradient_pass(

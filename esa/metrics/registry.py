@@ -46,16 +46,20 @@ class MetricSpec:
     needs_grad: bool
     description: str
     needs_data: bool = True
+    version: int = 1  # bump when the definition changes: cached scores of older versions are misses
 
 
 METRICS: dict[str, MetricSpec] = {}
 
 
-def register_metric(name: str, *, needs_grad: bool, description: str, needs_data: bool = True):
-    """Decorator registering ``fn(ctx) -> {param name: score}`` as metric ``name``."""
+def register_metric(
+    name: str, *, needs_grad: bool, description: str, needs_data: bool = True, version: int = 1
+):
+    """Decorator registering ``fn(ctx) -> {param name: score}`` as metric ``name``; ``version``
+    is part of the score cache key (bump it when the metric's definition changes)."""
 
     def decorate(fn):
-        METRICS[name] = MetricSpec(name, fn, needs_grad, description, needs_data)
+        METRICS[name] = MetricSpec(name, fn, needs_grad, description, needs_data, version)
         return fn
 
     return decorate

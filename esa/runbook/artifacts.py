@@ -71,6 +71,9 @@ def write_all(staging: Staging, result, lm, scores_by: dict) -> None:
             "environment": run_environment(package_root()),
             "model": result.model,
             "data": result.data,
+            "calibration_overlap": result.protocol.get("calibration_overlap"),
+            "controls_excluded": result.protocol.get("controls_excluded"),
+            "perturbation_options": result.protocol.get("perturbation_options"),
             "seeds": cfg.seeds,
             "metrics": cfg.metrics,
             "perturbations": cfg.perturbations,
@@ -142,6 +145,19 @@ def _write_plots(folder: Path, result, top: pd.DataFrame, scores_by: dict) -> No
             )
 
 
+def _data_line(data: dict, overlap: dict | None) -> str:
+    """Which texts were used: evaluation, calibration (disjoint or not), seeds' overlap."""
+    calib = data["calibration"]
+    where = calib["name"] if calib.get("from") == "a separate text" else "windows after the evaluation ones"
+    line = (
+        f"data: eval {data['eval']['name']}, calibration {where} "
+        f"({'disjoint' if data.get('calibration_disjoint') else 'NOT disjoint'} from eval)"
+    )
+    if overlap and len(overlap["seeds"]) > 1:
+        line += f"; seeds' calibration sets: mean Jaccard {overlap['mean_jaccard']:.3f}"
+    return line
+
+
 def format_summary(result) -> str:
     """The one-screen summary printed at the end of ``esa run``."""
     b = result.baseline
@@ -150,6 +166,7 @@ def format_summary(result) -> str:
         f"{result.model['dtype']}, {result.model['device']})",
         f"baseline: PPL {b['ppl']:.3f}  accuracy {b['accuracy']:.3f}  "
         f"{b['n_windows']} windows x {result.data['max_length']} tokens  {b['tokens_per_s']:.0f} tok/s",
+        _data_line(result.data, result.protocol.get("calibration_overlap")),
         f"{'metric':<16}{'perturbation':<13}{'condition':<10}{'mean ΔPPL':>12}  {'95% CI':<24}{'vs random':>10}",
     ]
     for s in result.summary:

@@ -9,7 +9,7 @@ import torch
 
 from esa.errors import ConfigError
 from esa.metrics import METRICS
-from esa.perturb import PERTURBATIONS, resolve_scale
+from esa.perturb import PERTURBATIONS, POSITIONS, resolve_prob, resolve_scale
 
 CONTROLS = {"random_k": "random", "bottom_k": "bottom"}
 MODES = ("per_layer", "global")
@@ -32,9 +32,9 @@ class ExperimentConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     stability_check: bool = False
     perturbations: list[str] = field(default_factory=lambda: ["sign_flip"])
-    perturb_scale: float | None = None
-    perturb_prob: float = 1.0
-    perturb_bit: int | None = None
+    perturb_scale: float | None = None  # None: the registry's (gauss_noise σ = 0.02·|w|, scale 0)
+    perturb_prob: float | None = None  # None: the registry's (bit_flip 0.05, the others 1.0)
+    perturb_bit: int | str | None = None  # bit_flip: an index or a name of esa.perturb.POSITIONS
     controls: list[str] = field(default_factory=lambda: ["random_k", "bottom_k"])
     dtype: str | None = None
     device: str | None = None
@@ -64,6 +64,11 @@ class ExperimentConfig:
                 raise ConfigError(
                     f"unknown perturbation {method!r}: choose from {', '.join(sorted(PERTURBATIONS))}"
                 )
+            changes = PERTURBATIONS[method].changes
+            if changes is not None and not bool(changes(torch.ones(1), self.scale_for(method)).any()):
+                raise ConfigError(
+                    f"{method} with --perturb-scale {self.scale_for(method)} changes no weight: pick another scale"
+                )
         if self.mode not in MODES:
             raise ConfigError(f"unknown --mode {self.mode!r}: use per_layer or global")
         if self.topk <= 0:
@@ -84,8 +89,15 @@ class ExperimentConfig:
             raise ConfigError(f"--calib-samples must be a positive integer, got {self.calib_samples}")
         if self.perturb_scale is not None and self.perturb_scale < 0:
             raise ConfigError(f"--perturb-scale must be >= 0, got {self.perturb_scale}")
-        if not 0.0 <= self.perturb_prob <= 1.0:
+        if self.perturb_prob is not None and not 0.0 <= self.perturb_prob <= 1.0:
             raise ConfigError(f"--perturb-prob must be within [0, 1], got {self.perturb_prob}")
+        bit = self.perturb_bit
+        if isinstance(bit, bool) or not (
+            bit is None or bit in POSITIONS or (isinstance(bit, int) and bit >= 0)
+        ):
+            raise ConfigError(
+                f"--perturb-bit must be a bit index >= 0 or one of {', '.join(POSITIONS)}, got {bit!r}"
+            )
         for control in self.controls:
             if control not in CONTROLS:
                 raise ConfigError(f"unknown control {control!r}: use random_k and/or bottom_k")
@@ -93,9 +105,12 @@ class ExperimentConfig:
             raise ConfigError("--seeds needs at least one seed, e.g. --seeds 0,1,2")
 
     def scale_for(self, method: str) -> float | None:
-        if self.perturb_scale is not None:
-            return self.perturb_scale
-        return resolve_scale(method)
+        """--perturb-scale, else the registry's default scale of ``method``."""
+        return resolve_scale(method, self.perturb_scale)
+
+    def prob_for(self, method: str) -> float:
+        """--perturb-prob, else the registry's default probability of ``method``."""
+        return resolve_prob(method, self.perturb_prob)
 
     def to_dict(self) -> dict:
         return asdict(self)

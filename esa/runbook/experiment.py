@@ -3,6 +3,10 @@ perturb super / controls -> ΔPPL per condition and seed -> artifacts.
 
 ``run_experiment(config)`` validates everything it can before loading anything, loads the model
 once, and writes its artifacts through :mod:`esa.runbook.artifacts` (atomically: no partial out-dir).
+The super set is the top-k by score; the controls (random_k, bottom_k) are drawn per perturbation
+among the entries it actually changes (``esa.perturb.changeable``: bottom-k of |w·g| on a
+dequantized 4-bit model would otherwise be exact zeros), and ``protocol`` records how many
+entries each control excluded and how much the seeds' calibration sets overlap.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from esa.errors import ConfigError
 from esa.evaluate import auto_batch_size, evaluate
 from esa.metrics import cached_scores, score_summary
 from esa.models import LoadedModel, load_model
-from esa.perturb import PERTURBATIONS, perturbed
+from esa.perturb import PERTURBATIONS, bit_position, changeable, perturbed
 from esa.runbook import artifacts
 from esa.runbook.config import CONTROLS, SCORE_DTYPES, ExperimentConfig
 from esa.select import select
@@ -48,6 +52,7 @@ class ExperimentResult:
     score_summaries: dict
     out_dir: Path | None = None
     memory: dict = field(default_factory=dict)  # peak accelerator bytes per phase
+    protocol: dict = field(default_factory=dict)  # calibration overlap, control exclusions, options
 
 
 def run_experiment(config: ExperimentConfig, lm: LoadedModel | None = None, data=None) -> ExperimentResult:
@@ -66,10 +71,18 @@ def run_experiment(config: ExperimentConfig, lm: LoadedModel | None = None, data
         memory["load"] = _peak_and_reset()
         names = lm.param_map.scorable(config.include_embeddings, config.include_norms)
         _check_topk(config, lm, names)
+        _check_bit(config, lm, names)
+        n_calib = config.calib_samples or config.max_samples
         if data is None:
             data = prepare_data(
-                lm.tokenizer, config.data_file, config.calib_file, config.max_length, config.max_samples
+                lm.tokenizer,
+                config.data_file,
+                config.calib_file,
+                config.max_length,
+                config.max_samples,
+                calib_windows=n_calib,
             )
+        protocol = {"calibration_overlap": data.calibration_overlap(n_calib, config.seeds)}
         eval_bs = config.eval_batch_size or auto_batch_size(
             lm.model, int(data.eval_ids.shape[0]), int(data.eval_ids.shape[1]), config.batch_size
         )
@@ -103,6 +116,7 @@ def run_experiment(config: ExperimentConfig, lm: LoadedModel | None = None, data
             del scores  # free before the next scores are built
         stability = _stability(config, selections) if config.stability_check else None
         summary = summarize(rows)
+        protocol.update(_options_and_exclusions(config, rows))
         result = ExperimentResult(
             config,
             lm.describe(),
@@ -115,6 +129,7 @@ def run_experiment(config: ExperimentConfig, lm: LoadedModel | None = None, data
             timings,
             summaries,
             memory=memory,
+            protocol=protocol,
         )
         timings["evals_reused"] = sum(1 for r in rows if r.get("eval_reused"))
         timings["total_s"] = time.perf_counter() - t0
@@ -143,6 +158,14 @@ def _check_topk(config: ExperimentConfig, lm: LoadedModel, names: list[str]) -> 
         raise ConfigError(f"--topk {config.topk} is larger than all {sum(sizes.values())} scored weights")
 
 
+def _check_bit(config: ExperimentConfig, lm: LoadedModel, names: list[str]) -> None:
+    """--perturb-bit must exist in every scored dtype (checked before the baseline runs)."""
+    if config.perturb_bit is not None and any(PERTURBATIONS[m].uses_bit for m in config.perturbations):
+        named = dict(lm.model.named_parameters())
+        for dtype in {named[n].dtype for n in names}:
+            bit_position(config.perturb_bit, dtype)
+
+
 def scores_for(lm: LoadedModel, data, metric: str, seed: int, config: ExperimentConfig, names) -> dict:
     """Scores of ``metric`` for ``seed``'s calibration windows, from the cache when valid."""
     return cached_scores(
@@ -169,10 +192,12 @@ def _perturbation_rows(
     memo = {} if memo is None or not config.reuse_evals else memo
     sets = {"super": select(scores, config.topk, "top", config.mode, seed=seed, metric=metric)}
     selections[(metric, seed)] = sets["super"]
-    for control in config.controls:
-        sets[control] = select(scores, config.topk, CONTROLS[control], config.mode, seed=seed, metric=metric)
     rows = []
     for method in config.perturbations:
+        eligible = changeable(lm.model, method, list(scores), config.scale_for(method))
+        for control in config.controls:
+            kind = CONTROLS[control]
+            sets[control] = select(scores, config.topk, kind, config.mode, seed, metric, eligible)
         for condition, selection in sets.items():
             t = time.perf_counter()
             key = _condition_key(selection, method, seed, config)
@@ -185,7 +210,7 @@ def _perturbation_rows(
                     selection,
                     method,
                     scale=config.scale_for(method),
-                    prob=config.perturb_prob,
+                    prob=config.prob_for(method),
                     bit=config.perturb_bit,
                     seed=seed,
                 ) as info:
@@ -203,7 +228,10 @@ def _perturbation_rows(
                     "k": int(config.topk),
                     "mode": config.mode,
                     "n_weights": int(selection.size),
+                    "n_excluded": int(selection.excluded),
                     "n_changed": n_changed,
+                    "prob": config.prob_for(method),
+                    "bit": _bit_of(config, method),
                     "ppl": res.ppl,
                     "delta_ppl": res.ppl - base.ppl,
                     "ppl_ratio": res.ppl / base.ppl,
@@ -227,12 +255,12 @@ def _condition_key(selection, method: str, seed: int, config: ExperimentConfig) 
         if idx.numel():
             digest.update(name.encode())
             digest.update(idx.to(torch.int64).contiguous().numpy().tobytes())
-    seeded = PERTURBATIONS[method].random or config.perturb_prob < 1.0
+    seeded = PERTURBATIONS[method].random or config.prob_for(method) < 1.0
     return (
         digest.hexdigest(),
         method,
         config.scale_for(method),
-        config.perturb_prob,
+        config.prob_for(method),
         config.perturb_bit,
         int(seed) if seeded else None,
     )
@@ -263,6 +291,25 @@ def summarize(rows: list[dict]) -> list[dict]:
             entry["ttest_vs_random"] = stats.paired_ttest(deltas, rand)
         out.append(entry)
     return out
+
+
+def _bit_of(config: ExperimentConfig, method: str) -> int | str | None:
+    """--perturb-bit where ``method`` flips a bit (None: the exponent MSB), else None."""
+    return config.perturb_bit if PERTURBATIONS[method].uses_bit else None
+
+
+def _options_and_exclusions(config: ExperimentConfig, rows: list[dict]) -> dict:
+    """Each perturbation's resolved options, and the entries each control could not draw from
+    (not changed by the perturbation; the same for every metric and seed)."""
+    options = {
+        m: {"scale": config.scale_for(m), "prob": config.prob_for(m), "bit": _bit_of(config, m)}
+        for m in config.perturbations
+    }
+    excluded: dict = {}
+    for r in rows:
+        if r["condition"] != "super":
+            excluded.setdefault(r["perturbation"], {})[r["condition"]] = r["n_excluded"]
+    return {"perturbation_options": options, "controls_excluded": excluded}
 
 
 def _stability(config: ExperimentConfig, selections: dict) -> dict:

@@ -4,4 +4,5 @@
 - ``files``: sha256 of files and text, atomic writes, esa's user cache directory.
 - ``bits``: integer views of float tensors, checksums, bit widths.
 - ``runtime``: run environment, git commit, seeded RNG, GPU placement and peak memory.
+- ``sampling``: seeded sampling without replacement and random tie-breaking priorities.
 """

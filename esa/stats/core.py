@@ -1,4 +1,5 @@
-"""Statistics for esa claims: thin wrappers over scipy/numpy returning plain Python numbers."""
+"""Set overlaps, classical tests, bootstrap CIs and power-law fits: thin wrappers over scipy/numpy
+returning plain Python numbers."""
 
 from __future__ import annotations
 
@@ -112,7 +113,11 @@ def bootstrap_ci(
 
 
 def effect_ratio(numerator, denominator) -> float:
-    """mean(numerator) / mean(denominator); ±inf when the denominator mean is 0 (nan if both)."""
+    """mean(numerator) / mean(denominator); ±inf when the denominator mean is 0 (nan if both).
+
+    Not evidence for an "A ≥ N× B" claim (a ratio of two non-positive means looks large): use
+    ``esa.stats.dominance``.
+    """
     num, den = float(np.mean(_array(numerator))), float(np.mean(_array(denominator)))
     if den == 0.0:
         if num == 0.0 or math.isnan(num):
