@@ -91,7 +91,9 @@ def write_all(staging: Staging, result, lm, scores_by: dict) -> None:
         frames.append(df)
     top = pd.concat(frames, ignore_index=True)
     top.to_csv(out / "top_weights.csv", index=False)
-    pd.DataFrame(result.rows).to_csv(out / "results.csv", index=False)
+    pd.DataFrame(result.rows).drop(columns="window_nll", errors="ignore").to_csv(
+        out / "results.csv", index=False
+    )
     write_json(
         out / "results.json",
         {
@@ -168,11 +170,14 @@ def format_summary(result) -> str:
         f"{b['n_windows']} windows x {result.data['max_length']} tokens  {b['tokens_per_s']:.0f} tok/s",
         _data_line(result.data, result.protocol.get("calibration_overlap")),
         f"{'metric':<16}{'perturbation':<13}{'condition':<10}{'mean ΔPPL':>12}  {'95% CI':<24}{'vs random':>10}",
+        "(vs random: ratio of mean ΔPPL, or the difference super − random where random did no damage)",
     ]
     for s in result.summary:
         ci = f"[{s['ci95'][0]:.4g}, {s['ci95'][1]:.4g}]"
-        ratio = s.get("ratio_vs_random")
-        ratio_txt = "" if ratio is None else f"{ratio:.3g}x"
+        vs = s.get("vs_random")
+        ratio_txt = (
+            "" if not vs else (f"{vs['value']:.3g}x" if vs["key"] == "ratio" else f"{vs['value']:+.3g}")
+        )
         lines.append(
             f"{s['metric']:<16}{s['perturbation']:<13}{s['condition']:<10}"
             f"{s['mean_delta_ppl']:>12.4g}  {ci:<24}{ratio_txt:>10}"

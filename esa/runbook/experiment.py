@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -115,7 +116,7 @@ def run_experiment(config: ExperimentConfig, lm: LoadedModel | None = None, data
             memory[f"perturb_{metric}_seed{seed}"] = _peak_and_reset()
             del scores  # free before the next scores are built
         stability = _stability(config, selections) if config.stability_check else None
-        summary = summarize(rows)
+        summary = summarize(rows, base.window_nll)
         protocol.update(_options_and_exclusions(config, rows))
         result = ExperimentResult(
             config,
@@ -241,6 +242,7 @@ def _perturbation_rows(
                     "restored_bit_exact": verified,
                     "seconds": seconds,
                     "eval_reused": reused,
+                    "window_nll": list(res.window_nll),
                 }
             )
     return rows
@@ -266,29 +268,45 @@ def _condition_key(selection, method: str, seed: int, config: ExperimentConfig) 
     )
 
 
-def summarize(rows: list[dict]) -> list[dict]:
-    """Mean ΔPPL with 95% CI per (metric, perturbation, condition), plus super/random ratios and
-    a paired t-test of super vs random over seeds."""
+def summarize(rows: list[dict], base_nll: list[float] | None = None) -> list[dict]:
+    """Per (metric, perturbation, condition): mean ΔPPL over seeds with its 95% CI from a paired
+    bootstrap over evaluation windows (``esa.stats.window_bootstrap``); for the super set, how it
+    compares with random_k (``esa.stats.dominance``: the ratio where random_k's ΔPPL > 0, else the
+    difference, never a ratio of non-positive numbers) and a one-sided Wilcoxon test on per-window
+    ΔNLL (``esa.stats.paired_window_test``). Without per-window NLL the CI is over seeds."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["metric"], row["perturbation"], row["condition"]), []).append(row)
+    boots: dict[tuple, stats.WindowBootstrap] = {}
+    for metric, method in dict.fromkeys((m, p) for m, p, _ in groups):
+        conds = {
+            c: np.array([r["window_nll"] for r in sorted(items, key=lambda r: r["seed"])])
+            for (m, p, c), items in groups.items()
+            if (m, p) == (metric, method) and all(r.get("window_nll") for r in items)
+        }
+        if base_nll and conds:
+            boots[(metric, method)] = stats.window_bootstrap(np.asarray(base_nll), conds)
     out = []
     for (metric, method, condition), items in groups.items():
         deltas = [r["delta_ppl"] for r in sorted(items, key=lambda r: r["seed"])]
+        boot = boots.get((metric, method))
         entry = {
             "metric": metric,
             "perturbation": method,
             "condition": condition,
             "n_seeds": len(deltas),
             "mean_delta_ppl": sum(deltas) / len(deltas),
-            "ci95": list(stats.bootstrap_ci(deltas)),
+            "ci95": list(boot.ci(condition)) if boot else list(stats.bootstrap_ci(deltas)),
+            "ci_over": "windows" if boot else "seeds",
             "delta_ppl": deltas,
         }
-        random = groups.get((metric, method, "random_k"))
-        if condition == "super" and random:
-            rand = [r["delta_ppl"] for r in sorted(random, key=lambda r: r["seed"])]
-            entry["ratio_vs_random"] = stats.effect_ratio(deltas, rand)
-            entry["ttest_vs_random"] = stats.paired_ttest(deltas, rand)
+        if condition == "super" and boot and "random_k" in boot.point:
+            entry["vs_random"] = stats.dominance(boot, "super", "random_k", 1.0)
+            sup = [r["window_nll"] for r in sorted(items, key=lambda r: r["seed"])]
+            rand = [
+                r["window_nll"] for r in sorted(groups[(metric, method, "random_k")], key=lambda r: r["seed"])
+            ]
+            entry["test_vs_random"] = stats.paired_window_test(np.array(sup), np.array(rand))
         out.append(entry)
     return out
 
