@@ -3,12 +3,13 @@
 The lists come from the registries: models and metrics from the options (validated by the esa
 plugin against ``esa.metrics.METRICS``; model names with ``check_model_name``), architectures from
 ``esa.models.tiny.tiny_models()``, perturbations from criteria.py, each checked at collection to
-be registered in ``esa.perturb.PERTURBATIONS`` (metrics named in criteria.py likewise)."""
+be registered in ``esa.perturb.PERTURBATIONS`` (metrics named in criteria.py likewise); a test
+that parametrizes ``perturbation`` itself keeps its own list."""
 
 from pathlib import Path
 
 import pytest
-from criteria import PERTURBATIONS, PRUNE_METHODS, RANK_METRICS, ZEROSHOT_TASKS
+from criteria import NULL_PERTURBATIONS, PERTURBATIONS, PRUNE_METHODS, RANK_METRICS, ZEROSHOT_TASKS
 
 from esa import perturb
 from esa.claims.plugin import OPTIONS_KEY
@@ -22,7 +23,7 @@ TINY_ARCHS = tuple(tiny_models())
 def unregistered() -> str | None:
     """One line naming the first criteria.py name missing from its registry, else None."""
     named = {
-        "perturbation": (PERTURBATIONS, perturb.PERTURBATIONS),
+        "perturbation": ([*PERTURBATIONS, *NULL_PERTURBATIONS], perturb.PERTURBATIONS),
         "metric": ([*RANK_METRICS, *(m for m, _ in PRUNE_METHODS)], METRICS),
     }
     for kind, (names, registry) in named.items():
@@ -52,8 +53,19 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("arch", TINY_ARCHS)
     if "profiled" in metafunc.fixturenames:  # the session's models and every tiny architecture
         metafunc.parametrize("profiled", list(dict.fromkeys([*options.models, *TINY_ARCHS])))
-    if "perturbation" in metafunc.fixturenames:
+    if "perturbation" in metafunc.fixturenames and not parametrized(metafunc, "perturbation"):
         metafunc.parametrize("perturbation", PERTURBATIONS)
+
+
+def parametrized(metafunc, name: str) -> bool:
+    """True when the test parametrizes ``name`` itself (``@pytest.mark.parametrize``), e.g. the
+    null-distribution claims over a subset of the perturbations."""
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        names = mark.args[0]
+        names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+        if name in names:
+            return True
+    return False
 
 
 @pytest.fixture

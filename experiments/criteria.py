@@ -7,23 +7,34 @@ Names of perturbations and metrics must be registered in ``esa.perturb.PERTURBAT
 
 # phase 1: baseline
 LEAK_PPL = 1.5  # PPL below this on natural text means a bug (repeated text, leaked labels)
-PPL_SEED_VARIATION = 0.05  # relative spread (max-min)/mean of PPL across seeds' window samples
+PPL_SEED_VARIATION = 0.05  # relative half-width of the baseline PPL's 95% CI over eval windows
 
 # phase 2: sensitivity profiling
 JACCARD_STABLE = 0.30  # top-k Jaccard across calibration seeds
 JACCARD_STRONG = 0.50  # reported alongside: "strongly stable"
+JACCARD_PLAN = 0.40  # research plan: top-k Jaccard across seeds > 0.4 for every major model run
 HEAVY_TAIL_RATIO = 10.0  # mean of the top 1% of scores / median score
+HEAVY_TAIL_P = 0.05  # ... and beyond its null: empirical p-value below this
+HEAVY_TAIL_NULL_DRAWS = 49  # null draws (permutations) per heavy-tail claim: p >= 1/50
 METRIC_AGREEMENT = 0.60  # grad_x_weight vs grad_squared top-k overlap
-MODE_AGREEMENT = 0.50  # global top-k found inside the per_layer top-k (overlap)
+MODE_AGREEMENT = 0.50  # global top-(k x tensors) vs per_layer top-k, equal budgets (overlap)
 HUTCHINSON_AGREEMENT = 0.50  # hutchinson_diag vs grad_x_weight top-k overlap
+ACT_MAG_BAND = (0.40, 0.60)  # research plan: act_mag vs grad_x_weight top-k overlap 40-60%
+TOP_LAYER_FRACTION = 0.10  # research plan: the top 10% of layers (by summed score) ...
+TOP_LAYER_MASS = 0.50  # ... hold most (> 50%) of the total score mass
 
 # phase 3: perturbation
 SUPER_VS_RANDOM = 3.0  # ΔPPL(super) >= 3 x ΔPPL(random)
 RANDOM_VS_BOTTOM = 3.0  # ΔPPL(random) >= 3 x ΔPPL(bottom)
-MIN_SUPER_DAMAGE = 0.1  # ΔPPL(super) >= 0.1 PPL
-P_VALUE = 0.05  # super vs random over seeds (one-sided paired t-test)
-PERTURBATIONS = ("zero", "sign_flip", "gauss_noise", "bit_flip")  # scales: esa.perturb.resolve_scale
-DOSE_SCALES = (0.005, 0.01, 0.02, 0.05, 0.1)  # gauss_noise σ for the dose-response claims
+MIN_SUPER_DAMAGE = 0.1  # ΔPPL(super) >= 0.1 PPL (its window-bootstrap CI lower bound)
+P_VALUE = 0.05  # super vs random: one-sided Wilcoxon on per-window ΔNLL; empirical p vs the null
+P_STRICT = 0.01  # research plan: super vs random at p < 0.01 for every perturbation type
+SIGN_FLIP_VS_RANDOM = 5.0  # research plan: ΔPPL(super) >= 5 x ΔPPL(random) under sign_flip
+PERTURBATIONS = ("zero", "sign_flip", "gauss_noise", "bit_flip")  # defaults: esa.perturb registry
+NULL_SETS = 20  # random sets per seed forming the null distribution of the super set's ΔPPL
+NULL_PERTURBATIONS = ("zero", "sign_flip")  # perturbations whose super set meets that null
+DOSE_MULTIPLES = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)  # gauss_noise σ as multiples of its default
+BIT_POSITIONS = ("sign", "exponent_msb", "exponent_lsb", "mantissa_msb")  # bit_flip sweep
 
 # phase 4: scaling and architecture
 SCALING_R2 = 0.80  # power-law fit of a sensitivity measure vs parameter count

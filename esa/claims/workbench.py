@@ -1,6 +1,11 @@
 """A memoizing session object for claim suites: each model is loaded once, and its data,
 baseline, scores, selections and perturbation results are computed once and reused.
 
+A perturbed evaluation keeps its per-window mean NLL (``window_nll``, W floats) next to the
+baseline's, so claims decide on statistics over evaluation windows (``esa.stats.window_bootstrap``,
+``paired_window_test``); the memo holds these arrays, never perturbed weights. Controls (random and
+bottom sets) are drawn only among the entries the perturbation changes (``esa.perturb.changeable``).
+
 The pytest plugin exposes one per session (fixture ``esa_workbench``; not the speed benchmark
 ``esa.bench``); tests are grouped by model on xdist workers, so a worker loads each of its models
 once.
@@ -11,26 +16,37 @@ from __future__ import annotations
 import gc
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from esa.claims.tiers import Tier
-from esa.perturb import resolve_scale
+from esa.perturb import PERTURBATIONS, resolve_prob, resolve_scale
 
 if TYPE_CHECKING:
     from esa.models import LoadedModel
 
 log = logging.getLogger("esa")
+DRAW_STRIDE = 10_000  # selection seed of random draw j > 0 of seed s: s + DRAW_STRIDE * j
+
+
+def draw_seed(seed: int, draw: int) -> int:
+    """Seed of draw ``draw`` of calibration seed ``seed`` (draw 0: the seed itself)."""
+    return int(seed) + DRAW_STRIDE * int(draw)
 
 
 @dataclass(frozen=True)
 class Condition:
     """One perturbed evaluation: which set, which perturbation, which seed.
 
-    ``scale=None`` takes the perturbation's registered default (``esa.perturb.resolve_scale``:
-    gauss_noise σ = 0.01 x |w|), so equal conditions compare (and memoize) equal."""
+    ``scale=None`` and ``prob=None`` take the perturbation's registered defaults
+    (``esa.perturb.resolve_scale``: gauss_noise σ = 0.02 x |w|; ``resolve_prob``: bit_flip 0.05,
+    else 1), so equal conditions compare (and memoize) equal. ``bit`` (bit_flip only): a position name
+    of ``esa.perturb.bit_position`` ("sign", "exponent_msb", ...), an int, or None (the default).
+    ``draw`` numbers independent random sets of one seed (the null distribution of random sets):
+    draw 0 is the seed's usual control, draw j selects with seed ``seed + DRAW_STRIDE * j``."""
 
     metric: str
     seed: int
@@ -39,11 +55,19 @@ class Condition:
     mode: str = "per_layer"
     k: int | None = None
     scale: float | None = None
-    prob: float = 1.0
+    prob: float | None = None
     include_embeddings: bool = False
+    bit: str | int | None = None
+    draw: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scale", resolve_scale(self.perturbation, self.scale))
+        object.__setattr__(self, "prob", resolve_prob(self.perturbation, self.prob))
+
+    @property
+    def selection_seed(self) -> int:
+        """Seed of the selection and of the perturbation's random numbers (see ``draw``)."""
+        return draw_seed(self.seed, self.draw)
 
 
 class Workbench:
@@ -173,36 +197,88 @@ class Workbench:
         mode: str = "per_layer",
         k: int | None = None,
         include_embeddings: bool = False,
+        perturbation: str | None = None,
+        scale: float | None = None,
+        draw: int = 0,
     ):
+        """The ``kind`` set of ``metric``'s scores (calibration seed ``seed``). With a
+        ``perturbation``, random and bottom sets are drawn only among the entries it changes
+        (`eligible`); top sets are the metric's, unrestricted. ``draw`` as in `Condition`."""
         from esa.select import select
 
         k = k or self.tier.topk
-        return self._cached(
-            ("selection", name, metric, seed, kind, mode, k, include_embeddings),
-            lambda: select(
-                self.scores(name, metric, seed, include_embeddings), k, kind, mode, seed=seed, metric=metric
-            ),
+        restrict = (perturbation, resolve_scale(perturbation, scale)) if perturbation else None
+        restrict = restrict if kind in ("random", "bottom") else None
+        key = ("selection", name, metric, seed, kind, mode, k, include_embeddings, restrict, draw)
+
+        def run():
+            allowed = self.eligible(name, *restrict, include_embeddings) if restrict else None
+            scores = self.scores(name, metric, seed, include_embeddings)
+            sel_seed = draw_seed(seed, draw)
+            return select(scores, k, kind, mode, seed=sel_seed, metric=metric, eligible=allowed)
+
+        return self._cached(key, run)
+
+    def eligible(
+        self, name: str, perturbation: str, scale: float | None = None, include_embeddings: bool = False
+    ):
+        """Tensor name -> bool mask of the entries ``perturbation`` changes (``esa.perturb.changeable``:
+        a lazy mapping over the current weights, one tensor's mask at a time)."""
+        from esa.perturb import changeable
+
+        names = self.names(name, include_embeddings)
+        return changeable(self.model(name).model, perturbation, names=names, scale=scale)
+
+    def _cond_selection(self, name: str, cond: Condition):
+        return self.selection(
+            name,
+            cond.metric,
+            cond.seed,
+            cond.kind,
+            cond.mode,
+            cond.k,
+            cond.include_embeddings,
+            perturbation=cond.perturbation,
+            scale=cond.scale,
+            draw=cond.draw,
         )
 
+    def _bit(self, name: str, cond: Condition) -> int | None:
+        """The bit position of a bit-using perturbation as an int (names resolved for the
+        model's dtype; None keeps the registered default), so equal positions memoize equal."""
+        from esa.perturb import bit_position
+
+        if not PERTURBATIONS[cond.perturbation].uses_bit:
+            return None
+        model: Any = self.model(name).model
+        return bit_position(cond.bit, model.get_input_embeddings().weight.dtype)
+
     def perturbed_eval(self, name: str, cond: Condition) -> dict:
-        """PPL / ΔPPL under ``cond`` (restore verified bit-exact on exit) as plain types."""
+        """PPL / ΔPPL under ``cond`` (restore verified bit-exact on exit) as plain types, with the
+        per-window mean NLL (``window_nll``, one float per evaluation window)."""
         from esa.evaluate import evaluate
         from esa.perturb import perturbed
 
+        bit = self._bit(name, cond)
+
         def run():
             lm, base = self.model(name), self.baseline(name)
-            sel = self.selection(
-                name, cond.metric, cond.seed, cond.kind, cond.mode, cond.k, cond.include_embeddings
-            )
+            sel = self._cond_selection(name, cond)
             with perturbed(
-                lm.model, sel, cond.perturbation, scale=cond.scale, prob=cond.prob, seed=cond.seed
+                lm.model,
+                sel,
+                cond.perturbation,
+                scale=cond.scale,
+                prob=cond.prob,
+                bit=bit,
+                seed=cond.selection_seed,
             ) as info:
                 res = evaluate(
                     lm.model,
                     self.data(name).eval_ids,
                     self.tier.batch_size,
                     self.progress,
-                    desc=f"{name} {cond.perturbation}/{cond.kind}/seed{cond.seed}",
+                    desc=f"{name} {cond.perturbation}/{cond.kind}/seed{cond.seed}/draw{cond.draw}",
                 )
             return {
                 "ppl": res.ppl,
@@ -212,9 +288,39 @@ class Workbench:
                 "n_changed": int(info.n_changed),
                 "restored": bool(info.verified),
                 "finite": res.finite,
+                "window_nll": list(res.window_nll),
             }
 
-        return self._cached(("perturbed", name, cond), run)
+        return self._cached(("perturbed", name, replace(cond, bit=bit)), run)
+
+    # -- per-window arrays for the window statistics (esa.stats) ------------------------------
+    def baseline_nll(self, name: str) -> np.ndarray:
+        """Per-window mean NLL of the unperturbed model, [W]."""
+        return np.asarray(self.baseline(name).window_nll, dtype=float)
+
+    def condition_nll(self, name: str, metric: str, kind: str, perturbation: str, **options) -> np.ndarray:
+        """Per-window mean NLL under the condition for every seed of the tier, [S, W] (``options``:
+        further `Condition` fields: scale, prob, bit, k, mode, draw)."""
+        rows = [
+            self.perturbed_eval(name, Condition(metric, s, kind, perturbation, **options))["window_nll"]
+            for s in self.tier.seeds
+        ]
+        return np.asarray(rows, dtype=float)
+
+    def random_null(self, name: str, metric: str, perturbation: str, n_sets: int, **options) -> np.ndarray:
+        """ΔPPL of ``n_sets`` independent random sets per seed, [S, n_sets] (draws 0..n_sets-1;
+        draw 0 is the seed's usual random control): the null distribution a top set is compared
+        with. Each set costs one evaluation (memoized)."""
+        rows = [
+            [
+                self.perturbed_eval(name, Condition(metric, s, "random", perturbation, draw=j, **options))[
+                    "delta_ppl"
+                ]
+                for j in range(int(n_sets))
+            ]
+            for s in self.tier.seeds
+        ]
+        return np.asarray(rows, dtype=float)
 
     def zeroshot(self, name: str, tasks: dict, cond: Condition | None = None) -> dict:
         """Multiple-choice accuracy per task (``tasks``: task name -> examples), at baseline or
@@ -226,11 +332,10 @@ class Workbench:
             lm = self.model(name)
             if cond is None:
                 return {t: evaluate_task(lm, ex, progress=False) for t, ex in tasks.items()}
-            sel = self.selection(
-                name, cond.metric, cond.seed, cond.kind, cond.mode, cond.k, cond.include_embeddings
-            )
+            sel = self._cond_selection(name, cond)
+            bit, seed = self._bit(name, cond), cond.selection_seed
             with perturbed(
-                lm.model, sel, cond.perturbation, scale=cond.scale, prob=cond.prob, seed=cond.seed
+                lm.model, sel, cond.perturbation, scale=cond.scale, prob=cond.prob, bit=bit, seed=seed
             ):
                 return {t: evaluate_task(lm, ex, progress=False) for t, ex in tasks.items()}
 
