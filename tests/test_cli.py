@@ -2,6 +2,7 @@
 
 import json
 import math
+import stat
 
 import pandas as pd
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 from esa.cli import main
 from esa.models.tiny import tiny_models
+from esa.util.files import umask
 
 TINY = [
     "--model",
@@ -91,6 +93,7 @@ def test_run_writes_every_artifact(tmp_path, capsys):
     assert 0.0 <= stab["mean_jaccard"] <= 1.0 and len(stab["pairs"]) == 1
     assert sorted(p.name for p in (out / "plots").iterdir())  # PNGs written
     assert "baseline: PPL" in stdout and "super" in stdout
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask()  # not mkdtemp's 0700
     assert not list(tmp_path.glob(".out.tmp-*"))  # staging dir moved into place
 
 

@@ -294,3 +294,19 @@ def test_header_names_the_data_and_disjointness(tmp_path) -> None:
     assert load_claims(paths["json"])["header"]["counts"]["inconclusive"] == 1
     no_manifest = write_reports([], {"eval_data": "built-in corpus", "calib_data": "x"}, tmp_path / "none")
     assert "Calibration disjoint from evaluation: no." in no_manifest["md"].read_text()
+
+
+def test_atomic_write_gives_readable_files(tmp_path):
+    """Reports are for others to read: 0666 & ~umask (0644 under the usual umask), not 0600."""
+    import os
+    import stat
+
+    from esa.util.files import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "claims.md", "x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "claims.md").stat().st_mode) == 0o644
+    assert list(tmp_path.iterdir()) == [tmp_path / "claims.md"]

@@ -14,6 +14,7 @@ import pandas as pd
 
 from esa import plots
 from esa.errors import ConfigError
+from esa.util.files import umask
 from esa.util.runtime import package_root, run_environment
 from esa.util.serialize import jsonable
 
@@ -41,6 +42,7 @@ class Staging:
 
     def commit(self) -> Path:
         """Move the staged files into place (replacing an old out-dir only with overwrite)."""
+        os.chmod(self.path, 0o777 & ~umask())  # mkdtemp makes it 0700: readable by others, like mkdir
         old = None
         if self.target.exists():
             old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")

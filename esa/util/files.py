@@ -27,15 +27,24 @@ def text_sha256(text: str) -> str:
 
 
 def atomic_write(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temp file in the same directory + os.replace."""
+    """Write `text` to `path` through a temp file in the same directory + os.replace; the file gets
+    the permissions a plain ``open(path, "w")`` would (0666 & ~umask, e.g. 0644), not mkstemp's 0600."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
             fh.write(text)
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def umask() -> int:
+    """The process umask (read without changing it for longer than two calls)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def cache_dir() -> Path:
