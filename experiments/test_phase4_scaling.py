@@ -4,6 +4,7 @@ or more models), and where in the architecture the most sensitive weights sit.""
 
 import pytest
 from criteria import SCALING_MEASURES, SCALING_PREDICTION, SCALING_R2
+from rules_scaling import points_fittable
 
 from esa.analyses import components as analyze
 from esa.claims.plugin import OPTIONS_KEY
@@ -46,21 +47,14 @@ def series_rows(series, workbench, esa_options):
 
 
 def _fit(claim, series, measure, workbench, esa_options):
-    """Points of one measure, and their power-law fit. A non-finite measure on some model (e.g. an
-    infinite super/random ratio when random weights did no damage) cannot be fitted: the claim is
-    inconclusive, never falsified on an inf (issue 9). A finite measure <= 0 has no power law with a
-    positive prefactor: falsified, with the values."""
-    import math
-
+    """Points of one measure, and their power-law fit; ``rules_scaling.points_fittable`` decides
+    whether they can have one (non-finite: inconclusive; <= 0: falsified)."""
     from esa.analyses.scaling import fit_scaling
 
     rows = series_rows(series, workbench, esa_options)
     points = [(r["params_non_embedding"], r[measure]) for r in rows]
     claim.measure("points", {r["name"]: [r["params_non_embedding"], r[measure]] for r in rows})
-    values = [y for _, y in points]
-    if not all(math.isfinite(y) for y in values):
-        claim.inconclusive(f"{measure} is not finite on every model: {values}")
-    claim.check(all(y > 0 for y in values), f"{measure} is not positive on every model: {values}")
+    points_fittable(claim, measure, [y for _, y in points])
     return rows, points, fit_scaling(points, seed=workbench.tier.seeds[0])
 
 

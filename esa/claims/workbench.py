@@ -20,7 +20,6 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from esa.claims.tiers import Tier
 from esa.perturb import PERTURBATIONS, resolve_prob, resolve_scale
@@ -151,19 +150,6 @@ class Workbench:
                 desc=f"{name} baseline",
             ),
         )
-
-    def baseline_resampled(self, name: str, seed: int):
-        """EvalResult on ``eval_windows`` windows drawn with ``seed`` from the whole text."""
-        from esa.evaluate import evaluate
-
-        def run():
-            data = self.data(name)
-            pool = torch.cat([data.eval_ids, data.calib_pool])
-            gen = torch.Generator().manual_seed(int(seed))
-            pick = torch.randperm(pool.shape[0], generator=gen)[: data.eval_ids.shape[0]].sort().values
-            return evaluate(self.model(name).model, pool[pick], self.tier.batch_size, self.progress)
-
-        return self._cached(("baseline_resampled", name, seed), run)
 
     def scores(self, name: str, metric: str, seed: int, include_embeddings: bool = False) -> dict:
         from esa.metrics.cache import cached_scores
