@@ -31,8 +31,9 @@ DEFAULT_TIER = "smoke"
 TIERS: dict[str, Tier] = {
     "smoke": Tier("smoke", 128, 8, 4, (0, 1, 2), 4, 100, 4),
     # 16 x 512 evaluation tokens: phase 3 evaluates ~210 conditions (20 random sets x 3 seeds for the
-    # null alone), ~20 s each for a 135M model on 2 CPU cores, so the tier records in about an hour
-    "standard": Tier("standard", 512, 16, 16, (0, 1, 2), 16, 100, 8),
+    # null alone), ~20 s each for a 135M model on 2 CPU cores, so the tier records in about an hour;
+    # batches of 2: Hutchinson's double backward over 8 x 512 tokens of a 135M model took > 23 GB
+    "standard": Tier("standard", 512, 16, 16, (0, 1, 2), 16, 100, 2),
     # 48 calibration windows: WikiText-2 validation holds ~120 windows of 2048 tokens, and seeds must
     # draw materially different sets (expected pairwise overlap n/pool <= 0.5, esa.data)
     "extended": Tier("extended", 2048, 128, 48, (0, 1, 2, 3, 4), 64, 100, 4),
