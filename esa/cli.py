@@ -10,6 +10,8 @@ import json
 import logging
 import sys
 
+from esa import cli_cache
+from esa.claims import report_cli
 from esa.errors import EsaError
 
 
@@ -48,16 +50,53 @@ _CALIB_HELP = (
     "calibration text; default ../shared/data/wikitext-2/valid.txt when present, else the windows "
     "after the evaluation ones (also what the evaluation text itself, or builtin with it, gives)"
 )
+_BOS_HELP = "start each window with the BOS token (input only, never scored): auto = as the tokenizer does"
 _DTYPE_HELP = "default fp32 on CPU, bf16 on CUDA"
 _DEVICE_HELP = "cpu, cuda, cuda:N (default: cuda if available)"
 
 
+_OUT_HELP = (
+    "where the artifacts go; default outputs/esa/<model>/<metric>_<mode>_k<topk>_<perturbation>, "
+    "with -2, -3... appended rather than overwriting an earlier run (printed at the end)"
+)
+_FLAG = {"action": "store_true"}
+_OLD_RUNNER: list[tuple[tuple[str, ...], dict]] = [  # the old esa_runner.py's options (docs/CLI.md)
+    (("--weight-analysis",), {**_FLAG, "help": "cluster the top-k weights; correlate the metrics' scores"}),
+    (("--architecture-analysis",), {**_FLAG, "help": "top-k vs parameter shares per layer x component"}),
+    (("--temporal-stability",), {**_FLAG, "help": "top-k Jaccard matrix across seeds/metrics/checkpoints"}),
+    (
+        ("--checkpoints",),
+        {"type": _csv, "default": [], "help": "in training order: names, dirs, name@revision"},
+    ),
+    (
+        ("--advanced-perturbations",),
+        {
+            "nargs": "+",
+            "default": [],
+            "metavar": "M",
+            "help": "adaptive_noise magnitude_scaling quantization progressive",
+        },
+    ),
+    (("--clustering-method",), {"default": "kmeans", "help": "kmeans (default) or dbscan"}),
+    (("--n-clusters",), {"type": int, "default": 5, "help": "KMeans clusters (default 5)"}),
+    (("--downstream-tasks",), {**_FLAG, "help": "zero-shot tasks on the baseline and each condition"}),
+    (("--tasks",), {"type": _csv, "default": None, "help": "task names or JSONL files (see docs/CLI.md)"}),
+    (("--task-samples",), {"type": int, "default": 100, "help": "examples per task (default 100)"}),
+    (("--export-topk-csv",), {"action": "store_true", "default": True, "help": "top_weights.csv (always)"}),
+    (("--export-stats",), {**_FLAG, "help": "per-tensor score statistics: score_stats.csv"}),
+    (("--scale",), {"type": float, "default": None, "help": "magnitude_scaling (and scale) factor"}),
+    (("--bits",), {"type": int, "default": None, "help": "quantization bit count (default 4)"}),
+    (("--noise-sigma", "--noise_sigma"), {"type": float, "default": None, "help": "adaptive_noise factor"}),
+]
+
+
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help=_MODEL_HELP)
+    p.add_argument("--model", "-m", required=True, help=_MODEL_HELP)
     p.add_argument("--data-file", default=None, help=_DATA_HELP)
     p.add_argument("--calib-file", default=None, help=_CALIB_HELP)
     p.add_argument("--max-length", type=int, default=512, help="tokens per window (default 512)")
     p.add_argument("--max-samples", type=int, default=32, help="evaluation windows (default 32)")
+    p.add_argument("--bos", choices=["auto", "always", "never"], default="auto", help=_BOS_HELP)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help=_DTYPE_HELP)
     p.add_argument("--device", default=None, help=_DEVICE_HELP)
@@ -90,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(run)
     run.add_argument(
         "--metric",
+        dest="metrics",
         type=_csv,
         default=["grad_x_weight"],
         help="metric(s), comma-separated (esa metrics lists them)",
@@ -105,9 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stability-check", action="store_true", help="pairwise Jaccard of top-k across seeds")
     run.add_argument(
         "--perturb",
+        dest="perturbations",
         type=_csv,
         default=["sign_flip"],
-        help="zero, sign_flip, gauss_noise, bit_flip, scale (comma-separated)",
+        help="comma-separated perturbations (esa metrics lists them), default sign_flip",
     )
     run.add_argument(
         "--perturb-scale",
@@ -132,15 +173,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--include-embeddings", action="store_true")
     run.add_argument("--include-norms", action="store_true")
     run.add_argument("--save-plots", action="store_true")
-    run.add_argument("--out-dir", required=True)
+    run.add_argument("--vector-plots", action="store_true", help="with --save-plots: PDF and SVG copies too")
+    run.add_argument("--out-dir", default=None, help=_OUT_HELP)
     run.add_argument("--overwrite", action="store_true", help="replace an out-dir that already holds results")
-    run.add_argument("--no-cache", action="store_true", help="recompute scores instead of using the cache")
+    run.add_argument(
+        "--no-cache",
+        dest="use_cache",
+        action="store_false",
+        help="recompute scores instead of using the cache",
+    )
     run.add_argument(
         "--score-dtype",
         choices=["fp32", "bf16"],
         default="fp32",
         help="scores and gradient accumulators: fp32 (default) or bf16 (half the memory)",
     )
+    for flags, kwargs in _OLD_RUNNER:
+        run.add_argument(*flags, **kwargs)
 
     ev = sub.add_parser("eval", help="baseline perplexity / accuracy as JSON")
     _common(ev)
@@ -167,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list the model registry and hub aliases")
     sub.add_parser("metrics", help="list the sensitivity metrics and perturbations")
+    cli_cache.add_parser(sub)
+    report_cli.add_parser(sub)
     return parser
 
 
@@ -190,43 +241,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
+    from dataclasses import fields
+
     from esa.runbook import ExperimentConfig, parse_int_list, run_experiment
     from esa.runbook.artifacts import format_summary
+    from esa.runbook.config import default_out_dir
 
     _default_data(args, calib=True)
-    config = ExperimentConfig(
-        model=args.model,
-        out_dir=args.out_dir,
-        metrics=args.metric,
-        mode=args.mode,
-        topk=args.topk,
-        max_samples=args.max_samples,
-        max_length=args.max_length,
-        batch_size=args.batch_size,
-        calib_samples=args.calib_samples,
-        seeds=parse_int_list(args.seeds),
-        stability_check=args.stability_check,
-        perturbations=args.perturb,
-        perturb_scale=args.perturb_scale,
-        perturb_prob=args.perturb_prob,
-        perturb_bit=args.perturb_bit,
-        controls=args.controls,
-        dtype=args.dtype,
-        device=args.device,
-        data_file=args.data_file,
-        calib_file=args.calib_file,
-        hutchinson_samples=args.hutchinson_samples,
-        include_embeddings=args.include_embeddings,
-        include_norms=args.include_norms,
-        save_plots=args.save_plots,
-        overwrite=args.overwrite,
-        use_cache=not args.no_cache,
-        progress=not args.no_progress,
-        eval_batch_size=args.eval_batch_size,
-        score_dtype=args.score_dtype,
-        device_map=args.device_map,
-        compile=args.compile,
-    )
+    names = {f.name for f in fields(ExperimentConfig)}  # the flags' dest names are the fields
+    options = {k: v for k, v in vars(args).items() if k in names}
+    options.update(seeds=parse_int_list(args.seeds), progress=not args.no_progress)
+    options["advanced_perturbations"] = [m for v in args.advanced_perturbations for m in _csv(v)]
+    if args.tasks is None:
+        del options["tasks"]  # the config's default tasks
+    config = ExperimentConfig(**options)
+    if config.out_dir is None:
+        config.validate()  # bad options fail before a directory name is chosen
+        config.out_dir = str(default_out_dir(config))
     result = run_experiment(config)
     print(format_summary(result))
     return 0
@@ -248,7 +279,13 @@ def _eval(args) -> int:
     _default_data(args, calib=False)
     lm = load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map)
     data = prepare_data(
-        lm.tokenizer, args.data_file, None, args.max_length, args.max_samples, min_calib_windows=0
+        lm.tokenizer,
+        args.data_file,
+        None,
+        args.max_length,
+        args.max_samples,
+        min_calib_windows=0,
+        bos=args.bos,
     )
     batch = args.eval_batch_size or auto_batch_size(
         lm.model, int(data.eval_ids.shape[0]), int(data.eval_ids.shape[1]), args.batch_size
@@ -259,6 +296,7 @@ def _eval(args) -> int:
     out = {
         "model": lm.describe(),
         "data": data.manifest()["eval"],
+        "bos": data.bos,
         "max_length": args.max_length,
         "perplexity": res.ppl,
         **res.to_dict(),
@@ -348,6 +386,8 @@ _COMMANDS = {
     "models": _models,
     "metrics": _metrics,
     "record": _record,
+    "cache": cli_cache.main,
+    "report": report_cli.main,
 }
 
 if __name__ == "__main__":

@@ -1,10 +1,18 @@
 """Evaluation and calibration text, and the windows protocol.
 
 Protocol: tokenize the whole text once with no special tokens, cut it into consecutive
-non-overlapping windows of ``max_length`` tokens and drop the remainder. Evaluation takes the
-first ``max_samples`` windows; calibration samples windows with the seed from text disjoint from
-the evaluation windows (a separate calibration text, or the windows after the evaluation ones
-when none is given or it is the evaluation text itself).
+non-overlapping windows of ``max_length`` tokens and drop the remainder.
+
+BOS: a model whose tokenizer starts every sequence with a BOS token (``add_bos_token``, or
+``tokenizer("a")`` beginning with ``bos_token_id``) is evaluated as it was trained. With
+``bos="auto"`` (or "always") each window is ``[BOS, t_1 .. t_{L-1}]``, L = ``max_length``: BOS is
+input only (position 0 is never a label) and the NLL is over t_1 .. t_{L-1}, every text token of
+the window; "never" (and "auto" for tokenizers that add none, e.g. SmolLM2's) keeps
+``[t_1 .. t_L]`` with the NLL over t_2 .. t_L. Either way L - 1 tokens are scored per window.
+
+Evaluation takes the first ``max_samples`` windows; calibration samples windows with the seed
+from text disjoint from the evaluation windows (a separate calibration text, or the windows after
+the evaluation ones when none is given or it is the evaluation text itself).
 
 Seeds must draw materially different calibration sets: two draws of n windows from a pool of N
 share n/N of their windows on average, so ``calibration`` refuses n/N > 0.5 (``DataError``
@@ -20,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from esa.errors import DataError
+from esa.errors import ConfigError, DataError
 from esa.models.tokenizer import builtin_corpus
 from esa.util.files import file_sha256, text_sha256
 
@@ -37,6 +45,8 @@ HF_DATASETS = {
     "wikitext-2-v1": ("wikitext", "wikitext-2-v1"),
     "wikitext-103-raw-v1": ("wikitext", "wikitext-103-raw-v1"),
 }
+BOS_MODES = ("auto", "always", "never")  # --bos / --esa-bos
+NO_BOS = {"mode": "never", "prepended": False, "token_id": None, "token": None, "reason": "no BOS"}
 
 
 @dataclass(frozen=True)
@@ -118,15 +128,55 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def make_windows(tokenizer, text: str, max_length: int) -> torch.Tensor:
-    """Consecutive non-overlapping windows ``[n, max_length]``; the remainder is dropped."""
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer's own convention starts a sequence with its BOS token:
+    ``add_bos_token`` is True, or ``tokenizer("a")`` (special tokens on) begins with
+    ``bos_token_id`` (a post-processor that adds it, e.g. a saved Llama 3 tokenizer.json)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    if getattr(tokenizer, "add_bos_token", False) is True:
+        return True
+    ids = tokenizer("a")["input_ids"]
+    return bool(ids) and int(ids[0]) == int(bos)
+
+
+def bos_policy(tokenizer, mode: str = "auto") -> dict:
+    """What the windows start with (plain types, for the manifest): ``mode``, ``prepended``,
+    ``token_id``, ``token`` and ``reason``. "auto" follows :func:`adds_bos`, "always" prepends the
+    tokenizer's BOS (DataError when it has none), "never" prepends nothing."""
+    if mode not in BOS_MODES:
+        raise ConfigError(f"unknown --bos {mode!r}: use one of {', '.join(BOS_MODES)}")
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if mode == "never":
+        return {**NO_BOS, "reason": "--bos never"}
+    if mode == "always" and bos_id is None:
+        raise DataError("--bos always: this tokenizer has no BOS token; use --bos auto or --bos never")
+    add = mode == "always" or adds_bos(tokenizer)
+    reason = "--bos always" if mode == "always" else f"tokenizer adds {'a' if add else 'no'} BOS"
+    return {
+        "mode": mode,
+        "prepended": bool(add),
+        "token_id": int(bos_id) if add and bos_id is not None else None,
+        "token": str(getattr(tokenizer, "bos_token", None)) if add else None,
+        "reason": reason,
+    }
+
+
+def make_windows(tokenizer, text: str, max_length: int, bos_id: int | None = None) -> torch.Tensor:
+    """Consecutive non-overlapping windows ``[n, max_length]``; the remainder is dropped. With
+    ``bos_id`` each window is ``[bos_id]`` + the next ``max_length - 1`` text tokens."""
     ids = tokenize(tokenizer, text)
-    return windows_of(ids, max_length)
+    return windows_of(ids, max_length, bos_id)
 
 
-def windows_of(ids: torch.Tensor, max_length: int) -> torch.Tensor:
-    n = ids.numel() // max_length
-    return ids[: n * max_length].view(n, max_length)
+def windows_of(ids: torch.Tensor, max_length: int, bos_id: int | None = None) -> torch.Tensor:
+    """``[n, max_length]`` windows of ``ids`` (``bos_id``: ``max_length - 1`` text tokens after it)."""
+    if bos_id is None:
+        n = ids.numel() // max_length
+        return ids[: n * max_length].view(n, max_length)
+    body = windows_of(ids, max_length - 1)
+    return torch.cat((torch.full((body.shape[0], 1), int(bos_id), dtype=body.dtype), body), dim=1)
 
 
 @dataclass
@@ -140,6 +190,7 @@ class DataBundle:
     max_length: int
     eval_total_windows: int
     disjoint: bool = True  # no calibration text overlaps the evaluation text (see prepare_data)
+    bos: dict = field(default_factory=lambda: dict(NO_BOS))  # bos_policy(): what each window starts with
 
     def calibration(self, n: int, seed: int) -> torch.Tensor:
         """``n`` calibration windows drawn without replacement with ``seed`` (in pool order);
@@ -179,11 +230,14 @@ class DataBundle:
 
     def manifest(self) -> dict:
         after = self.calib_source.sha256 == self.eval_source.sha256
+        bos = self.bos.get("token_id") if self.bos.get("prepended") else None
         return {
             "protocol": "tokenize once without special tokens; consecutive non-overlapping windows; "
-            "remainder dropped; eval = first windows; calibration sampled per seed"
+            + ("" if bos is None else f"each window = BOS (id {bos}, input only, never scored) + text; ")
+            + "remainder dropped; eval = first windows; calibration sampled per seed"
             + ("; calibration from the windows after the evaluation ones" if after else ""),
             "max_length": self.max_length,
+            "bos": dict(self.bos),
             "eval": {
                 **self.eval_source.describe(),
                 "windows_total": self.eval_total_windows,
@@ -206,23 +260,30 @@ def prepare_data(
     max_samples: int | None = None,
     min_calib_windows: int = 1,
     calib_windows: int | None = None,
+    bos: str = "auto",
 ) -> DataBundle:
     """Load and window the evaluation text (and calibration text, disjoint from it).
 
     Calibration comes from ``calib_data`` unless it is None or the evaluation text itself; then
     from the windows after the evaluation ones. With ``calib_windows`` it checks at once that the
-    pool can give seeds materially different draws (as ``DataBundle.calibration`` does)."""
+    pool can give seeds materially different draws (as ``DataBundle.calibration`` does). ``bos``
+    ("auto" | "always" | "never", see :func:`bos_policy`) decides whether every window (evaluation
+    and calibration) starts with the tokenizer's BOS token; the choice is in the manifest."""
     if max_length < 2:
         raise DataError(f"--max-length {max_length} is too short: use at least 2 tokens")
     if max_samples is not None and max_samples < 1:
         raise DataError(f"--max-samples {max_samples}: evaluate at least 1 window")
+    policy = bos_policy(tokenizer, bos)
+    bos_id = policy["token_id"] if policy["prepended"] else None
     eval_src = load_text(data, split="test")
-    all_windows = make_windows(tokenizer, eval_src.text, max_length)
+    all_windows = make_windows(tokenizer, eval_src.text, max_length, bos_id)
     if all_windows.shape[0] == 0:
         n_tok = tokenize(tokenizer, eval_src.text).numel()
         raise DataError(
             f"{eval_src.name} has {n_tok} tokens, fewer than one window of "
-            f"--max-length {max_length}: use a longer text or a smaller --max-length"
+            f"--max-length {max_length}"
+            + ("" if bos_id is None else " (BOS + text)")
+            + ": use a longer text or a smaller --max-length"
         )
     n_eval = all_windows.shape[0] if max_samples is None else min(max_samples, all_windows.shape[0])
     if max_samples is not None and max_samples > all_windows.shape[0]:
@@ -237,7 +298,7 @@ def prepare_data(
     if calib_src.sha256 == eval_src.sha256:
         calib_src, pool = eval_src, all_windows[n_eval:]
     else:
-        pool = make_windows(tokenizer, calib_src.text, max_length)
+        pool = make_windows(tokenizer, calib_src.text, max_length, bos_id)
     if pool.shape[0] < min_calib_windows:
         raise DataError(
             f"no calibration text left after {n_eval} evaluation windows of {eval_src.name}: "
@@ -245,7 +306,14 @@ def prepare_data(
         )
     disjoint = _disjoint(eval_src, calib_src, all_windows[:n_eval], pool)
     bundle = DataBundle(
-        all_windows[:n_eval], pool, eval_src, calib_src, max_length, int(all_windows.shape[0]), disjoint
+        all_windows[:n_eval],
+        pool,
+        eval_src,
+        calib_src,
+        max_length,
+        int(all_windows.shape[0]),
+        disjoint,
+        policy,
     )
     if calib_windows is not None:
         bundle._check(calib_windows)

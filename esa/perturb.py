@@ -3,6 +3,7 @@
 ``perturbed`` snapshots the selected entries (and an integer checksum of every touched tensor)
 before changing anything, and in ``finally`` writes the snapshot back and verifies it bitwise;
 a failed verification raises ``RestoreError``. Only the selected entries are copied.
+adaptive_noise, magnitude_scaling and quantization(_per_row) live in ``esa.perturb_extra``.
 
 Registry defaults (callers resolve them, ``perturbed`` never fills them in): gauss_noise
 σ = 0.02·|w| (``resolve_scale``), scale factor 0; hit probability 0.05 for bit_flip and 1 for
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from esa.errors import ConfigError, RestoreError
+from esa.perturb_extra import register_extra
 from esa.util.bits import bit_width, bits_checksum, bits_view
 from esa.util.sampling import tensor_seed
 
@@ -68,10 +70,11 @@ def register_perturbation(
     default_prob: float = 1.0,
     changes: Changes | None = None,
 ):
-    """Decorator registering ``fn(values, *, scale, bit, generator)`` under ``name``.
+    """Decorator registering ``fn(values, *, scale, bit, generator, weights, index)`` under ``name``.
 
     ``values`` is a 1-D tensor of the selected entries (parameter dtype and device); ``fn``
-    returns the new values with the same dtype and shape and must not modify ``values``.
+    returns the new values with the same dtype and shape and must not modify ``values`` (nor
+    ``weights``, the whole unperturbed tensor; ``index``: the selected flat indices).
     """
 
     def decorate(fn):
@@ -222,6 +225,9 @@ def _bit_flip(values, *, bit, **_):
     return _xor_bit(values, bit)
 
 
+register_extra(register_perturbation, PERTURBATIONS)  # adaptive_noise, magnitude_scaling, quantization*
+
+
 @contextlib.contextmanager
 def perturbed(
     model_or_params,
@@ -359,7 +365,7 @@ def _apply(plan, spec: Perturbation, *, scale, prob, bit, seed) -> PerturbInfo:
         gen = torch.Generator().manual_seed(tensor_seed(seed, name))
         old = _gather(param, idx)
         used_bit = _resolve_bit(bit, param.dtype, name) if spec.uses_bit else None
-        new = spec(old, scale=scale, bit=used_bit, generator=gen)
+        new = spec(old, scale=scale, bit=used_bit, generator=gen, weights=param.data, index=idx)
         if new.dtype != old.dtype or new.shape != old.shape:
             raise ConfigError(f"perturbation {spec.name!r} returned {new.dtype}{tuple(new.shape)}")
         if prob < 1.0:

@@ -1,7 +1,7 @@
 """Matplotlib figures for claims and reports (Agg canvas, no pyplot state, no display needed).
 
-Every plot function returns a `matplotlib.figure.Figure`; `figure_to_base64` / `save_figure`
-render it and close it.
+Every plot function returns a `matplotlib.figure.Figure`; `render` / `figure_to_base64` /
+`save_figure` render it (PNG, and PDF + SVG copies for papers) and close it.
 """
 
 from __future__ import annotations
@@ -9,9 +9,8 @@ from __future__ import annotations
 import base64
 import io
 import math
-import os
 import sys
-import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -21,8 +20,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from esa.stats import bootstrap_ci
+from esa.util.files import atomic_write
 
 MAX_POINTS = 1_000_000
+VECTOR_FORMATS = ("pdf", "svg")  # copies of a PNG figure for papers (save_figure also=, claims)
 _COLORS = ["#0969da", "#cf222e", "#1a7f37", "#8250df", "#bf8700", "#57606a", "#e16f24", "#0a7f86"]
 
 
@@ -247,16 +248,32 @@ def _close(fig) -> None:
         plt.close(fig)
 
 
-def figure_to_png(fig, dpi: int = 100) -> bytes:
-    """PNG bytes of `fig` (which is then closed)."""
-    buf = io.BytesIO()
+def render(fig, formats=("png",), dpi: int = 100) -> dict[str, bytes]:
+    """`fig` rendered in each of `formats` as {format: bytes}; closes `fig`. The first format is
+    the one asked for (its error propagates); a later one that fails (a side job: the PDF/SVG
+    copies) is left out with a warning."""
+    out: dict[str, bytes] = {}
     try:
         if fig.canvas is None or not hasattr(fig.canvas, "print_png"):
             FigureCanvasAgg(fig)
-        fig.savefig(buf, format="png", dpi=dpi)
+        for i, fmt in enumerate(dict.fromkeys(formats)):
+            buf = io.BytesIO()
+            try:
+                fig.savefig(buf, format=fmt, dpi=dpi)
+            except Exception as exc:
+                if i == 0:
+                    raise
+                warnings.warn(f"esa: figure not rendered as {fmt}: {exc}", RuntimeWarning, stacklevel=2)
+                continue
+            out[fmt] = buf.getvalue()
     finally:
         _close(fig)
-    return buf.getvalue()
+    return out
+
+
+def figure_to_png(fig, dpi: int = 100) -> bytes:
+    """PNG bytes of `fig` (which is then closed)."""
+    return render(fig, ("png",), dpi)["png"]
 
 
 def figure_to_base64(fig, dpi: int = 100) -> str:
@@ -264,19 +281,19 @@ def figure_to_base64(fig, dpi: int = 100) -> str:
     return base64.b64encode(figure_to_png(fig, dpi)).decode("ascii")
 
 
-def save_figure(fig, path, dpi: int = 150) -> Path:
-    """Write `fig` to `path` atomically (format from the suffix, default png); closes `fig`."""
+def save_figure(fig, path, dpi: int = 150, also=()) -> Path:
+    """Write `fig` to `path` (format from the suffix, default png) and a copy in each format of
+    `also` next to it (same stem; ``also=VECTOR_FORMATS``: PDF and SVG for papers, each about as
+    slow as the PNG); atomic writes, files 0666 & ~umask; closes `fig`. A copy that cannot be
+    rendered or written only warns."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fmt = path.suffix.lstrip(".").lower() or "png"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format=fmt, dpi=dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    finally:
-        _close(fig)
+    data = render(fig, (fmt, *also), dpi)
+    atomic_write(path, data.pop(fmt))
+    for extra, blob in data.items():
+        try:
+            atomic_write(path.with_suffix(f".{extra}"), blob)
+        except OSError as exc:
+            warnings.warn(f"esa: figure copy {extra} not written: {exc}", RuntimeWarning, stacklevel=2)
     return path

@@ -171,8 +171,10 @@ def select(
     ``eligible`` maps a tensor name to a bool mask of its shape: entries marked False are never
     selected (a name left out is all eligible); ConfigError when fewer than k are eligible.
     Global selection streams over the tensors (per-tensor top-k, then a running merge); it never
-    concatenates all scores.
+    concatenates all scores. Cached candidates (``esa.metrics.candidates``) answer themselves.
     """
+    if hasattr(scores, "select_entries"):
+        return scores.select_entries(k, kind, mode, seed, metric, eligible)
     k = _check(scores, k, kind, mode)
     counts = _eligible_counts(scores, eligible, k, mode)
     if kind == "random":
@@ -309,10 +311,8 @@ def _global_extreme(scores, k: int, kind: str, seed: int, eligible) -> dict[str,
     """Streaming global top-k: per-tensor top-k (on the scores' device), then a running best-k of
     (key, priority, tensor, index) on the CPU. Extra memory: one chunk of keys plus O(k) candidates."""
     names = list(scores)
-    run_key = torch.empty(0, dtype=torch.float64)
-    run_prio = torch.empty(0, dtype=torch.long)
-    run_tensor = torch.empty(0, dtype=torch.long)
-    run_index = torch.empty(0, dtype=torch.long)
+    run_key, run_prio = torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.long)
+    run_tensor, run_index = run_prio.clone(), run_prio.clone()
     for pos, name in enumerate(names):
         idx = _tensor_topk(scores[name], k, kind, seed, name, _mask(eligible, name, scores[name]))
         cand_key = _key(scores[name].detach().reshape(-1)[idx], kind).to("cpu", torch.float64)

@@ -1,30 +1,37 @@
 """Parametrize claims over the session's models, metrics, tiny architectures and perturbations.
 
 The lists come from the registries: models and metrics from the options (validated by the esa
-plugin against ``esa.metrics.METRICS``; model names with ``check_model_name``), architectures from
-``esa.models.tiny.tiny_models()``, perturbations from criteria.py, each checked at collection to
+plugin against ``esa.metrics.METRICS``; model names with ``check_model_name``), the trained models
+profiled by the architecture claims from the options plus ``esa.models.family.family_names()`` (no
+research claim runs on a random-init model: those are code-path tests in tests/), perturbations
+from criteria.py, each checked at collection to
 be registered in ``esa.perturb.PERTURBATIONS`` (metrics named in criteria.py likewise); a test
 that parametrizes ``perturbation`` itself keeps its own list."""
 
 from pathlib import Path
 
 import pytest
-from criteria import NULL_PERTURBATIONS, PERTURBATIONS, PRUNE_METHODS, RANK_METRICS, ZEROSHOT_TASKS
+from criteria import (
+    NULL_PERTURBATIONS,
+    PERTURBATIONS,
+    PRUNE_METHODS,
+    RANK_METRICS,
+    TAMPER_METRIC,
+    ZEROSHOT_TASKS,
+)
 
 from esa import perturb
 from esa.claims.plugin import OPTIONS_KEY
 from esa.metrics import METRICS
 from esa.models import check_model_name
-from esa.models.tiny import tiny_models
-
-TINY_ARCHS = tuple(tiny_models())
+from esa.models.family import family_names
 
 
 def unregistered() -> str | None:
     """One line naming the first criteria.py name missing from its registry, else None."""
     named = {
         "perturbation": ([*PERTURBATIONS, *NULL_PERTURBATIONS], perturb.PERTURBATIONS),
-        "metric": ([*RANK_METRICS, *(m for m, _ in PRUNE_METHODS)], METRICS),
+        "metric": ([*RANK_METRICS, *(m for m, _ in PRUNE_METHODS), TAMPER_METRIC], METRICS),
     }
     for kind, (names, registry) in named.items():
         missing = [n for n in names if n not in registry]
@@ -49,10 +56,8 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("model", options.models)
     if "metric" in metafunc.fixturenames:
         metafunc.parametrize("metric", options.metrics)
-    if "arch" in metafunc.fixturenames:
-        metafunc.parametrize("arch", TINY_ARCHS)
-    if "profiled" in metafunc.fixturenames:  # the session's models and every tiny architecture
-        metafunc.parametrize("profiled", list(dict.fromkeys([*options.models, *TINY_ARCHS])))
+    if "profiled" in metafunc.fixturenames:  # the session's models and the trained scaling family
+        metafunc.parametrize("profiled", list(dict.fromkeys([*options.models, *family_names()])))
     if "perturbation" in metafunc.fixturenames and not parametrized(metafunc, "perturbation"):
         metafunc.parametrize("perturbation", PERTURBATIONS)
 

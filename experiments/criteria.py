@@ -8,6 +8,7 @@ Names of perturbations and metrics must be registered in ``esa.perturb.PERTURBAT
 # phase 1: baseline
 LEAK_PPL = 1.5  # PPL below this on natural text means a bug (repeated text, leaked labels)
 PPL_SEED_VARIATION = 0.05  # relative half-width of the baseline PPL's 95% CI over eval windows
+TIER_MIN_SHARED = 10  # claims decided at two stored tiers before "same verdicts across tiers" decides
 
 # phase 2: sensitivity profiling
 JACCARD_STABLE = 0.30  # top-k Jaccard across calibration seeds
@@ -40,6 +41,9 @@ BIT_POSITIONS = ("sign", "exponent_msb", "exponent_lsb", "mantissa_msb")  # bit_
 SCALING_R2 = 0.80  # power-law fit of a sensitivity measure vs parameter count
 SCALING_PREDICTION = 0.20  # the largest model predicted from the others within 20%
 SCALING_MEASURES = ("concentration", "super_random_ratio", "weights_to_double")
+# issue 11: fits only on scale-free quantities (a count of weights grows with the model whenever
+# sensitivity is diffuse, so its R² is near-automatic); esa.analyses.scaling.QUANTITIES names each
+SCALING_SCALE_FREE = ("concentration", "super_random_ratio", "fraction_to_double")
 
 # phase 5: applications
 SUPER_WEIGHT_VS_RANDOM = 3.0  # ΔPPL(zero the detected super weight) >= 3x ΔPPL(zero one random weight)
@@ -48,6 +52,19 @@ PRUNE_SPARSITY = 0.50  # pruning comparison at 50% unstructured sparsity
 PRUNE_GAIN = 0.15  # best sensitivity-guided method beats magnitude by > 15% (PPL)
 FLIP_RATIO = 10.0  # critical weights fail the model with >= 10x fewer flips than random
 FLIP_FAILURE_FACTOR = 10.0  # "failure" = PPL >= 10x baseline, or non-finite
+# issue 11: the detector's controls, the paper's scale sweep, tamper detection, bf16 bit flips
+DETECTOR_NULL_DRAWS = 100  # random single weights of the super weight's tensor, each zeroed alone
+DETECTOR_P = 0.01  # super weight beyond that null: empirical p < 0.01 (100 draws give p >= 1/101)
+MAGNITUDE_CONTROL_K = 7000  # Yu et al. 2024 "Prune Non-SW": the 7,000 largest-|w| other weights
+SWEEP_FACTORS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0)  # the super weight scaled by f (Yu et al. 2024)
+SWEEP_CATASTROPHE = 10.0  # removing the super weight (f = 0) is catastrophic: PPL >= 10x PPL(f = 1)
+TAMPER_METRIC = "act_mag"  # score maps compared (|w| x input norm: a weight change shows where it is)
+TAMPER_MARGIN = 1.0  # detected: score shift > the largest calibration-noise shift of its tensor
+TAMPER_PLANT = 20.0  # the planted change: one random weight set to 20x its tensor's RMS
+FLIP_DTYPE = "bf16"  # bit flips in the dtype the model is deployed in
+FLIP_SEARCH_STEPS = 16  # progressive (BFA-style) sensitivity-guided bit search: at most 16 flips
+FLIP_RANDOM_MAX = 1024  # random (weight, bit) flips tried: 1, 2, 4, ..., 1024
+FLIP_POSITION_WEIGHTS = 16  # per bit position: flips in this many random weights, one at a time
 ZEROSHOT_TASKS = ("arc_easy", "boolq", "hellaswag", "piqa")  # local samples in fixtures/zeroshot
 RANK_METRICS = ("magnitude", "act_mag", "grad_x_weight", "grad_squared")  # super weight's rank under each
 PRUNE_METHODS = (  # (metric, granularity) compared at PRUNE_SPARSITY; act_mag per row = Wanda
@@ -59,3 +76,12 @@ PRUNE_METHODS = (  # (metric, granularity) compared at PRUNE_SPARSITY; act_mag p
     ("grad_squared", "row"),
     ("hutchinson_diag", "row"),
 )
+
+# phase 5: the old runner's analyses (issue 13)
+PROGRESSIVE_METHOD = "zero"  # progressive perturbation: the runner's method when --perturb names none
+PROGRESSIVE_FACTOR = 2.0  # its damage target: PPL >= 2 x baseline (esa.analyses.progressive default)
+PROGRESSIVE_RATIO = 10.0  # critical weights reach it with >= 10x fewer weights than random ones
+PROGRESSIVE_MAX_WEIGHTS = 4096  # the largest set grown (1, 2, 4, ...; the analysis' default cap)
+ADVANCED_PERTURBATIONS = ("adaptive_noise", "magnitude_scaling", "quantization")  # registered defaults
+COLUMN_SHARE_VS_RANDOM = 3.0  # top-k's share in its tensor's most common column >= 3x a random set's
+CLUSTERING = ("kmeans", 5)  # clusters of the top-k reported beside it (the runner's defaults)

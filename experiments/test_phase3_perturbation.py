@@ -363,25 +363,3 @@ def test_perturbations_restored_bit_exactly(claim, workbench, model, metric):
     claim(threshold="sha256 equal")
     context(claim, workbench, model, metric, list(PERTURBATIONS))
     rules.restored_exactly(claim, [r["restored"] for r in rows], same)
-
-
-def test_architecture_perturb_restore(claim, workbench, arch):
-    """Every perturbation of the top-k is undone bit-exactly on each architecture, PPL included.
-
-    Hypothesis: restore is exact for every supported architecture (dense, MoE, fused projections).
-    Measurement: each perturbation of the grad_x_weight top-k, then a fresh evaluation and the sha256.
-    Decision: restores verified, sha256 equal, PPL after restoring == baseline PPL (bit-exact).
-    Minimum tier: smoke.
-    Falsified if: any weight or the perplexity differs after restoring.
-    """
-    from esa.evaluate import evaluate
-
-    base = workbench.baseline(arch)
-    rows = {p: workbench.perturbed_eval(arch, Condition("grad_x_weight", 0, "top", p)) for p in PERTURBATIONS}
-    again = evaluate(
-        workbench.model(arch).model, workbench.data(arch).eval_ids, workbench.tier.batch_size, progress=False
-    )
-    same = workbench.current_sha256(arch) == workbench.original_sha256(arch)
-    claim(threshold="bit-exact").context(model=arch, metric="grad_x_weight", perturbation=list(PERTURBATIONS))
-    claim.measure("delta_ppl", {p: r["delta_ppl"] for p, r in rows.items()}, key=True)
-    rules.restored_to_baseline(claim, [r["restored"] for r in rows.values()], same, again.ppl, base.ppl)

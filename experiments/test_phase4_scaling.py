@@ -1,13 +1,22 @@
-"""Phase 4 — scaling and architecture: a sensitivity measure follows a power law in parameter
-count (fit on the trained GPT-NeoX family in fixtures/scaling, and on --esa-model lists of three
-or more models), and where in the architecture the most sensitive weights sit."""
+"""Phase 4 — scaling and architecture: a scale-free sensitivity measure follows a power law in
+parameter count (fit on the trained GPT-NeoX family in fixtures/scaling, and on any --esa-model list
+of three or more models), and where in the architecture the most sensitive weights sit.
+
+Scaling fits use scale-free quantities only (criteria.SCALING_SCALE_FREE; each claim names its
+quantity, ``esa.analyses.scaling.QUANTITIES``). Architecture claims run on trained models only (the
+session's --esa-model list and the trained scaling family): where a random-init model's top-k sits is
+no research result; those code paths are tested in tests/test_analyze.py."""
 
 import pytest
-from criteria import SCALING_MEASURES, SCALING_PREDICTION, SCALING_R2
+from criteria import SCALING_PREDICTION, SCALING_R2, SCALING_SCALE_FREE
 from rules_scaling import points_fittable
 
 from esa.analyses import components as analyze
 from esa.claims.plugin import OPTIONS_KEY
+from esa.models.family import family_names
+from esa.models.registry import REGISTRY
+
+RANDOM_INIT = ("tiny", "arch")  # model sources whose weights are a random initialization
 
 pytestmark = [pytest.mark.phase4, pytest.mark.smoke]
 
@@ -18,7 +27,7 @@ def pytest_generate_tests(metafunc):
         series = ["scaling-family"] + (["esa-models"] if len(options.models) >= 3 else [])
         metafunc.parametrize("series", series)
     if "measure" in metafunc.fixturenames:
-        metafunc.parametrize("measure", SCALING_MEASURES)
+        metafunc.parametrize("measure", SCALING_SCALE_FREE)
 
 
 _ROWS: dict = {}
@@ -27,7 +36,6 @@ _ROWS: dict = {}
 def series_rows(series, workbench, esa_options):
     """Per-model measurements of one series (computed once per worker)."""
     from esa.analyses.scaling import measure_family
-    from esa.models.family import family_names
 
     if series not in _ROWS:
         names = family_names() if series == "scaling-family" else list(esa_options.models)
@@ -48,10 +56,12 @@ def series_rows(series, workbench, esa_options):
 
 def _fit(claim, series, measure, workbench, esa_options):
     """Points of one measure, and their power-law fit; ``rules_scaling.points_fittable`` decides
-    whether they can have one (non-finite: inconclusive; <= 0: falsified)."""
-    from esa.analyses.scaling import fit_scaling
+    whether they can have one (non-finite: inconclusive; <= 0: falsified). The claim's context
+    names the quantity fitted and the models."""
+    from esa.analyses.scaling import QUANTITIES, fit_scaling
 
     rows = series_rows(series, workbench, esa_options)
+    claim.context(quantity=QUANTITIES[measure], models=[r["name"] for r in rows])
     points = [(r["params_non_embedding"], r[measure]) for r in rows]
     claim.measure("points", {r["name"]: [r["params_non_embedding"], r[measure]] for r in rows})
     points_fittable(claim, measure, [y for _, y in points])
@@ -59,8 +69,16 @@ def _fit(claim, series, measure, workbench, esa_options):
 
 
 def test_scaling_power_law(claim, workbench, esa_options, series, measure):
-    """The sensitivity measure follows a power law in (non-embedding) parameter count: R² > 0.8."""
-    from esa.analyses.scaling import plot_scaling
+    """The scale-free sensitivity measure follows a power law in (non-embedding) parameter count.
+
+    Hypothesis: sensitivity concentration changes with model size as value = c · n^α.
+    Measurement: the measure (its quantity in the context) on each model of the series, one
+    calibration seed; least-squares fit in log-log space with a bootstrap CI of R² over models.
+    Decision: R² > 0.8; a non-finite point is inconclusive, a point <= 0 falsifies (no power law).
+    Minimum tier: smoke (the family is small; the fit has as many points as models).
+    Falsified if: R² <= 0.8, or the measure is <= 0 on some model.
+    """
+    from esa.analyses.scaling import QUANTITIES, plot_scaling
 
     claim(threshold=SCALING_R2).context(
         series=series, metric="grad_x_weight", measure=measure, seeds=[workbench.tier.seeds[0]]
@@ -71,14 +89,23 @@ def test_scaling_power_law(claim, workbench, esa_options, series, measure):
     claim.measure("alpha_stderr", fit["alpha_stderr"])
     claim.measure("baseline_ppl", {r["name"]: r["baseline_ppl"] for r in rows})
     claim.figure(
-        plot_scaling(points, fit, labels=[r["name"] for r in rows], ylabel=measure),
-        f"{measure} vs non-embedding parameters (log-log)",
+        plot_scaling(
+            points, fit, labels=[r["name"] for r in rows], ylabel=measure, title=QUANTITIES[measure]
+        ),
+        f"{measure} ({QUANTITIES[measure]}) vs non-embedding parameters (log-log)",
     )
     claim.expect(fit["r2"], ">", SCALING_R2, name="r2")
 
 
 def test_scaling_predicts_largest(claim, workbench, esa_options, series, measure):
-    """A fit on the smaller models predicts the largest model's measure within 20%."""
+    """A fit on the smaller models predicts the largest model's measure within 20%.
+
+    Hypothesis: the power law extrapolates (out-of-sample, not just fits).
+    Measurement: the fit on all models but the largest, its prediction for the largest.
+    Decision: |relative error| <= 0.2; non-finite points inconclusive, points <= 0 falsify.
+    Minimum tier: smoke.
+    Falsified if: the prediction misses by more than 20%.
+    """
     claim(threshold=SCALING_PREDICTION).context(series=series, measure=measure)
     _rows, _, fit = _fit(claim, series, measure, workbench, esa_options)
     err = fit["largest_from_others"]["rel_error"]
@@ -86,6 +113,17 @@ def test_scaling_predicts_largest(claim, workbench, esa_options, series, measure
     claim.measure("largest_from_others", fit["largest_from_others"])
     claim.measure("loo_errors", fit["loo_errors"])
     claim.expect(abs(err), "<=", SCALING_PREDICTION, name="abs_rel_error")
+
+
+def trained_models(esa_options) -> list[str]:
+    """The session's models and the trained scaling family, random-init ones left out."""
+    names = dict.fromkeys([*esa_options.models, *family_names()])
+    return [n for n in names if not random_init(n)]
+
+
+def random_init(name: str) -> bool:
+    spec = REGISTRY.get(name)
+    return spec is not None and spec.source in RANDOM_INIT
 
 
 def _profile(workbench, name, metric):
@@ -107,7 +145,18 @@ def _profile(workbench, name, metric):
 
 
 def test_mlp_overrepresented(claim, workbench, profiled, metric):
-    """MLP weights hold a larger share of the global top-k than of the scored weights."""
+    """MLP weights hold a larger share of the global top-k than of the scored weights.
+
+    Hypothesis: sensitivity concentrates in the MLP of trained models (super weights sit in down
+    projections).
+    Measurement: the global top-(k x tensors) of the metric, one calibration seed; the MLP's share
+    of it and of the scored parameters.
+    Decision: share_topk(mlp) > share_params(mlp).
+    Minimum tier: smoke.
+    Falsified if: the MLP's share of the top-k is at most its share of the parameters.
+    """
+    if random_init(profiled):
+        pytest.skip(f"{profiled} is random-init: architecture claims run on trained models only")
     lm, frame, table, ratios, param_share = _profile(workbench, profiled, metric)
     top_mlp, par_mlp = ratios["topk"].get("mlp", 0.0), param_share.get("mlp", 0.0)
     claim(threshold="share_topk(mlp) > share_params(mlp)").context(
@@ -130,11 +179,17 @@ def test_mlp_overrepresented(claim, workbench, profiled, metric):
 
 
 def test_architectures_compared(claim, workbench, esa_options):
-    """In every profiled model the MLP holds a larger share of the top-k than attention does."""
-    from conftest import TINY_ARCHS
+    """In every trained model the MLP holds a larger share of the top-k than attention does.
 
+    Hypothesis: MLP hotspots dominate attention hotspots across trained architectures and sizes.
+    Measurement: the global top-k share by group (mlp / attention) of the first metric, on the
+    session's models and the trained scaling family (random-init models left out).
+    Decision: share(mlp) > share(attention) in every model.
+    Minimum tier: smoke.
+    Falsified if: attention holds at least the MLP's share in some trained model.
+    """
     metric = esa_options.metrics[0]
-    names = list(dict.fromkeys([*esa_options.models, *TINY_ARCHS]))
+    names = trained_models(esa_options)
     tables, ratios = {}, {}
     for name in names:
         _, _, table, r, _ = _profile(workbench, name, metric)

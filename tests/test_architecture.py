@@ -23,6 +23,7 @@ LAYERS = {
     "esa.metrics": 2,
     "esa.select": 2,
     "esa.perturb": 2,
+    "esa.perturb_extra": 2,
     "esa.stats": 2,
     "esa.plots": 2,
     "esa.analyses": 3,
@@ -30,6 +31,7 @@ LAYERS = {
     "esa.claims": 4,
     "esa.bench": 4,
     "esa.cli": 4,
+    "esa.cli_cache": 4,
 }
 # where function-local esa imports are allowed: the pytest plugin and the CLI stay cheap to import
 LAZY_OK = ("esa.claims", "esa.cli")

@@ -22,8 +22,18 @@ from esa.analyses.bitflip import (
     random_order,
     ranked_order,
 )
+from esa.analyses.bitsearch import (
+    _gradients,
+    bits_except,
+    flipped_values,
+    guided_search,
+    plot_positions,
+    position_vulnerability,
+    random_search,
+)
 from esa.data import prepare_data
 from esa.errors import ConfigError
+from esa.evaluate import evaluate
 from esa.models import load_model
 from esa.perturb import default_bit, perturbed
 
@@ -188,3 +198,106 @@ def test_flip_comparison_and_plot(tiny):
     assert isinstance(fig, Figure)
     ax = fig.axes[0]
     assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+
+
+# --- esa.analyses.bitsearch: bit positions, the guided search, random flips --------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_bf16():
+    lm = load_model("tiny-llama", dtype="bf16", device="cpu")
+    data = prepare_data(lm.tokenizer, "builtin", None, max_length=32, max_samples=2)
+    base = evaluate(lm.model, data.eval_ids, 2, progress=False).ppl
+    return lm, data, base
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    bit=st.integers(0, 15),
+    seed=st.integers(0, 1000),
+)
+def test_flipped_values_match_the_bit_flip_perturbation(dtype, bit, seed):
+    w = torch.randn(17, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    expected = w.clone()
+    with perturbed({"w": expected}, {"w": torch.arange(17)}, "bit_flip", bit=bit):
+        flipped = expected.clone()
+    assert torch.equal(_bits(flipped_values(w, bit)), _bits(flipped))
+
+
+def test_bits_except():
+    assert bits_except(torch.bfloat16, ["exponent_msb"]) == [b for b in range(16) if b != 14]
+    assert bits_except(torch.float32) == list(range(32))
+
+
+def test_guided_search_takes_the_best_first_order_flip(tiny_bf16):
+    lm, data, base = tiny_bf16
+    before = {n: _bits(p) for n, p in lm.model.named_parameters()}
+    bits = bits_except(torch.bfloat16, ["exponent_msb"])
+    calib = data.calibration(1, 0)
+    out = guided_search(
+        lm, data, calib, bits=bits, max_flips=2, failure_ppl=math.inf, batch_size=2, per_tensor=10**9
+    )
+    assert [p["n_flips"] for p in out["curve"]] == [1, 2] and out["flips_to_failure"] is None
+    assert all(_bits(p).equal(before[n]) for n, p in lm.model.named_parameters())  # restored
+    params = dict(lm.model.named_parameters())
+    grads = _gradients(lm, calib, params, lm.param_map.scorable(), 2)
+    best = max(
+        (
+            float(
+                g.reshape(-1)[i]
+                * (
+                    flipped_values(params[n].detach().reshape(-1)[i : i + 1], b).float()
+                    - params[n].detach().reshape(-1)[i].float()
+                )
+            ),
+            n,
+            i,
+            b,
+        )
+        for n, g in grads.items()
+        for b in bits
+        for i in [
+            int(
+                torch.nan_to_num(
+                    g.reshape(-1)
+                    * (
+                        flipped_values(params[n].detach().reshape(-1), b).float()
+                        - params[n].detach().reshape(-1).float()
+                    ),
+                    nan=-math.inf,
+                    posinf=-math.inf,
+                ).argmax()
+            )
+        ]
+    )
+    name, flat, bit, gain = out["flips"][0]
+    assert (name, flat, bit) == best[1:] and gain == pytest.approx(best[0], rel=1e-4)
+    stop = guided_search(lm, data, calib, bits=bits, max_flips=3, failure_ppl=base * (1 - 1e-9), batch_size=2)
+    assert stop["flips_to_failure"] == 1 and len(stop["curve"]) == 1  # any PPL >= failure: stops at once
+
+
+def test_random_search_grid_restores_and_is_seeded(tiny_bf16):
+    lm, data, _ = tiny_bf16
+    before = {n: _bits(p) for n, p in lm.model.named_parameters()}
+    bits = bits_except(torch.bfloat16, ["exponent_msb"])
+    out = random_search(lm, data, bits=bits, max_flips=5, failure_ppl=math.inf, seed=3, batch_size=2)
+    assert [p["n_flips"] for p in out["curve"]] == [1, 2, 4, 5] and out["flips_to_failure"] is None
+    assert out == random_search(lm, data, bits=bits, max_flips=5, failure_ppl=math.inf, seed=3, batch_size=2)
+    assert all(_bits(p).equal(before[n]) for n, p in lm.model.named_parameters())
+    with pytest.raises(ConfigError):
+        random_search(lm, data, bits=[], max_flips=5, failure_ppl=math.inf)
+
+
+def test_position_vulnerability_rows(tiny_bf16):
+    lm, data, base = tiny_bf16
+    scores = {
+        n: p.detach().abs().float() for n, p in lm.model.named_parameters() if n in lm.param_map.scorable()
+    }
+    before = {n: _bits(p) for n, p in lm.model.named_parameters()}
+    rows = position_vulnerability(lm, data, 4, scores=scores, failure_ppl=10 * base, batch_size=2)
+    assert [r["bit"] for r in rows] == list(range(16))
+    assert all(_bits(p).equal(before[n]) for n, p in lm.model.named_parameters())
+    assert set(rows[0]) == {"bit", "ppl_random", "failed_random", "ppl_top", "failed_top"}
+    assert not rows[0]["failed_random"] and rows[0]["ppl_random"] == pytest.approx(base, rel=0.05)
+    assert isinstance(plot_positions(rows, baseline_ppl=base, failure_ppl=10 * base), Figure)

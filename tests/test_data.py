@@ -13,8 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from esa.data import (
+    BOS_MODES,
     MAX_CALIB_OVERLAP,
     DataBundle,
+    adds_bos,
+    bos_policy,
     default_data_file,
     load_text,
     make_windows,
@@ -22,7 +25,7 @@ from esa.data import (
     tokenize,
     windows_of,
 )
-from esa.errors import DataError
+from esa.errors import ConfigError, DataError
 from esa.models.tokenizer import builtin_corpus, builtin_tokenizer
 from esa.util.files import file_sha256
 
@@ -318,3 +321,100 @@ def test_seeds_draw_nearly_disjoint_sets_from_wikitext_valid(tok):
     o = b.calibration_overlap(4, [0, 1, 2])
     assert o["pool"] > 1000 and o["max_jaccard"] < 0.2 and o["mean_jaccard"] < 0.05
     assert b.manifest()["calibration_disjoint"] is True
+
+
+# --------------------------------------------------------------------------- BOS (the tokenizer's convention)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 400), max_length=st.integers(2, 64), bos=st.integers(0, 5))
+def test_bos_windows_are_bos_then_consecutive_text(n, max_length, bos):
+    ids = torch.arange(n, dtype=torch.long) * 7 + 10
+    w = windows_of(ids, max_length, bos)
+    body = max_length - 1  # text tokens per window after the BOS
+    assert w.shape == (n // body, max_length) and w.dtype == torch.long
+    assert bool((w[:, 0] == bos).all())
+    assert torch.equal(w[:, 1:].reshape(-1), ids[: (n // body) * body])  # consecutive, none skipped
+
+
+def test_saved_bos_tokenizer_is_detected_by_what_it_does(tmp_path):
+    """A reloaded tokenizer.json adds BOS through its post-processor, whatever add_bos_token says."""
+    from transformers import AutoTokenizer
+
+    builtin_tokenizer(add_bos=True).save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert reloaded("a")["input_ids"][0] == reloaded.bos_token_id == 0
+    assert adds_bos(reloaded) and adds_bos(builtin_tokenizer(add_bos=True))
+    assert not adds_bos(builtin_tokenizer())
+
+
+@pytest.mark.parametrize(
+    "add_bos,mode,prepended",
+    [(False, "auto", False), (True, "auto", True), (True, "never", False), (False, "always", True)],
+)
+def test_bos_policy(add_bos, mode, prepended):
+    p = bos_policy(builtin_tokenizer(add_bos=add_bos), mode)
+    json.dumps(p)  # plain types for the manifest
+    assert p["mode"] == mode and p["prepended"] is prepended
+    assert p["token_id"] == (0 if prepended else None) and p["token"] == (
+        "<|endoftext|>" if prepended else None
+    )
+
+
+def test_bos_policy_errors(tok):
+    with pytest.raises(ConfigError, match="auto, always, never"):
+        bos_policy(tok, "sometimes")
+    no_bos = type("NoBos", (), {"bos_token_id": None, "bos_token": None})()
+    with pytest.raises(DataError, match="--bos never") as info:
+        bos_policy(no_bos, "always")
+    assert "\n" not in str(info.value)
+    assert bos_policy(no_bos, "auto")["prepended"] is False and BOS_MODES == ("auto", "always", "never")
+
+
+def test_prepare_data_with_bos(text_file, tmp_path):
+    bos_tok = builtin_tokenizer(add_bos=True)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(CORPUS[40_000:60_000], encoding="utf-8")
+    b = prepare_data(bos_tok, str(text_file), calib_data=str(calib), max_length=L, max_samples=5)
+    plain = tokenize(bos_tok, TEXT)
+    assert b.eval_ids.shape == (5, L) and bool((b.eval_ids[:, 0] == 0).all())
+    assert torch.equal(b.eval_ids[:, 1:].reshape(-1), plain[: 5 * (L - 1)])
+    assert bool((b.calib_pool[:, 0] == 0).all()) and b.eval_total_windows == plain.numel() // (L - 1)
+    m = b.manifest()
+    assert m["bos"] == b.bos and m["bos"]["prepended"] and "BOS (id 0, input only" in m["protocol"]
+    never = prepare_data(bos_tok, str(text_file), max_length=L, max_samples=5, bos="never")
+    assert torch.equal(never.eval_ids, make_windows(bos_tok, TEXT, L)[:5])
+    assert never.manifest()["bos"]["prepended"] is False and "BOS" not in never.manifest()["protocol"]
+
+
+def test_no_bos_tokenizer_keeps_the_plain_protocol(tok, text_file, all_windows):
+    """Tokenizers that add no BOS (the builtin, SmolLM2's): auto gives exactly the old windows."""
+    b = prepare_data(tok, str(text_file), max_length=L, max_samples=5)
+    assert torch.equal(b.eval_ids, all_windows[:5]) and b.bos["prepended"] is False
+    assert b.bos["reason"] == "tokenizer adds no BOS"
+
+
+def test_too_short_for_one_bos_window(tmp_path):
+    bos_tok = builtin_tokenizer(add_bos=True)
+    path = tmp_path / "short.txt"
+    path.write_text("A few words only.")
+    n_tok = tokenize(bos_tok, "A few words only.").numel()
+    one = prepare_data(bos_tok, str(path), max_length=n_tok + 1, min_calib_windows=0)  # BOS + all text
+    assert one.eval_ids.shape == (1, n_tok + 1)
+    with pytest.raises(DataError, match=r"\(BOS \+ text\)") as info:  # would need n_tok + 1 text tokens
+        prepare_data(bos_tok, str(path), max_length=n_tok + 2, min_calib_windows=0)
+    assert str(n_tok) in str(info.value)
+    with pytest.raises(DataError, match="--max-length"):
+        prepare_data(bos_tok, str(path), max_length=n_tok + 1, min_calib_windows=0, bos="never")
+
+
+def test_claims_workbench_windows_follow_esa_bos(text_file):
+    """--esa-bos reaches the claims: the workbench prepares every model's windows with it."""
+    from esa.claims.tiers import get_tier
+    from esa.claims.workbench import Workbench
+
+    for mode, prepended in (("always", True), ("auto", False)):
+        wb = Workbench(get_tier("smoke"), device="cpu", data=str(text_file), bos=mode)
+        m = wb.data_manifest("tiny-llama")
+        assert m["bos"]["mode"] == mode and m["bos"]["prepended"] is prepended
+        assert bool((wb.data("tiny-llama").eval_ids[:, 0] == 0).all()) is prepended

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from esa.data import load_text, make_windows
+from esa.data import load_text, make_windows, prepare_data
 from esa.evaluate import LEAK_PPL, EvalResult, SuspiciousPerplexityWarning, evaluate, lm_loss, token_nll
 from esa.models import load_model
 
@@ -278,7 +278,57 @@ def test_leak_threshold_boundary():
         assert any(issubclass(w.category, SuspiciousPerplexityWarning) for w in rec) is fires
 
 
+# --------------------------------------------------------------------------- BOS: evaluated as trained
+
+
+def plain_bos_ppl(model, ids: list[int], length: int, n: int) -> float:
+    """A hand-written transformers loop over ``ids`` = [BOS, text tokens ...]: the text cut into n
+    chunks of ``length - 1``, each evaluated as ``[BOS] + chunk`` with labels ``[-100] + chunk``
+    (BOS is context, never a target); exp of the token-weighted mean of transformers' own loss."""
+    bos, body = ids[0], ids[1:]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(n):
+            chunk = body[i * (length - 1) : (i + 1) * (length - 1)]
+            inputs = torch.tensor([[bos, *chunk]])
+            labels = torch.tensor([[-100, *chunk]])
+            loss = model(input_ids=inputs, labels=labels, use_cache=False).loss
+            total += float(loss) * len(chunk)
+            count += len(chunk)
+    return math.exp(total / count)
+
+
+def test_bos_model_matches_plain_transformers_with_bos(tiny):
+    """A tiny random-init Llama whose tokenizer adds BOS (add_bos_token=True): esa's perplexity
+    with BOS (bos="auto") is the plain transformers computation with BOS within 0.1%."""
+    from esa.models.tokenizer import builtin_tokenizer
+
+    bos_tok = builtin_tokenizer(add_bos=True)
+    data = prepare_data(bos_tok, None, max_length=32, max_samples=4)
+    assert data.bos["prepended"] and bool((data.eval_ids[:, 0] == bos_tok.bos_token_id).all())
+    r = evaluate(tiny.model, data.eval_ids, batch_size=2, progress=False)
+    assert r.n_tokens == 4 * 31  # every text token after the BOS, never the BOS
+    ids = bos_tok(TEXT)["input_ids"]  # as the tokenizer itself does it: its BOS first
+    assert ids[0] == bos_tok.bos_token_id
+    assert r.ppl == pytest.approx(plain_bos_ppl(tiny.model, ids, 32, 4), rel=1e-3)
+    never = prepare_data(bos_tok, None, max_length=32, max_samples=4, bos="never")
+    without = evaluate(tiny.model, never.eval_ids, progress=False)
+    assert without.ppl != r.ppl
+
+
 # --------------------------------------------------------------------------- smollm2-135m (real weights)
+
+
+def test_smollm2_with_bos_always_matches_plain_transformers(smollm2):
+    """Real weights: --bos always (SmolLM2's tokenizer adds none by itself) gives the plain
+    transformers perplexity of the same [BOS] + text windows within 0.1%."""
+    tok = smollm2.tokenizer
+    data = prepare_data(tok, None, max_length=64, max_samples=2, bos="always")
+    r = evaluate(smollm2.model, data.eval_ids, batch_size=2, progress=False)
+    assert data.bos["prepended"] and r.n_tokens == 2 * 63
+    ids = [tok.bos_token_id, *tok(TEXT, add_special_tokens=False)["input_ids"]]
+    plain = plain_bos_ppl(smollm2.model, ids, 64, 2)
+    assert r.ppl == pytest.approx(plain, rel=1e-3)
 
 
 def test_smollm2_ppl_and_accuracy_match_independent(smollm2):

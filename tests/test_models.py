@@ -18,7 +18,7 @@ import torch
 import transformers
 
 import esa.models.embedded as embedded
-import esa.models.pretrained as hf
+import esa.models.gguf as gg
 from esa.errors import ConfigError, ModelError
 from esa.models import LoadedModel, list_models, load_model
 from esa.models.registry import HUB_ALIASES, resolve_device, resolve_dtype
@@ -226,7 +226,6 @@ def offline_hub(monkeypatch):
         calls.append(target)
         raise OSError(f"We couldn't connect to 'https://huggingface.co' to load {target}")
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
     return calls
 
@@ -261,17 +260,17 @@ def test_hub_value_error_is_a_model_error(monkeypatch):
 def smollm2():
     """smollm2-135m, loaded once; records whether the GGUF had to be dequantized again."""
     gguf = embedded.gguf_path()  # fetches on a fresh machine
-    meta = gguf.parent / "dequantized" / "esa_cache.json"
-    cache_was_valid = meta.is_file() and embedded._read_json(meta) == embedded._cache_key(gguf)
+    meta = embedded.dequantized_dir(gguf) / gg.META
+    cache_was_valid = meta.is_file() and json.loads(meta.read_text()) == gg.cache_key(gguf)
     calls = []
-    original = hf.load_gguf
+    original = gg.dequantize
 
     def counting(*args, **kwargs):
         calls.append(args)
         return original(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(hf, "load_gguf", counting)
+        mp.setattr(gg, "dequantize", counting)
         lm = load_model("smollm2-135m", device="cpu")
     return lm, gguf, cache_was_valid, calls
 
@@ -287,8 +286,8 @@ def test_smollm2_loads_from_cache(smollm2):
     assert lm.identity["gguf_sha256"] == hashlib.sha256(gguf.read_bytes()).hexdigest()
     # After loading, the dequantized cache exists and matches the GGUF; if it already did, the
     # (slow) GGUF dequantization was skipped.
-    meta = gguf.parent / "dequantized" / "esa_cache.json"
-    assert json.loads(meta.read_text()) == embedded._cache_key(gguf)
+    meta = embedded.dequantized_dir(gguf) / gg.META
+    assert json.loads(meta.read_text()) == gg.cache_key(gguf)
     if cache_was_valid:
         assert calls == []
     ids = lm.tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]

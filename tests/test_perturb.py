@@ -72,6 +72,10 @@ def test_default_scales_come_from_the_registry():
         "gauss_noise": 0.02,
         "scale": 0.0,
         "bit_flip": None,
+        "adaptive_noise": 0.02,
+        "magnitude_scaling": 2.0,
+        "quantization": 4.0,
+        "quantization_per_row": 4.0,
     }
     assert resolve_scale("gauss_noise") == 0.02 and resolve_scale("gauss_noise", 0.05) == 0.05
     assert resolve_scale("zero") is None and resolve_scale("scale", 2.0) == 2.0
@@ -289,6 +293,10 @@ def test_default_probs_come_from_the_registry():
         "gauss_noise": 1.0,
         "scale": 1.0,
         "bit_flip": 0.05,
+        "adaptive_noise": 1.0,
+        "magnitude_scaling": 1.0,
+        "quantization": 1.0,
+        "quantization_per_row": 1.0,
     }
     assert resolve_prob("bit_flip") == 0.05 and resolve_prob("bit_flip", 1.0) == 1.0
     assert resolve_prob("zero") == 1.0

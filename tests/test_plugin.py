@@ -109,7 +109,7 @@ def test_verdicts_numbers_and_reports(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_claims=CLAIMS)
     result = pytester.runpytest("-W", "error::pytest.PytestUnknownMarkWarning")
     result.assert_outcomes(passed=4, failed=3, errors=2, skipped=3)
-    doc = load_claims(pytester.path / "reports" / "claims.json")
+    doc = load_claims(pytester.path / "reports" / "smoke" / "claims.json")
     claims = {c["id"]: c for c in doc["claims"]}
     assert {k: c["verdict"] for k, c in claims.items()} == VERDICTS
     assert [c["id"] for c in doc["claims"]] == sorted(VERDICTS)
@@ -121,7 +121,7 @@ def test_verdicts_numbers_and_reports(pytester: pytest.Pytester) -> None:
     bad = claims["test_claims.py::test_falsified"]
     assert "delta = 3.25 < 1.5 does not hold" in bad["message"]
     assert math.isnan(bad["measured"]["nan_metric"]["value"])  # NaN survives the round trip
-    raw = (pytester.path / "reports" / "claims.json").read_text()
+    raw = (pytester.path / "reports" / "smoke" / "claims.json").read_text()
     assert '"value": "nan"' in raw and "NaN" not in raw
     assert "unknown model 'nope'" in claims["test_claims.py::test_setup_error"]["message"]
     assert "teardown exploded" in claims["test_claims.py::test_teardown_error"]["message"]
@@ -137,8 +137,8 @@ def test_verdicts_numbers_and_reports(pytester: pytest.Pytester) -> None:
     assert "below the minimum tier standard (this run: smoke)" in below["message"]
     assert below["measured"]["effect"]["value"] == 0.01  # measurements still recorded
     assert doc["header"]["windows_sha256"] == "abc123" and doc["header"]["tier"]["name"] == "smoke"
-    md = (pytester.path / "reports" / "claims.md").read_text()
-    html = (pytester.path / "reports" / "claims.html").read_text()
+    md = (pytester.path / "reports" / "smoke" / "claims.md").read_text()
+    html = (pytester.path / "reports" / "smoke" / "claims.html").read_text()
     for text in ("12.25", "42.5", "[11.5, 13]", "falsified", "Phase 2", "teardown exploded"):
         assert text in md and text in html
     assert "delta = 3.25 < 1.5" in md and "delta = 3.25 &lt; 1.5" in html  # html is escaped
@@ -276,7 +276,9 @@ def test_recorded_outcomes(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("-rxX")
     result.assert_outcomes(xfailed=3, failed=7)
     result.stdout.fnmatch_lines(["*recorded: falsified on tiny-a (2025-01-02): ratio=0.5*"])
-    claims = {c["name"]: c for c in load_claims(pytester.path / "reports" / "claims.json")["claims"]}
+    claims = {
+        c["name"]: c for c in load_claims(pytester.path / "reports" / "smoke" / "claims.json")["claims"]
+    }
     assert {k: c["verdict"] for k, c in claims.items()} == RECORDED_VERDICTS
     still = claims["test_still_false[tiny-a]"]
     assert still["outcome"] == "xfailed"
@@ -303,7 +305,7 @@ def test_recorded_outcomes(pytester: pytest.Pytester) -> None:
     assert "has no key, key_value, threshold" in claims["test_legacy[tiny-a]"]["message"]
     assert claims["test_crash[tiny-a]"]["message"] == "RuntimeError: injected"
     assert claims["test_marked_crash"]["message"] == "TypeError: broken metric"
-    md = (pytester.path / "reports" / "claims.md").read_text()
+    md = (pytester.path / "reports" / "smoke" / "claims.md").read_text()
     assert "| ratio (key) | 0.5 |  | 0.5 |" in md and "| ratio (key) | 2 |  | 0.75 |" in md
     assert "Recorded falsified on tiny-a (2025-01-02): ratio = 0.5 (tolerance rel 0.1, abs 1e-09)" in md
     result.stdout.fnmatch_lines(["CHANGED *test_moved*", "FALSIFIED (RECORDED) *test_still_false*"])
@@ -380,7 +382,7 @@ def test_needs_gpu(claim):
     else:
         result.assert_outcomes(passed=1, skipped=1)
         result.stdout.fnmatch_lines(["*gpu: torch.cuda.is_available() is False*"])
-        verdicts = _verdicts(pytester.path / "reports" / "claims.json")
+        verdicts = _verdicts(pytester.path / "reports" / "smoke" / "claims.json")
         assert verdicts["test_marks.py::test_needs_gpu"] == "skipped"
 
 
@@ -396,8 +398,8 @@ def test_fig(claim):
 """
     )
     pytester.runpytest().assert_outcomes(passed=1)
-    html = (pytester.path / "reports" / "claims.html").read_text()
-    md = (pytester.path / "reports" / "claims.md").read_text()
+    html = (pytester.path / "reports" / "smoke" / "claims.html").read_text()
+    md = (pytester.path / "reports" / "smoke" / "claims.md").read_text()
     assert 'src="data:image/png;base64,iVBORw0KGgo' in html and "dose curve" in html
     assert "dose curve" in md and "base64" not in md
 
@@ -419,13 +421,13 @@ def test_d(claim): claim.check(True, "d")
 """
     )
     result = pytester.runpytest("--esa-compare", "old/claims.json")
-    doc = load_claims(pytester.path / "reports" / "claims.json")
+    doc = load_claims(pytester.path / "reports" / "smoke" / "claims.json")
     status = {c["id"].split("::")[1]: c["compare"]["status"] for c in doc["claims"]}
     assert status == {"test_a": "same", "test_b": "changed verdict", "test_d": "new"}
     assert doc["header"]["compare"]["removed"] == [{"id": "test_cmp.py::test_c", "verdict": "holds"}]
     assert doc["header"]["compare"]["counts"] == {"new": 1, "same": 1, "changed verdict": 1, "removed": 1}
     result.stdout.fnmatch_lines(["FALSIFIED *test_b*changed verdict, was holds*"])
-    assert "test_cmp.py::test_c" in (pytester.path / "reports" / "claims.html").read_text()
+    assert "test_cmp.py::test_c" in (pytester.path / "reports" / "smoke" / "claims.html").read_text()
 
 
 def test_options_ini_and_fixtures(pytester: pytest.Pytester) -> None:
@@ -530,7 +532,7 @@ def test_explicit_plugin_without_autoload(pytester: pytest.Pytester, monkeypatch
     pytester.makepyfile(test_c="def test_c(claim): claim.measure('v', 1.5)\n")
     result = pytester.runpytest_subprocess("-p", "esa")
     result.assert_outcomes(passed=1)
-    assert _verdicts(pytester.path / "reports" / "claims.json") == {"test_c.py::test_c": "holds"}
+    assert _verdicts(pytester.path / "reports" / "smoke" / "claims.json") == {"test_c.py::test_c": "holds"}
     listed = pytester.runpytest_subprocess("-p", "esa", "--fixtures").stdout.str()
     assert all(f in listed for f in ("claim", "esa_options", "esa_workbench", "esa_header"))
 
@@ -610,7 +612,7 @@ def test_inconclusive_and_min_tier(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_tier=TIERED)
     smoke = pytester.runpytest("-rs", "--strict-markers")
     smoke.assert_outcomes(passed=1, skipped=2, failed=1)
-    doc = load_claims(pytester.path / "reports" / "claims.json")
+    doc = load_claims(pytester.path / "reports" / "smoke" / "claims.json")
     claims = {c["name"]: c for c in doc["claims"]}
     assert {k: c["verdict"] for k, c in claims.items()} == {
         "test_needs_standard": "inconclusive",  # below its tier: never holds
@@ -622,8 +624,8 @@ def test_inconclusive_and_min_tier(pytester: pytest.Pytester) -> None:
     assert needs["measured"]["ratio"]["value"] == 2.0 and "(would be: holds)" in needs["message"]
     assert needs["doc"] == {"hypothesis": "the ratio exceeds one.", "minimum_tier": "standard."}
     smoke.stdout.fnmatch_lines(["*inconclusive: below the minimum tier standard (this run: smoke)*"])
-    html = (pytester.path / "reports" / "claims.html").read_text()
-    md = (pytester.path / "reports" / "claims.md").read_text()
+    html = (pytester.path / "reports" / "smoke" / "claims.html").read_text()
+    md = (pytester.path / "reports" / "smoke" / "claims.md").read_text()
     assert (
         "<dt>Hypothesis</dt><dd>the ratio exceeds one.</dd>" in html and "minimum tier</b> standard" in html
     )
@@ -633,9 +635,10 @@ def test_inconclusive_and_min_tier(pytester: pytest.Pytester) -> None:
     assert ok.ret == pytest.ExitCode.OK  # inconclusive does not fail the run
     standard = pytester.runpytest("--esa-tier", "standard", "-k", "needs_standard")
     assert standard.ret == pytest.ExitCode.OK
-    assert _verdicts(pytester.path / "reports" / "claims.json") == {
+    assert _verdicts(pytester.path / "reports" / "standard" / "claims.json") == {
         "test_tier.py::test_needs_standard": "holds"
     }
+    assert "test_at_smoke" in (pytester.path / "reports" / "smoke" / "claims.md").read_text()  # kept
     pytester.makepyfile(test_bad='import pytest\n@pytest.mark.min_tier("huge")\ndef test_x(claim): pass\n')
     bad = pytester.runpytest("test_bad.py")
     assert bad.ret == pytest.ExitCode.USAGE_ERROR

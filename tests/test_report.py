@@ -62,7 +62,7 @@ def _claims() -> list[dict]:
 
 def test_write_reports_files_and_content(tmp_path) -> None:
     paths = write_reports(_claims(), {"models": ["tiny-a"], "tier": {"name": "smoke"}}, tmp_path / "r")
-    assert set(paths) == {"json", "md", "html"} and all(p.is_file() for p in paths.values())
+    assert set(paths) == {"json", "md", "html", "tex"} and all(p.is_file() for p in paths.values())
     assert not list((tmp_path / "r").glob(".*.tmp"))
     raw = paths["json"].read_text()
     json.loads(raw, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
@@ -93,7 +93,7 @@ def test_markdown_table_cells_escape_pipes(tmp_path) -> None:
         {"id": "t.py::test_a[x|y]", "verdict": "holds", "measured": {"a|b": {"value": 1.0, "ci": None}}}
     ]
     md = write_reports(claims, {}, tmp_path)["md"].read_text()
-    assert "`t.py::test_a[x\\|y]`" in md and "| a\\|b | 1 |" in md
+    assert "[`test_a[x\\|y]`](#t-test_a-x-y)" in md and "| a\\|b | 1 |" in md
 
 
 def test_compare_claims_statuses(tmp_path) -> None:
@@ -310,3 +310,11 @@ def test_atomic_write_gives_readable_files(tmp_path):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "claims.md").stat().st_mode) == 0o644
     assert list(tmp_path.iterdir()) == [tmp_path / "claims.md"]
+
+
+def test_data_rows_show_split_and_bos() -> None:
+    manifest = _manifest("e" * 64, "c" * 64)
+    manifest["eval"]["split"], manifest["bos"] = "test", "auto: added"
+    (row,) = data_rows({"data": {"tiny-a": manifest}})
+    assert row["eval"] == "wiki.test.raw (test)" and row["bos"] == "auto: added"
+    assert data_rows({"data": {"tiny-a": _manifest("e", "c")}})[0]["bos"] is None

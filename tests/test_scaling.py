@@ -165,6 +165,23 @@ def test_weights_to_double_is_the_first_doubling_k(smallest):
     assert 1 <= k <= res["n_scored"]
 
 
+def test_fraction_to_double_is_the_count_over_the_scored_weights(smallest, monkeypatch):
+    lm, data, scores = smallest
+    calls = []
+    search = scaling._weights_to_double
+    monkeypatch.setattr(scaling, "_weights_to_double", lambda *a, **k: calls.append(1) or search(*a, **k))
+    res = scaling.measure_all(lm, data, ["fraction_to_double", "weights_to_double"], scores=scores)
+    assert len(calls) == 1  # one search serves both measures
+    assert res["fraction_to_double"] == res["weights_to_double"] / res["n_scored"]
+    assert 0 < res["fraction_to_double"] <= 1
+    assert res["details"]["fraction_to_double"]["weights_to_double"] == res["weights_to_double"]
+
+
+def test_every_measure_names_its_quantity():
+    assert set(scaling.QUANTITIES) == set(scaling.MEASURES)
+    assert all(isinstance(q, str) and q for q in scaling.QUANTITIES.values())
+
+
 def test_measure_all_shares_scores_and_is_deterministic(smallest):
     lm, data, scores = smallest
     a = scaling.measure_all(lm, data, ["concentration", "super_random_ratio"], scores=scores)

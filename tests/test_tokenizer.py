@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from esa.models.tokenizer import BUILTIN_VOCAB_SIZE, builtin_corpus, builtin_tokenizer
+from esa.models.tokenizer import BUILTIN_VOCAB_SIZE, _trained, builtin_corpus, builtin_tokenizer
 
 SAMPLE = builtin_corpus()[:4000]
 
@@ -45,7 +45,10 @@ def test_cached_per_process(tok):
 
 
 def test_training_is_deterministic(tok):
-    # A fresh training run (bypassing the lru_cache) gives the same vocabulary, merges and ids.
+    # A fresh training run (bypassing the lru_caches) gives the same vocabulary, merges and ids.
+    trained = _trained.__wrapped__(BUILTIN_VOCAB_SIZE)
+    assert trained is not _trained(BUILTIN_VOCAB_SIZE)
+    assert trained.to_str() == _trained(BUILTIN_VOCAB_SIZE).to_str()
     fresh = builtin_tokenizer.__wrapped__()
     assert fresh is not tok
     assert fresh.get_vocab() == tok.get_vocab()
@@ -72,3 +75,12 @@ def test_round_trips_any_text(text):
 def test_round_trips_corpus_and_odd_text(tok):
     for text in (SAMPLE, "hello world .", " a , b", "héllo 😀\n\t x", "   ", "\x00\x7f"):
         assert tok.decode(_ids(tok, text), clean_up_tokenization_spaces=False) == text
+
+
+def test_bos_variant_adds_bos_only_with_special_tokens(tok):
+    """builtin_tokenizer(add_bos=True): the convention of BOS-adding tokenizers (Llama's)."""
+    bos = builtin_tokenizer(add_bos=True)
+    assert bos is builtin_tokenizer(add_bos=True) and bos.get_vocab() == tok.get_vocab()
+    assert bos.add_bos_token is True and not tok.add_bos_token
+    assert bos(SAMPLE[:300])["input_ids"] == [bos.bos_token_id, *_ids(tok, SAMPLE[:300])]
+    assert _ids(bos, SAMPLE[:300]) == _ids(tok, SAMPLE[:300]) == tok(SAMPLE[:300])["input_ids"]

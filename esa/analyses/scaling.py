@@ -27,6 +27,12 @@ Measures (``MEASURES``):
   then integer bisection at geometric midpoints between lo and hi until hi − lo <= 1; returns
   hi. This is exact when PPL grows monotonically with k and a search result otherwise. +inf when
   zeroing every scored entry does not reach the factor.
+- ``fraction_to_double``: ``weights_to_double`` / N (N = the number of scored entries), the same
+  search as a share of the model. A count of weights grows with the model whenever sensitivity is
+  diffuse, so a power law in the count is near-automatic; scaling claims fit the scale-free
+  measures (``concentration``, ``super_random_ratio``, ``fraction_to_double``).
+
+``QUANTITIES`` names each measure's quantity in words (for reports and plot axes).
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ __all__ = [
     "DEFAULT_EVAL",
     "MEASURES",
     "METRIC",
+    "QUANTITIES",
     "fit_scaling",
     "measure_all",
     "measure_family",
@@ -63,7 +70,13 @@ __all__ = [
     "plot_scaling",
 ]
 
-MEASURES = ("concentration", "super_random_ratio", "weights_to_double")
+MEASURES = ("concentration", "super_random_ratio", "weights_to_double", "fraction_to_double")
+QUANTITIES = {
+    "concentration": "mean of the top 1% of grad_x_weight scores / their median (scale-free ratio)",
+    "super_random_ratio": "ΔPPL(zero top 1% per tensor) / ΔPPL(zero random 1% per tensor) (scale-free ratio)",
+    "weights_to_double": "number of top-ranked weights whose zeroing doubles PPL (a count: grows with size)",
+    "fraction_to_double": "fraction of the scored weights whose zeroing (top-ranked first) doubles PPL",
+}
 METRIC = "grad_x_weight"
 _SHARED = package_root().parent / "shared" / "data"  # the checkout's ../shared/data
 DEFAULT_EVAL = _SHARED / "wikitext-2-raw" / "wiki.test.raw"
@@ -145,13 +158,21 @@ def measure_all(
         "n_scored": int(sum(s.numel() for s in scores.values())),
         "details": {},
     }
+    search: dict | None = None
     for m in measures:
         if m == "concentration":
             d = _concentration(scores, top_fraction)
         elif m == "super_random_ratio":
             d = _super_random_ratio(lm, data, scores, base.ppl, fraction, n_random, seed, batch_size)
-        else:
-            d = _weights_to_double(lm, data, scores, base.ppl, factor, batch_size)
+        else:  # weights_to_double and fraction_to_double share one search
+            search = search or _weights_to_double(lm, data, scores, base.ppl, factor, batch_size)
+            d = search
+            if m == "fraction_to_double":
+                d = {
+                    **search,
+                    "value": search["value"] / out["n_scored"],
+                    "weights_to_double": search["value"],
+                }
         out[m] = float(d["value"])
         out["details"][m] = d
     return out

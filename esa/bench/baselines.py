@@ -27,10 +27,12 @@ def plain_eval(model: Any, windows: torch.Tensor, batch_size: int, labels: bool 
     return float(total) / ids.shape[0]
 
 
-def plain_grad_x_weight(lm: LoadedModel, calib: torch.Tensor, batch_size: int, names: Sequence[str]) -> None:
+def plain_grad_x_weight(
+    lm: LoadedModel, calib: torch.Tensor, batch_size: int, names: Sequence[str], keep: bool = False
+) -> dict[str, torch.Tensor] | None:
     """grad_x_weight the plain way: ``loss.backward()`` per batch into ``.grad`` (bf16), no
-    checkpointing, then |w * grad| in fp32 per tensor. Leaves ``.grad`` and ``requires_grad`` as
-    they were."""
+    checkpointing, then |w * grad| in fp32 per tensor (returned when ``keep``). Leaves ``.grad``
+    and ``requires_grad`` as they were."""
     model: Any = lm.model
     named = dict(model.named_parameters())
     wanted = set(names)
@@ -49,7 +51,7 @@ def plain_grad_x_weight(lm: LoadedModel, calib: torch.Tensor, batch_size: int, n
             for n in names
             if named[n].grad is not None
         }
-        del scores
+        return scores if keep else None
     finally:
         for n, p in named.items():
             p.grad = None

@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m esa.bench", description=DESCRIPTION)
     p.add_argument(
         "--sections",
-        default="env,eval,score,hutchinson,select,perturb",
+        default="env,eval,score,accuracy,hutchinson,hessian,select,perturb",
         help=f"comma-separated, from {','.join(SECTIONS)} (default: all single-GPU but runbook)",
     )
     p.add_argument("--out", default=None, help="results JSON (default bench/results/<date>-<host>.json)")
@@ -37,8 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-archs", default="pythia-1.4b,llama-3.1-8b")
     p.add_argument("--calib-windows", type=int, default=32)
     p.add_argument("--score-batch", type=int, default=8)
+    p.add_argument("--score-limit-gb", type=float, default=40.0, help="the capped fp32 variant at 7-8B")
+    p.add_argument("--score-only", default="", help="comma-separated substrings of the variants to run")
+    p.add_argument("--accuracy-arch", default="pythia-1.4b")
+    p.add_argument("--accuracy-windows", type=int, default=128)
     p.add_argument("--hutchinson-archs", default="pythia-1.4b,llama-3.1-8b")
     p.add_argument("--hutchinson-windows", type=int, default=4)
+    p.add_argument("--hutchinson-limit-gb", type=float, default=80.0, help="device cap of curvature runs")
+    p.add_argument("--hessian-archs", default="pythia-1.4b,llama-3.1-8b")
     p.add_argument("--select-arch", default="llama-3.1-8b")
     p.add_argument("--runbook-arch", default="llama-3.1-8b")
     p.add_argument("--runbook-windows", type=int, default=200)
@@ -68,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _complete(args: argparse.Namespace) -> None:
     """Lists from the comma-separated options, per-section budgets, default device and output."""
-    for name in ("eval_archs", "score_archs", "hutchinson_archs", "runbook_metrics"):
+    for name in ("eval_archs", "score_archs", "hutchinson_archs", "hessian_archs", "runbook_metrics"):
         setattr(args, name, [v for v in getattr(args, name).split(",") if v])
     args.section_s = dict(SECTION_S)
     for part in filter(None, args.section_budgets.split(",")):

@@ -30,12 +30,25 @@ PEAK_BF16_FLOPS = 989.4e12  # H100/H200 SXM dense bf16 (datasheet), the MFU deno
 EVAL_ARCHS = ("pythia-1.4b", "llama-3.1-8b", "mistral-7b", "phi-3-mini")
 RUNBOOK_METRICS = ("magnitude", "act_mag", "grad_x_weight", "grad_squared")
 RUNBOOK_PERTURBATIONS = ("sign_flip", "zero", "gauss_noise", "bit_flip")
-SECTIONS = ("env", "eval", "score", "hutchinson", "select", "perturb", "runbook", "multi")
+SECTIONS = (
+    "env",
+    "eval",
+    "score",
+    "accuracy",
+    "hutchinson",
+    "hessian",
+    "select",
+    "perturb",
+    "runbook",
+    "multi",
+)
 SECTION_S = {  # default seconds per section (--section-budgets overrides)
     "env": 30,
     "eval": 240,
-    "score": 120,
-    "hutchinson": 90,
+    "score": 150,
+    "accuracy": 120,
+    "hutchinson": 150,
+    "hessian": 120,
     "select": 60,
     "perturb": 45,
     "runbook": 590,

@@ -41,17 +41,37 @@ def _score(rows: Rows) -> list[str]:
     lines = [
         "### Scoring pass (calibration windows of 512 tokens)",
         "",
-        "| architecture | variant | windows | batch | tok/s | seconds | peak GiB | checkpointing |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        "| architecture | variant | windows | batch | tok/s | seconds | peak GiB (GB) | checkpointing "
+        "| accumulators offloaded |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|",
     ]
     plain = {r["arch"]: r for r in rows if r["variant"].startswith("plain")}
     for r in rows:
         ratio = ""
         if r["arch"] in plain and not r["variant"].startswith("plain"):
             ratio = f" (x{r['tok_s'] / plain[r['arch']]['tok_s']:.2f})"
+        plan = r.get("memory_plan") or {}
+        peak = f"{r['peak_gib']:.1f} ({r.get('peak_gb', r['peak_gib'] * 1.073741824):.1f})"
         lines.append(
             f"| {r['arch']} | {r['variant']} | {r['windows']} | {r['batch_size']} | {_f(r['tok_s'])}{ratio} "
-            f"| {r['seconds']:.1f} | {r['peak_gib']:.1f} | {r['checkpointing']} |"
+            f"| {r['seconds']:.1f} | {peak} | {r['checkpointing']} | {_f(plan.get('offloaded'))} |"
+        )
+    return lines
+
+
+def _accuracy(rows: Rows) -> list[str]:
+    lines = [
+        "### grad_x_weight accuracy against the fp32 reference (same weights in fp32)",
+        "",
+        "| architecture | variant | windows x batch | top-100 overlap per tensor (mean / min) "
+        "| global top-1000 overlap | median rel. max error |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['arch']} | {r['variant']} | {r['windows']} x {r['batch_size']} "
+            f"| {r['topk_overlap_mean']:.3f} / {r['topk_overlap_min']:.2f} | {r['global_overlap']:.3f} "
+            f"| {r['median_rel_max_err']:.1e} |"
         )
     return lines
 
@@ -60,14 +80,34 @@ def _hutchinson(rows: Rows) -> list[str]:
     lines = [
         "### hutchinson_diag cost",
         "",
-        "| architecture | windows x tokens | s (1 sample) | s (2 samples) | s per sample | peak GiB |",
-        "|---|---|---:|---:|---:|---:|",
+        "| architecture | variant | windows x tokens | device cap GB | windows per term "
+        "| accumulators offloaded | s (1 probe) | s (2 probes) | s per probe | peak GiB |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        plan = r.get("plan") or {}
+        where = _f(plan.get("offloaded")) if plan else ("out of memory" if r.get("error") else "–")
+        lines.append(
+            f"| {r['arch']} | {r.get('variant', 'esa')} | {r['windows']} x {r['length']} "
+            f"| {_f(r.get('limit_gb'), '{:g}')} "
+            f"| {_f(plan.get('batch_size'))} | {where} | {_f(r.get('seconds_1_samples'), '{:.2f}')} "
+            f"| {_f(r.get('seconds_2_samples'), '{:.2f}')} | {_f(r.get('seconds_per_sample'), '{:.2f}')} "
+            f"| {_f(r.get('peak_gib_2_samples', r.get('peak_gib_1_samples')), '{:.1f}')} |"
+        )
+    return lines
+
+
+def _hessian(rows: Rows) -> list[str]:
+    lines = [
+        "### hessian_diag cost (exact: one Hessian-vector product per entry)",
+        "",
+        "| architecture | part | tensor | entries | seconds | s per HVP | peak GiB |",
+        "|---|---|---|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['arch']} | {r['windows']} x {r['length']} | {_f(r.get('seconds_1_samples'), '{:.2f}')} "
-            f"| {_f(r.get('seconds_2_samples'), '{:.2f}')} | {_f(r.get('seconds_per_sample'), '{:.2f}')} "
-            f"| {_f(r.get('peak_gib_2_samples', r.get('peak_gib_1_samples')), '{:.1f}')} |"
+            f"| {r['arch']} | {r['part']} | {r['tensor']} | {r['entries']:,} | {r['seconds']:.2f} "
+            f"| {r['seconds_per_hvp']:.4f} | {r['peak_gib']:.1f} |"
         )
     return lines
 
@@ -129,7 +169,9 @@ def _multi(rows: Rows) -> list[str]:
 TABLES = {  # section -> its table, in report order
     "eval": _eval,
     "score": _score,
+    "accuracy": _accuracy,
     "hutchinson": _hutchinson,
+    "hessian": _hessian,
     "select": _select,
     "perturb": _perturb,
     "runbook": _runbook,

@@ -5,7 +5,8 @@
   transformers (``model(input_ids, labels=...)``, bf16, sdpa) vs ``esa.evaluate.evaluate``;
 - ``runbook``: the research runbook v2 end to end (``esa.runbook.experiment.run_experiment``);
 - ``multi``: a model split over several GPUs (Mixtral-8x7B): evaluation and grad_x_weight scoring;
-- ``score``, ``hutchinson``, ``select``, ``perturb``: see esa.bench.sections_scoring.
+- ``score``, ``select``, ``perturb``: esa.bench.sections_scoring; ``accuracy``:
+  esa.bench.sections_accuracy; ``hutchinson``, ``hessian``: esa.bench.sections_curvature.
 
 ``RUNNERS`` maps each section name to its function ``(bench) -> None``.
 """
@@ -26,7 +27,9 @@ import torch
 
 from esa.bench.baselines import plain_eval
 from esa.bench.harness import RUNBOOK_PERTURBATIONS, Bench, Section, mfu, timed, vocab
-from esa.bench.sections_scoring import section_hutchinson, section_score, section_select_perturb
+from esa.bench.sections_accuracy import section_accuracy
+from esa.bench.sections_curvature import section_hessian, section_hutchinson
+from esa.bench.sections_scoring import section_score, section_select_perturb
 from esa.data import random_data, random_windows
 from esa.evaluate import auto_batch_size, evaluate, use_compile
 from esa.metrics.registry import compute_scores
@@ -322,7 +325,9 @@ RUNNERS: dict[str, Callable[[Bench], None]] = {
     "env": section_env,
     "eval": section_eval,
     "score": section_score,
+    "accuracy": section_accuracy,
     "hutchinson": section_hutchinson,
+    "hessian": section_hessian,
     "select": section_select_perturb,
     "perturb": section_select_perturb,
     "runbook": section_runbook,

@@ -1,16 +1,20 @@
 """Benchmark sections of the scoring side:
 
 - ``score``: the scoring pass (grad_x_weight, grad_squared over N calibration windows) vs a plain
-  ``loss.backward()`` loop; tokens/s and peak memory (fp32 scores, and bf16 lean scores at 7-8B);
-- ``hutchinson``: hutchinson_diag cost per Rademacher sample (fixed + per-sample seconds);
+  ``loss.backward()`` loop; tokens/s, peak memory and the memory plan esa chose (checkpointing,
+  offloaded accumulators), fp32 scores with esa's auto policy, and at 7-8B also bf16 lean scores,
+  forced checkpointing and fp32 under a hard ``--score-limit-gb`` cap (accumulators offloaded);
 - ``select``: per-layer and global top-k (k=100/300) over all weights: time and extra memory;
 - ``perturb``: perturb + restore (verified) of those selections.
+
+``hutchinson``, ``hessian``: esa.bench.sections_curvature; ``accuracy``: esa.bench.sections_accuracy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -18,19 +22,18 @@ import torch
 from esa.bench.baselines import plain_grad_x_weight
 from esa.bench.harness import RUNBOOK_PERTURBATIONS, Bench, Section, timed, vocab
 from esa.data import random_windows
-from esa.metrics import registry as metric_registry
 from esa.metrics.registry import compute_scores
 from esa.models import LoadedModel
 from esa.perturb import PerturbInfo, perturbed
 from esa.select import Selection, select
 from esa.util.runtime import GIB, free_memory, peak_gpu_bytes, reset_peak, sync
 
-# (label, metric or None for the plain loop, score dtype, checkpoint: None = esa's auto policy)
-Variant = tuple[str, str | None, torch.dtype, bool | None]
+# (label, metric or None for the plain loop, options for compute_scores, device cap in GB or None)
+Variant = tuple[str, str | None, dict, float | None]
 
 
 def section_score(bench: Bench) -> None:
-    """Per architecture and variant: tokens/s, peak and extra GiB, whether checkpointing was on."""
+    """Per architecture and variant: tokens/s, peak GiB, the memory plan esa chose."""
     args = bench.args
     with bench.section("score") as sec:
         for arch in args.score_archs:
@@ -41,28 +44,62 @@ def section_score(bench: Bench) -> None:
             names = lm.param_map.scorable()
             calib = random_windows(args.calib_windows, args.length, vocab(lm), seed=2)
             bs = args.score_batch
-            variants: list[Variant] = [
-                ("plain grad_x_weight (loss.backward, bf16 .grad)", None, torch.float32, None),
-                ("esa grad_x_weight fp32", "grad_x_weight", torch.float32, None),
-                ("esa grad_squared fp32", "grad_squared", torch.float32, None),
-            ]
-            if "8b" in arch or "7b" in arch:
-                variants.append(("esa grad_x_weight bf16 (lean)", "grad_x_weight", torch.bfloat16, None))
-                variants.append(
-                    ("esa grad_x_weight fp32, checkpoint=False", "grad_x_weight", torch.float32, False)
-                )
-            with sec.guard(f"{arch} warm-up"):  # untimed: first backward kernels and handles
-                del_ = compute_scores(lm, "grad_x_weight", calib[:bs], batch_size=bs, progress=False)
-                del del_
+            with sec.guard(f"{arch} warm-up"):  # untimed: first backward kernels, activation probe
+                compute_scores(lm, "grad_x_weight", calib[:bs], batch_size=bs, progress=False)
                 plain_grad_x_weight(lm, calib[:bs], bs, names)
                 free_memory()
-            for variant in variants:
+            wanted = [w for w in getattr(args, "score_only", "").split(",") if w]
+            for variant in score_variants(arch, args.score_limit_gb):
+                if wanted and not any(w in variant[0] for w in wanted):
+                    continue
                 if sec.left() < 10:
                     break
                 with sec.guard(f"{arch} {variant[0]}"):
                     _score_variant(sec, lm, arch, variant, calib, names, bs)
                 free_memory()
         bench.drop_model()
+
+
+def score_variants(arch: str, limit_gb: float) -> list[Variant]:
+    """The plain loop, esa's default (auto plan) for both first-order metrics, and at 7-8B the
+    lean bf16 mode, forced checkpointing and fp32 under a hard ``limit_gb`` cap."""
+    fp32 = torch.float32
+    variants: list[Variant] = [
+        ("plain grad_x_weight (loss.backward, bf16 .grad)", None, {}, None),
+        ("esa grad_x_weight fp32 (auto)", "grad_x_weight", {"score_dtype": fp32}, None),
+        ("esa grad_squared fp32 (auto)", "grad_squared", {"score_dtype": fp32}, None),
+    ]
+    if "8b" in arch or "7b" in arch:
+        variants += [
+            ("esa grad_x_weight bf16 (lean)", "grad_x_weight", {"score_dtype": torch.bfloat16}, None),
+            ("esa grad_x_weight fp32, checkpoint=True", "grad_x_weight", {"checkpoint": True}, None),
+            (f"esa grad_x_weight fp32, {limit_gb:g} GB cap", "grad_x_weight", {}, limit_gb),
+        ]
+    return variants
+
+
+def host_bytes(lm: LoadedModel, scores: dict[str, torch.Tensor]) -> int:
+    """Bytes of the scores held in host memory (offloaded accumulators) of a model on a GPU."""
+    if not next(lm.model.parameters()).is_cuda:
+        return 0
+    return sum(s.numel() * s.element_size() for s in scores.values() if s.device.type == "cpu")
+
+
+@contextlib.contextmanager
+def device_cap(limit_gb: float | None) -> Iterator[int | None]:
+    """A hard cap on this process's CUDA memory for the block (allocations past it fail), yielded
+    in bytes; no cap for None or without CUDA."""
+    if limit_gb is None or not torch.cuda.is_available():
+        yield None
+        return
+    limit = int(limit_gb * 1e9)
+    free_memory()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), 0)
+    try:
+        yield limit
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, 0)
 
 
 def _score_variant(
@@ -74,22 +111,32 @@ def _score_variant(
     names: list[str],
     bs: int,
 ) -> None:
-    label, metric, dtype, force = variant
-    base = reset_peak()
-    t = time.perf_counter()
+    label, metric, options, limit_gb = variant
     extra: dict[str, Any] = {}
-    if metric is None:
-        plain_grad_x_weight(lm, calib, bs, names)
-        ckpt = False
-    else:
-        ckpt = _checkpointing(lm, metric, calib, names, bs, dtype, force)
-        scores = compute_scores(
-            lm, metric, calib, batch_size=bs, progress=False, score_dtype=dtype, checkpoint=force
+    last: dict[str, Any] = {}  # the scores of the latest repeat (checked after the timing)
+
+    def run() -> None:
+        last.clear()
+        if metric is None:
+            plain_grad_x_weight(lm, calib, bs, names)
+            extra["memory_plan"] = {"checkpoint": False, "offloaded": 0}
+            return
+        report: dict[str, Any] = {}
+        last.update(
+            compute_scores(
+                lm, metric, calib, batch_size=bs, progress=False, memory_limit=limit, report=report, **options
+            )
         )
-        extra["finite"] = all(bool(torch.isfinite(s).all()) for s in scores.values())
-        del scores
-    sync()
-    secs = time.perf_counter() - t
+        extra["memory_plan"] = report.get("memory_plan")
+
+    with device_cap(limit_gb) as limit:
+        base = reset_peak()
+        secs, _ = timed(run, sec.bench.args.repeats)  # median of the repeats
+        reserved = torch.cuda.max_memory_reserved() / GIB if torch.cuda.is_available() else 0.0
+    if last:
+        extra["host_scores_gib"] = host_bytes(lm, last) / GIB
+        extra["finite"] = all(bool(torch.isfinite(s).all()) for s in last.values())
+        last.clear()
     row = sec.row(
         arch=arch,
         variant=label,
@@ -98,89 +145,19 @@ def _score_variant(
         tok_s=calib.numel() / secs,
         seconds=secs,
         peak_gib=peak_gpu_bytes() / GIB,
+        peak_gb=peak_gpu_bytes() / 1e9,
+        reserved_gib=reserved,
         extra_gib=(peak_gpu_bytes() - base) / GIB,
+        limit_gb=limit_gb,
         weights_gib=sum(p.numel() * p.element_size() for p in lm.model.parameters()) / GIB,
-        checkpointing=ckpt,
+        checkpointing=bool((extra.get("memory_plan") or {}).get("checkpoint")),
         **extra,
     )
     print(
-        f"[bench] score {arch} {label}: {row['tok_s']:.0f} tok/s peak {row['peak_gib']:.1f} GiB",
+        f"[bench] score {arch} {label}: {row['tok_s']:.0f} tok/s peak {row['peak_gib']:.1f} GiB "
+        f"plan {row.get('memory_plan')}",
         flush=True,
     )
-
-
-def _checkpointing(
-    lm: LoadedModel,
-    metric: str,
-    calib: torch.Tensor,
-    names: list[str],
-    bs: int,
-    dtype: torch.dtype,
-    force: bool | None,
-) -> bool:
-    """Whether compute_scores checkpoints this pass: ``force``, else the registry's auto policy."""
-    if force is not None:
-        return force
-    ctx = metric_registry.score_context(
-        lm,
-        metric_registry.METRICS[metric],
-        calib,
-        names,
-        seed=0,
-        batch_size=bs,
-        hutchinson_samples=1,
-        progress=False,
-        max_entries=1,
-        desc="",
-        score_dtype=dtype,
-        checkpoint=None,
-    )
-    return metric_registry._needs_checkpointing(ctx)
-
-
-def section_hutchinson(bench: Bench) -> None:
-    """hutchinson_diag with 1 and 2 samples: seconds_per_sample = t₂ - t₁, fixed = t₁ - per sample."""
-    args = bench.args
-    with bench.section("hutchinson") as sec:
-        for arch in args.hutchinson_archs:
-            if sec.left() < 20:
-                sec.error(arch, TimeoutError("section budget spent"))
-                break
-            with sec.guard(arch):
-                lm, _ = bench.model(arch)
-                calib = random_windows(args.hutchinson_windows, args.length, vocab(lm), seed=3)
-                out: dict[str, Any] = {"arch": arch, "windows": int(calib.shape[0]), "length": args.length}
-                times = {}
-                del_ = compute_scores(
-                    lm, "hutchinson_diag", calib[:1], batch_size=1, hutchinson_samples=1, progress=False
-                )  # warm-up (kernels, handles), untimed
-                del del_
-                free_memory()
-                for samples in (1, 2):
-                    reset_peak()
-                    t = time.perf_counter()
-                    s = compute_scores(
-                        lm,
-                        "hutchinson_diag",
-                        calib,
-                        batch_size=calib.shape[0],
-                        hutchinson_samples=samples,
-                        progress=False,
-                    )
-                    del s
-                    sync()
-                    times[samples] = time.perf_counter() - t
-                    out[f"seconds_{samples}_samples"] = times[samples]
-                    out[f"peak_gib_{samples}_samples"] = peak_gpu_bytes() / GIB
-                    free_memory()
-                    if sec.left() < 5:
-                        break
-                if 2 in times:
-                    out["seconds_per_sample"] = times[2] - times[1]
-                    out["fixed_seconds"] = times[1] - out["seconds_per_sample"]
-                sec.row(**out)
-                print(f"[bench] hutchinson {arch}: {out}", flush=True)
-            bench.drop_model()
 
 
 def section_select_perturb(bench: Bench) -> None:

@@ -111,6 +111,7 @@ class Claim:
         self.figures: list[dict] = []
         self.checks: list[dict] = []
         self.doc: dict[str, str] = {}
+        self.vector_figures = True  # PDF/SVG copies of figures (the claim fixture: off at the cheapest tier)
         self._phases: dict[str, Phase] = {}
 
     def __call__(self, statement: str | None = None, *, threshold=None, key: str | None = None) -> Claim:
@@ -134,16 +135,26 @@ class Claim:
         return self
 
     def figure(self, fig, caption: str = "") -> Claim:
-        """Attach a matplotlib Figure (converted to PNG now, then closed) or PNG bytes / path."""
+        """Attach a matplotlib Figure (rendered now as PNG, plus PDF and SVG copies that the
+        report saves next to the PNG for papers when `vector_figures`; then closed) or PNG bytes /
+        path."""
+        vector: dict[str, bytes] = {}
         if isinstance(fig, (bytes, bytearray, memoryview)):
-            data = base64.b64encode(bytes(fig)).decode("ascii")
+            png = bytes(fig)
         elif isinstance(fig, (str, os.PathLike)):
-            data = base64.b64encode(Path(fig).read_bytes()).decode("ascii")
+            png = Path(fig).read_bytes()
         else:
-            from esa.plots import figure_to_base64
+            from esa.plots import VECTOR_FORMATS, render
 
-            data = figure_to_base64(fig)
-        self.figures.append({"caption": str(caption), "png_base64": data})
+            vector = render(fig, ("png", *VECTOR_FORMATS) if self.vector_figures else ("png",))
+            png = vector.pop("png")
+        record: dict[str, Any] = {
+            "caption": str(caption),
+            "png_base64": base64.b64encode(png).decode("ascii"),
+        }
+        if vector:
+            record["vector"] = {f: base64.b64encode(b).decode("ascii") for f, b in vector.items()}
+        self.figures.append(record)
         return self
 
     def check(self, condition, message: str) -> bool:

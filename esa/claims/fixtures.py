@@ -14,6 +14,7 @@ import pytest
 
 from esa.claims.claim import Claim, claim_for
 from esa.claims.options import HEADER_KEY, OPTIONS_KEY, EsaOptions
+from esa.claims.tiers import TIERS
 
 if TYPE_CHECKING:
     from esa.claims.workbench import Workbench
@@ -21,8 +22,11 @@ if TYPE_CHECKING:
 
 @pytest.fixture
 def claim(request: pytest.FixtureRequest) -> Claim:
-    """This test's `Claim`: ``claim("statement", threshold=..., key=...)``, ``claim.measure(...)``."""
-    return claim_for(request.node)
+    """This test's `Claim`: ``claim("statement", threshold=..., key=...)``, ``claim.measure(...)``.
+    Its figures get PDF/SVG copies (papers) except at the cheapest tier (smoke: CI time)."""
+    c = claim_for(request.node)
+    c.vector_figures = request.config.stash[OPTIONS_KEY].tier.name != next(iter(TIERS))
+    return c
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +45,8 @@ def esa_workbench(pytestconfig: pytest.Config) -> Iterator[Workbench]:
 
     o = pytestconfig.stash[OPTIONS_KEY]
     device = None if o.device == "auto" else o.device
-    wb = Workbench(o.tier, device=device, data=str(o.data) if o.data else None, calib_data=o.calib_spec)
+    data = str(o.data) if o.data else None
+    wb = Workbench(o.tier, device=device, data=data, calib_data=o.calib_spec, bos=o.bos)
     yield wb
     prepared = [k[1] for k in getattr(wb, "_memo", {}) if k[0] == "data"]  # never loads anything
     manifests = pytestconfig.stash[HEADER_KEY].setdefault("data", {})

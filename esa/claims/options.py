@@ -22,10 +22,11 @@ from esa.errors import EsaError
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_METRIC = "grad_x_weight"
-DEFAULT_REPORT = "reports"  # relative to rootdir
+DEFAULT_REPORT = "reports"  # relative to rootdir; the default report goes to reports/<tier>/
 DEFAULT_RECORDED = "experiments/recorded"  # relative to rootdir
 NO_DATA = ("builtin", "none")  # --esa-data values that select the built-in corpus
 BUILTIN = "builtin"
+BOS_MODES = ("auto", "always", "never")  # esa.data.BOS_MODES (not imported: it needs torch)
 
 # (flag, dest = ini name, argparse action or None for ini-only, help)
 OPTIONS: list[tuple[str | None, str, str | None, str]] = [
@@ -33,7 +34,12 @@ OPTIONS: list[tuple[str | None, str, str | None, str]] = [
     ("--esa-metric", "esa_metrics", "append", f"sensitivity metric (repeatable; default {DEFAULT_METRIC})"),
     ("--esa-tier", "esa_tier", "store", f"compute tier: {', '.join(TIERS)} (default {DEFAULT_TIER})"),
     ("--esa-device", "esa_device", "store", "cpu, cuda, cuda:N or auto (default)"),
-    ("--esa-report", "esa_report", "store", f"report directory (default: {DEFAULT_REPORT} under rootdir)"),
+    (
+        "--esa-report",
+        "esa_report",
+        "store",
+        f"report directory (default: {DEFAULT_REPORT}/<tier> under rootdir)",
+    ),
     ("--esa-data", "esa_data", "store", "evaluation text; 'builtin' for the built-in corpus"),
     (
         "--esa-calib-data",
@@ -41,6 +47,7 @@ OPTIONS: list[tuple[str | None, str, str | None, str]] = [
         "store",
         "calibration text (default: WikiText-2 validation when present); 'builtin' for the built-in corpus",
     ),
+    ("--esa-bos", "esa_bos", "store", "windows start with BOS: auto (as the tokenizer does), always, never"),
     ("--esa-compare", "esa_compare", "store", "older claims.json to diff the verdicts against"),
     ("--esa-no-report", "esa_no_report", "store_true", "write no claims report"),
     (None, "esa_recorded", None, f"recorded-outcomes directory (default {DEFAULT_RECORDED})"),
@@ -61,6 +68,7 @@ class EsaOptions:
     report_dir: Path | None  # None = --esa-no-report
     compare: Path | None
     recorded_dir: Path
+    bos: str = "auto"  # esa.data.bos_policy mode: what every window starts with
 
     @property
     def calib_spec(self) -> str | None:
@@ -137,12 +145,13 @@ def _calib_data(config: pytest.Config) -> Path | str | None:
     return _data(config, "esa_calib_data", "validation")
 
 
-def _report_dir(config: pytest.Config) -> Path:
-    """--esa-report (relative to the working directory) over ini (relative to rootdir)."""
+def _report_dir(config: pytest.Config, tier: Tier) -> Path:
+    """--esa-report (relative to the working directory) over ini (relative to rootdir) over
+    reports/<tier> under rootdir (one report per tier: runs at different tiers never clobber)."""
     given = config.getoption("esa_report")
     if given:
         return _path(given, config.invocation_params.dir)
-    return _path(config.getini("esa_report") or DEFAULT_REPORT, config.rootpath)
+    return _path(config.getini("esa_report") or f"{DEFAULT_REPORT}/{tier.name}", config.rootpath)
 
 
 def resolve_options(config: pytest.Config) -> EsaOptions:
@@ -156,8 +165,11 @@ def resolve_options(config: pytest.Config) -> EsaOptions:
     if given_metrics:
         check_metrics(given_metrics)
     data, calib = _data(config), _calib_data(config)
-    report = None if opt("esa_no_report") else _report_dir(config)
+    report = None if opt("esa_no_report") else _report_dir(config, tier)
     compare = _path(opt("esa_compare"), cwd) if opt("esa_compare") else None
+    bos = opt("esa_bos") or ini("esa_bos") or "auto"
+    if bos not in BOS_MODES:
+        raise pytest.UsageError(f"--esa-bos {bos}: use one of {', '.join(BOS_MODES)}")
     if compare is not None and not compare.is_file():
         raise pytest.UsageError(f"--esa-compare {opt('esa_compare')}: no such file")
     return EsaOptions(
@@ -170,4 +182,5 @@ def resolve_options(config: pytest.Config) -> EsaOptions:
         report_dir=report,
         compare=compare,
         recorded_dir=_path(ini("esa_recorded") or DEFAULT_RECORDED, root),
+        bos=bos,
     )

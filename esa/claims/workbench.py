@@ -81,8 +81,10 @@ class Workbench:
         progress: bool = False,
         keep_models: int = 1,
         keep_scores: int = 3,
+        bos: str = "auto",
     ):
         self.tier, self.device, self.data_spec, self.calib_spec = tier, device, data, calib_data
+        self.bos = bos  # esa.data.bos_policy mode of every window (--esa-bos)
         self.progress, self.keep_models = progress, keep_models
         self._models: dict[str, LoadedModel] = {}
         self._memo: dict[tuple, object] = {}
@@ -128,6 +130,7 @@ class Workbench:
                 self.calib_spec,
                 self.tier.max_length,
                 self.tier.eval_windows,
+                bos=self.bos,
             ),
         )
 
@@ -168,6 +171,7 @@ class Workbench:
             hutchinson_samples=self.tier.hutchinson_samples,
             names=self.names(name, include_embeddings),
             progress=self.progress,
+            full=True,  # claims read whole distributions (ranks, masses, pruning)
         )
         self._scores[key] = scores
         while len(self._scores) > self.keep_scores:  # full score sets are as large as the model

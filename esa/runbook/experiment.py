@@ -18,19 +18,21 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from esa import stats
 from esa.data import prepare_data
 from esa.errors import ConfigError
 from esa.evaluate import auto_batch_size, evaluate
-from esa.metrics import cached_scores, score_summary
+from esa.metrics import cached_scores
+from esa.metrics.cache_store import usage
+from esa.metrics.candidates import histogram_values, summary_of
 from esa.models import LoadedModel, load_model
 from esa.perturb import PERTURBATIONS, bit_position, changeable, perturbed
 from esa.runbook import artifacts
 from esa.runbook.config import CONTROLS, SCORE_DTYPES, ExperimentConfig
+from esa.runbook.extras import Extras
+from esa.runbook.summary import summarize
 from esa.select import select
 from esa.util.runtime import peak_gpu_bytes, reset_peak
 
@@ -54,11 +56,13 @@ class ExperimentResult:
     out_dir: Path | None = None
     memory: dict = field(default_factory=dict)  # peak accelerator bytes per phase
     protocol: dict = field(default_factory=dict)  # calibration overlap, control exclusions, options
+    extras: Extras | None = None  # the old runner's optional analyses (esa.runbook.extras)
 
 
 def run_experiment(config: ExperimentConfig, lm: LoadedModel | None = None, data=None) -> ExperimentResult:
     """Run the runbook; write artifacts when ``config.out_dir`` is set."""
     config.validate()
+    extras = Extras.prepare(config)
     staging = artifacts.Staging(config.out_dir, config.overwrite) if config.out_dir else None
     try:
         timings: dict = {}
@@ -82,6 +86,7 @@ def run_experiment(config: ExperimentConfig, lm: LoadedModel | None = None, data
                 config.max_length,
                 config.max_samples,
                 calib_windows=n_calib,
+                bos=config.bos,
             )
         protocol = {"calibration_overlap": data.calibration_overlap(n_calib, config.seeds)}
         eval_bs = config.eval_batch_size or auto_batch_size(
@@ -95,6 +100,7 @@ def run_experiment(config: ExperimentConfig, lm: LoadedModel | None = None, data
         base = evaluator(check_leak=True, desc="baseline")
         timings["baseline_s"] = time.perf_counter() - t
         memory["baseline"] = _peak_and_reset()
+        extras.baseline(lm)
         scores_by: dict = {}
         selections: dict = {}
         rows: list[dict] = []
@@ -103,21 +109,23 @@ def run_experiment(config: ExperimentConfig, lm: LoadedModel | None = None, data
         steps = [(metric, seed) for metric in config.metrics for seed in config.seeds]
         for metric, seed in tqdm(steps, desc="runbook", disable=not config.progress, unit="step"):
             t = time.perf_counter()
-            scores = scores_for(lm, data, metric, seed, config, names)
+            scores = scores_for(lm, data, metric, seed, config, names, full=extras.needs_scores)
             timings[f"score_{metric}_seed{seed}_s"] = time.perf_counter() - t
             memory[f"score_{metric}_seed{seed}"] = _peak_and_reset()
             if seed == config.seeds[0]:
-                summaries[metric] = score_summary(scores)
+                summaries[metric] = summary_of(scores)
                 if config.save_plots:  # kept for the plots only, off the accelerator
-                    scores_by[metric] = {n: v.to("cpu") for n, v in scores.items()}
+                    scores_by[metric] = histogram_values(scores)
             rows += _perturbation_rows(
-                lm, data, base, scores, metric, seed, config, selections, timings, evaluator, memo
+                lm, data, base, scores, metric, seed, config, selections, timings, evaluator, memo, extras
             )
+            extras.on_scores(lm, data, scores, selections[(metric, seed)])
             memory[f"perturb_{metric}_seed{seed}"] = _peak_and_reset()
             del scores  # free before the next scores are built
+        extras.finish(lm, data, selections)
         stability = _stability(config, selections) if config.stability_check else None
         summary = summarize(rows, base.window_nll)
-        protocol.update(_options_and_exclusions(config, rows))
+        protocol.update(_options_and_exclusions(config, rows), score_cache=usage(config.cache_root))
         result = ExperimentResult(
             config,
             lm.describe(),
@@ -131,6 +139,7 @@ def run_experiment(config: ExperimentConfig, lm: LoadedModel | None = None, data
             summaries,
             memory=memory,
             protocol=protocol,
+            extras=extras,
         )
         timings["evals_reused"] = sum(1 for r in rows if r.get("eval_reused"))
         timings["total_s"] = time.perf_counter() - t0
@@ -161,14 +170,15 @@ def _check_topk(config: ExperimentConfig, lm: LoadedModel, names: list[str]) -> 
 
 def _check_bit(config: ExperimentConfig, lm: LoadedModel, names: list[str]) -> None:
     """--perturb-bit must exist in every scored dtype (checked before the baseline runs)."""
-    if config.perturb_bit is not None and any(PERTURBATIONS[m].uses_bit for m in config.perturbations):
+    if config.perturb_bit is not None and any(PERTURBATIONS[m].uses_bit for m in config.methods()):
         named = dict(lm.model.named_parameters())
         for dtype in {named[n].dtype for n in names}:
             bit_position(config.perturb_bit, dtype)
 
 
-def scores_for(lm: LoadedModel, data, metric: str, seed: int, config: ExperimentConfig, names) -> dict:
-    """Scores of ``metric`` for ``seed``'s calibration windows, from the cache when valid."""
+def scores_for(lm: LoadedModel, data, metric: str, seed: int, config: ExperimentConfig, names, full=False):
+    """Scores of ``metric`` for ``seed``'s calibration windows, from the cache when valid: candidates
+    for top-k selections (``esa.metrics.candidates``), the whole tensors when ``full``."""
     return cached_scores(
         lm,
         data,
@@ -182,11 +192,13 @@ def scores_for(lm: LoadedModel, data, metric: str, seed: int, config: Experiment
         cache_root=config.cache_root,
         progress=config.progress,
         score_dtype=SCORE_DTYPES[config.score_dtype],
+        full=full,
+        max_k=config.topk,
     )
 
 
 def _perturbation_rows(
-    lm, data, base, scores, metric, seed, config, selections, timings, evaluator=None, memo=None
+    lm, data, base, scores, metric, seed, config, selections, timings, evaluator=None, memo=None, extras=None
 ) -> list[dict]:
     if evaluator is None:
         evaluator = functools.partial(evaluate, lm.model, data.eval_ids, config.batch_size, config.progress)
@@ -194,7 +206,7 @@ def _perturbation_rows(
     sets = {"super": select(scores, config.topk, "top", config.mode, seed=seed, metric=metric)}
     selections[(metric, seed)] = sets["super"]
     rows = []
-    for method in config.perturbations:
+    for method in config.methods():
         eligible = changeable(lm.model, method, list(scores), config.scale_for(method))
         for control in config.controls:
             kind = CONTROLS[control]
@@ -204,7 +216,7 @@ def _perturbation_rows(
             key = _condition_key(selection, method, seed, config)
             reused = key in memo
             if reused:  # the same entries perturbed the same way: the same model, the same numbers
-                res, n_changed, verified = memo[key]
+                res, n_changed, verified, tasks = memo[key]
             else:
                 with perturbed(
                     lm.model,
@@ -216,8 +228,9 @@ def _perturbation_rows(
                     seed=seed,
                 ) as info:
                     res = evaluator(desc=f"{method}/{condition}/seed{seed}")
+                    tasks = extras.on_perturbed(lm) if extras is not None and extras.tasks else {}
                 n_changed, verified = int(info.n_changed), bool(info.verified)
-                memo[key] = (res, n_changed, verified)
+                memo[key] = (res, n_changed, verified, tasks)
             seconds = time.perf_counter() - t
             timings[f"perturb_{metric}_{method}_{condition}_seed{seed}_s"] = seconds
             rows.append(
@@ -243,6 +256,7 @@ def _perturbation_rows(
                     "seconds": seconds,
                     "eval_reused": reused,
                     "window_nll": list(res.window_nll),
+                    **tasks,
                 }
             )
     return rows
@@ -268,49 +282,6 @@ def _condition_key(selection, method: str, seed: int, config: ExperimentConfig) 
     )
 
 
-def summarize(rows: list[dict], base_nll: list[float] | None = None) -> list[dict]:
-    """Per (metric, perturbation, condition): mean ΔPPL over seeds with its 95% CI from a paired
-    bootstrap over evaluation windows (``esa.stats.window_bootstrap``); for the super set, how it
-    compares with random_k (``esa.stats.dominance``: the ratio where random_k's ΔPPL > 0, else the
-    difference, never a ratio of non-positive numbers) and a one-sided Wilcoxon test on per-window
-    ΔNLL (``esa.stats.paired_window_test``). Without per-window NLL the CI is over seeds."""
-    groups: dict[tuple, list[dict]] = {}
-    for row in rows:
-        groups.setdefault((row["metric"], row["perturbation"], row["condition"]), []).append(row)
-    boots: dict[tuple, stats.WindowBootstrap] = {}
-    for metric, method in dict.fromkeys((m, p) for m, p, _ in groups):
-        conds = {
-            c: np.array([r["window_nll"] for r in sorted(items, key=lambda r: r["seed"])])
-            for (m, p, c), items in groups.items()
-            if (m, p) == (metric, method) and all(r.get("window_nll") for r in items)
-        }
-        if base_nll and conds:
-            boots[(metric, method)] = stats.window_bootstrap(np.asarray(base_nll), conds)
-    out = []
-    for (metric, method, condition), items in groups.items():
-        deltas = [r["delta_ppl"] for r in sorted(items, key=lambda r: r["seed"])]
-        boot = boots.get((metric, method))
-        entry = {
-            "metric": metric,
-            "perturbation": method,
-            "condition": condition,
-            "n_seeds": len(deltas),
-            "mean_delta_ppl": sum(deltas) / len(deltas),
-            "ci95": list(boot.ci(condition)) if boot else list(stats.bootstrap_ci(deltas)),
-            "ci_over": "windows" if boot else "seeds",
-            "delta_ppl": deltas,
-        }
-        if condition == "super" and boot and "random_k" in boot.point:
-            entry["vs_random"] = stats.dominance(boot, "super", "random_k", 1.0)
-            sup = [r["window_nll"] for r in sorted(items, key=lambda r: r["seed"])]
-            rand = [
-                r["window_nll"] for r in sorted(groups[(metric, method, "random_k")], key=lambda r: r["seed"])
-            ]
-            entry["test_vs_random"] = stats.paired_window_test(np.array(sup), np.array(rand))
-        out.append(entry)
-    return out
-
-
 def _bit_of(config: ExperimentConfig, method: str) -> int | str | None:
     """--perturb-bit where ``method`` flips a bit (None: the exponent MSB), else None."""
     return config.perturb_bit if PERTURBATIONS[method].uses_bit else None
@@ -321,7 +292,7 @@ def _options_and_exclusions(config: ExperimentConfig, rows: list[dict]) -> dict:
     (not changed by the perturbation; the same for every metric and seed)."""
     options = {
         m: {"scale": config.scale_for(m), "prob": config.prob_for(m), "bit": _bit_of(config, m)}
-        for m in config.perturbations
+        for m in config.methods()
     }
     excluded: dict = {}
     for r in rows:

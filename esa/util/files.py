@@ -26,13 +26,18 @@ def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temp file in the same directory + os.replace; the file gets
-    the permissions a plain ``open(path, "w")`` would (0666 & ~umask, e.g. 0644), not mkstemp's 0600."""
+def atomic_write(path: Path, text: str | bytes) -> None:
+    """Write `text` (str as UTF-8, or bytes) to `path` through a temp file in the same directory +
+    os.replace; the file gets the permissions a plain ``open(path, "w")`` would (0666 & ~umask,
+    e.g. 0644), not mkstemp's 0600."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
+        if isinstance(text, bytes):
+            with os.fdopen(fd, "wb") as fb:
+                fb.write(text)
+        else:
+            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+                fh.write(text)
         os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     except BaseException:
