@@ -43,7 +43,8 @@ def _default_data(args, calib: bool) -> None:
 
 _MODEL_HELP = "registry name (esa models), hub id, local HF dir or .gguf"
 _DATA_HELP = (
-    "evaluation text: a file, wikitext-2-raw-v1 (via datasets) or builtin; default "
+    "evaluation text: a text file, a parquet/arrow/jsonl/csv file with a text column, "
+    "wikitext-2-raw-v1 (both via datasets) or builtin; default "
     "../shared/data/wikitext-2-raw/wiki.test.raw when present, else the built-in corpus"
 )
 _CALIB_HELP = (

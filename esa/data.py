@@ -45,6 +45,7 @@ HF_DATASETS = {
     "wikitext-2-v1": ("wikitext", "wikitext-2-v1"),
     "wikitext-103-raw-v1": ("wikitext", "wikitext-103-raw-v1"),
 }
+DATASET_FORMATS = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 BOS_MODES = ("auto", "always", "never")  # --bos / --esa-bos
 NO_BOS = {"mode": "never", "prepended": False, "token_id": None, "token": None, "reason": "no BOS"}
 
@@ -74,7 +75,9 @@ def default_data_file(split: str, root: str | Path | None = None) -> Path | None
 
 
 def load_text(spec: str | Path | None, split: str = "test") -> TextSource:
-    """Text from a file path, a Hugging Face dataset id, or the built-in corpus (``None``)."""
+    """Text from a file path (plain text, or a local copy in a datasets format: parquet, arrow,
+    json/jsonl, csv with a ``text`` column, read by ``datasets``), a Hugging Face dataset id, or the
+    built-in corpus (``None``)."""
     if spec is None or str(spec) == BUILTIN:
         text = builtin_corpus()
         return TextSource("builtin:pydoc_data.topics", text, text_sha256(text))
@@ -87,6 +90,8 @@ def load_text(spec: str | Path | None, split: str = "test") -> TextSource:
             f"data file {spec!r} not found: pass an existing text file, "
             f"one of {', '.join(HF_DATASETS)}, or omit it for the built-in corpus"
         )
+    if path.suffix.lower() in DATASET_FORMATS:
+        return _load_local_dataset(path)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -96,14 +101,39 @@ def load_text(spec: str | Path | None, split: str = "test") -> TextSource:
     return TextSource(path.name, text, file_sha256(path), str(path.resolve()))
 
 
-def _load_hf(spec: str, split: str) -> TextSource:
+def _load_local_dataset(path: Path) -> TextSource:
+    """The ``text`` column of a local file in a datasets format, rows joined by blank lines (as
+    the hub's WikiText rows are)."""
+    datasets = _datasets(str(path))
+    try:
+        rows = datasets.load_dataset(
+            DATASET_FORMATS[path.suffix.lower()], data_files=str(path), split="train"
+        )
+    except Exception as exc:  # malformed file: one line, what to do
+        raise DataError(
+            f"cannot read {str(path)!r} with datasets ({type(exc).__name__}: {exc})"[:300]
+        ) from None
+    if "text" not in rows.column_names:
+        raise DataError(f"{str(path)!r} has no 'text' column (columns: {', '.join(rows.column_names)})")
+    text = "\n\n".join(t for t in rows["text"] if t)
+    if not text.strip():
+        raise DataError(f"data file {str(path)!r} has no text: pass a file with natural-language text")
+    return TextSource(path.name, text, file_sha256(path), str(path.resolve()))
+
+
+def _datasets(what: str):
     try:
         import datasets
     except ImportError:
         raise DataError(
-            f"{spec!r} needs the datasets package: pip install datasets, "
-            "or pass --data-file with a local copy"
+            f"{what!r} needs the datasets package: pip install datasets, "
+            "or pass --data-file with a plain-text copy"
         ) from None
+    return datasets
+
+
+def _load_hf(spec: str, split: str) -> TextSource:
+    datasets = _datasets(spec)
     repo, config = HF_DATASETS[spec]
     try:
         rows = datasets.load_dataset(repo, config, split=split)["text"]

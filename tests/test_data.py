@@ -418,3 +418,24 @@ def test_claims_workbench_windows_follow_esa_bos(text_file):
         m = wb.data_manifest("tiny-llama")
         assert m["bos"]["mode"] == mode and m["bos"]["prepended"] is prepended
         assert bool((wb.data("tiny-llama").eval_ids[:, 0] == 0).all()) is prepended
+
+
+WRITERS = {
+    ".parquet": lambda frame, path: frame.to_parquet(path),
+    ".jsonl": lambda frame, path: frame.to_json(path, orient="records", lines=True),
+    ".csv": lambda frame, path: frame.to_csv(path, index=False),
+}
+
+
+@pytest.mark.parametrize("suffix", list(WRITERS))
+def test_local_copies_in_datasets_formats_load_through_datasets(tmp_path, suffix):
+    import pandas as pd
+
+    rows = pd.DataFrame({"text": [" = Title = ", "", "First paragraph, plain words.", "Second one."]})
+    WRITERS[suffix](rows, tmp_path / f"wiki{suffix}")
+    src = load_text(tmp_path / f"wiki{suffix}")
+    assert src.text.split("\n\n") == [t for t in rows["text"] if t]
+    assert src.sha256 == file_sha256(tmp_path / f"wiki{suffix}")
+    WRITERS[suffix](rows.rename(columns={"text": "body"}), tmp_path / f"bad{suffix}")
+    with pytest.raises(DataError, match="no 'text' column"):
+        load_text(tmp_path / f"bad{suffix}")
