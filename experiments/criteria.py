@@ -66,6 +66,8 @@ FLIP_SEARCH_STEPS = 16  # progressive (BFA-style) sensitivity-guided bit search:
 FLIP_RANDOM_MAX = 1024  # random (weight, bit) flips tried: 1, 2, 4, ..., 1024
 FLIP_POSITION_WEIGHTS = 16  # per bit position: flips in this many random weights, one at a time
 ZEROSHOT_TASKS = ("arc_easy", "boolq", "hellaswag", "piqa")  # local samples in fixtures/zeroshot
+ZEROSHOT_DROP = 10.0  # zeroing the super set drops pooled zero-shot accuracy >= 10 points vs random
+ZEROSHOT_LEVEL = 0.95  # Newcombe (Wilson) CI of that drop; decided only when its half-width <= DROP / 2
 RANK_METRICS = ("magnitude", "act_mag", "grad_x_weight", "grad_squared")  # super weight's rank under each
 PRUNE_METHODS = (  # (metric, granularity) compared at PRUNE_SPARSITY; act_mag per row = Wanda
     ("magnitude", "layer"),
@@ -76,6 +78,9 @@ PRUNE_METHODS = (  # (metric, granularity) compared at PRUNE_SPARSITY; act_mag p
     ("grad_squared", "row"),
     ("hutchinson_diag", "row"),
 )
+PRUNE_TABLE = (0.1, 0.2, 0.3, 0.4, 0.5, "2:4")  # the full table: unstructured and 2:4 (Wanda's)
+PRUNE_PATTERN = "2:4"  # the table's claim: the same PRUNE_GAIN comparison at 2:4 semi-structured
+PRUNE_SMOKE_SKIP = ("hutchinson_diag",)  # curvature scores (2 backward passes per sample): not at smoke
 
 # phase 5: the old runner's analyses (issue 13)
 PROGRESSIVE_METHOD = "zero"  # progressive perturbation: the runner's method when --perturb names none
@@ -85,3 +90,20 @@ PROGRESSIVE_MAX_WEIGHTS = 4096  # the largest set grown (1, 2, 4, ...; the analy
 ADVANCED_PERTURBATIONS = ("adaptive_noise", "magnitude_scaling", "quantization")  # registered defaults
 COLUMN_SHARE_VS_RANDOM = 3.0  # top-k's share in its tensor's most common column >= 3x a random set's
 CLUSTERING = ("kmeans", 5)  # clusters of the top-k reported beside it (the runner's defaults)
+
+# phase 5.3: interpretability of the super weight (issue 11)
+# The super activation persists: the residual-stream max after the super layer (median over the later
+# layers) stays >= 10x the median residual max entering layers <= the super layer -- the detector's own
+# spike ratio (esa.analyses.detect, ratio=10: "far above the other layers", Yu et al. 2024).
+PERSIST_FACTOR = 10.0
+# Yu et al. 2024: removing the super weight amplifies stop-word probabilities (Llama-7B; the factor is
+# not in the shared REFERENCES.md, recalled as ~2x or more): the mean stop-word mass must at least
+# double -- a ratio of means, decided on its paired bootstrap CI over evaluation windows.
+STOPWORD_FACTOR = 2.0
+# a fixed English stop-word list (NLTK-style core), space-separated; its " word" single tokens count
+STOPWORDS = (
+    "the a an and or but of to in on at for with by from as is was are were be been it its this that "
+    "these those he she they we you i his her their not no so if than then there which who what when "
+    "has have had do does did"
+)
+INTERPRET_WINDOWS = 2  # tracing and attention-sink claims: the first 2 evaluation windows (smoke cost)

@@ -14,6 +14,7 @@ from esa.analyses.prune import (
     compare_at,
     mask_indices,
     n_pruned,
+    parse_pattern,
     prune_masks,
     pruned,
     pruning_table,
@@ -194,21 +195,34 @@ def test_pruning_table_on_tiny_model_restores_weights(tiny):
         tiny,
         data,
         methods=[("magnitude", "layer"), ("act_mag", "row"), ("grad_x_weight", "row")],
-        sparsities=(0.0, 0.5),
+        sparsities=(0.0, 0.5, "2:4"),
         n_calib=2,
         batch_size=2,
         progress=False,
     )
     for n, p in tiny.model.named_parameters():
         assert torch.equal(_bits(p), before[n]), n
-    assert list(table.columns[:6]) == ["metric", "granularity", "sparsity", "ppl", "dense_ppl", "ratio"]
-    assert len(table) == 6
+    assert list(table.columns[:5]) == ["metric", "granularity", "sparsity", "pattern", "ppl"]
+    assert len(table) == 6 + 3  # 2:4 once per metric
+    nm = table[table["pattern"] == "2:4"]
+    assert (nm["granularity"] == "row").all() and (nm["achieved_sparsity"] == 0.5).all()
+    table = table[table["pattern"] == "unstructured"]
     zero = table[table["sparsity"] == 0.0]
     assert (zero["ppl"] == zero["dense_ppl"]).all() and (zero["n_pruned"] == 0).all()
     half = table[table["sparsity"] == 0.5]
     assert (half["achieved_sparsity"] == 0.5).all()  # tiny-llama's rows and tensors have even sizes
     assert (table["ratio"] == table["ppl"] / table["dense_ppl"]).all()
     assert table.attrs["n_calib"] == 2
+    again = pruning_table(
+        tiny,
+        data,
+        methods=[("magnitude", "layer")],
+        sparsities=(0.5,),
+        n_calib=2,
+        dense_ppl=7.0,
+        progress=False,
+    )
+    assert (again["dense_ppl"] == 7.0).all() and again["ppl"].iloc[0] == half["ppl"].iloc[0]
 
 
 def _table(rows):
@@ -243,3 +257,54 @@ def test_compare_at_infinite_baseline_and_missing_wanda():
     out = compare_at(table, 0.5)
     assert out["improvement_vs_magnitude"] == 1.0
     assert out["wanda"] is None and out["improvement_vs_wanda"] is None
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 5),
+    blocks=st.integers(1, 6),
+    nm=st.sampled_from([(2, 4), (1, 4), (0, 4), (4, 4), (1, 2), (3, 8)]),
+    seed=st.integers(0, 2**16),
+    ties=st.booleans(),
+)
+def test_nm_masks_prune_the_n_lowest_of_every_m(rows, blocks, nm, seed, ties):
+    n, m = nm
+    g = torch.Generator().manual_seed(seed)
+    score = torch.randn(rows, blocks * m, generator=g)
+    if ties:
+        score = score.round()
+    keep = prune_masks({"w": score}, f"{n}:{m}", "layer")["w"]  # granularity does not apply
+    kb, sb = keep.reshape(-1, m), score.reshape(-1, m)
+    assert ((~kb).sum(dim=1) == n).all()
+    order = torch.argsort(sb, dim=1, stable=True)
+    expected = torch.ones_like(kb)
+    expected.scatter_(1, order[:, :n], False)
+    assert torch.equal(kb, expected)  # the n lowest; ties by lower index
+
+
+def test_nm_nan_is_kept_and_shape_errors():
+    score = torch.tensor([[float("nan"), 1.0, 2.0, 0.5]])
+    assert prune_masks({"w": score}, "2:4")["w"].tolist() == [[True, False, True, False]]
+    with pytest.raises(ConfigError, match="multiple of 4"):
+        prune_masks({"w": torch.ones(2, 6)}, "2:4")
+    for bad in ("2:", "a:4", "5:4", "1:0", "2:4:8"):
+        with pytest.raises(ConfigError, match=r"N:M|N <= M"):
+            parse_pattern(bad)
+    assert parse_pattern(0.5) is None and parse_pattern("2:4") == (2, 4)
+
+
+def test_compare_at_separates_patterns():
+    rows = [
+        ("magnitude", "layer", 0.5, "unstructured", 40.0, 10.0, 4.0),
+        ("grad_x_weight", "row", 0.5, "unstructured", 20.0, 10.0, 2.0),
+        ("magnitude", "row", 0.5, "2:4", 100.0, 10.0, 10.0),
+        ("grad_x_weight", "row", 0.5, "2:4", 90.0, 10.0, 9.0),
+    ]
+    cols = ["metric", "granularity", "sparsity", "pattern", "ppl", "dense_ppl", "ratio"]
+    table = pd.DataFrame(rows, columns=cols)
+    assert compare_at(table, 0.5)["improvement_vs_magnitude"] == pytest.approx(0.5)
+    out = compare_at(table, "2:4")
+    assert out["pattern"] == "2:4" and out["magnitude"]["granularity"] == "row"
+    assert out["improvement_vs_magnitude"] == pytest.approx(0.1)
+    with pytest.raises(ConfigError, match="sparsity"):
+        compare_at(table[table["pattern"] == "unstructured"], "2:4")

@@ -20,7 +20,7 @@ from esa.analyses.zeroshot import (
     score_choices,
     score_requests,
 )
-from esa.errors import DataError
+from esa.errors import ConfigError, DataError
 from esa.models import load_model
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "zeroshot"
@@ -94,30 +94,34 @@ def test_hub_failure_becomes_data_error(monkeypatch):
         load_task("piqa")
 
 
+# Raw rows of each task's dataset, as the hub (or an lm-evaluation-harness data file) holds them.
+RAW_DOCS = {
+    "Rowan/hellaswag": [
+        {
+            "ind": 7,
+            "activity_label": "Baking",
+            "ctx_a": "She mixes flour.",
+            "ctx_b": "she",
+            "endings": ["bakes [title] it.", "sings"],
+            "label": "0",
+        }
+    ],
+    "baber/piqa": [{"goal": "Open a jar", "sol1": "twist", "sol2": "shout", "label": 0}],
+    "super_glue": [{"idx": 3, "passage": "Sky is blue.", "question": "is the sky blue", "label": 1}],
+    "allenai/ai2_arc": [
+        {
+            "id": "q1",
+            "question": "Which is hot?",
+            "answerKey": "B",
+            "choices": {"text": ["ice", "fire"], "label": ["A", "B"]},
+        }
+    ],
+}
+
+
 def test_hub_fields_map_to_the_schema(monkeypatch):
     datasets = pytest.importorskip("datasets")
-    docs = {
-        "Rowan/hellaswag": [
-            {
-                "ind": 7,
-                "activity_label": "Baking",
-                "ctx_a": "She mixes flour.",
-                "ctx_b": "she",
-                "endings": ["bakes [title] it.", "sings"],
-                "label": "0",
-            }
-        ],
-        "baber/piqa": [{"goal": "Open a jar", "sol1": "twist", "sol2": "shout", "label": 0}],
-        "super_glue": [{"idx": 3, "passage": "Sky is blue.", "question": "is the sky blue", "label": 1}],
-        "allenai/ai2_arc": [
-            {
-                "id": "q1",
-                "question": "Which is hot?",
-                "answerKey": "B",
-                "choices": {"text": ["ice", "fire"], "label": ["A", "B"]},
-            }
-        ],
-    }
+    docs = RAW_DOCS
     monkeypatch.setattr(datasets, "load_dataset", lambda path, config=None, split=None: docs[path])
     hs = load_task("hellaswag")[0]
     assert hs == {
@@ -133,6 +137,44 @@ def test_hub_fields_map_to_the_schema(monkeypatch):
     arc = load_task("arc_easy")[0]
     assert arc["choices"] == ["ice", "fire"] and arc["label"] == 1
     assert set(TASKS) == {"hellaswag", "piqa", "boolq", "arc_easy"}
+
+
+RAW_FILES = {
+    "hellaswag": "Rowan/hellaswag",
+    "piqa": "baber/piqa",
+    "boolq": "super_glue",
+    "arc_easy": "allenai/ai2_arc",
+}
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet"])
+def test_lm_eval_data_files_map_like_the_hub(tmp_path, suffix):
+    """A task's own data file (lm-evaluation-harness ``data_files``) maps exactly as hub rows do."""
+    for task, source in RAW_FILES.items():
+        rows, path = RAW_DOCS[source] * 3, tmp_path / f"{task}{suffix}"
+        if suffix == ".parquet":
+            pq = pytest.importorskip("pyarrow.parquet")
+            pa = pytest.importorskip("pyarrow")
+            pq.write_table(pa.Table.from_pylist(rows), path)
+        elif suffix == ".json":
+            path.write_text(json.dumps(rows))
+        else:
+            path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        assert tasks.find_local(tmp_path, task) == path
+        expected = tasks.validate_example(TASKS[task].convert(rows[0], 0))
+        got = load_task(path, task=task, limit=2)
+        assert len(got) == 2 and got[0] == expected
+    assert tasks.find_local(tmp_path / "none", "piqa") is None
+
+
+def test_lm_eval_data_file_errors(tmp_path):
+    path = _write(tmp_path, [{"goal": "g", "sol1": "a"}], name="piqa.jsonl")
+    with pytest.raises(DataError, match=r"piqa.jsonl\[0\]: not a piqa row"):
+        load_task(path, task="piqa")
+    with pytest.raises(DataError, match="is not a"):
+        load_task(tmp_path / "piqa.csv", task="piqa")
+    with pytest.raises(ConfigError, match="unknown task"):
+        load_task(path, task="mmlu")
 
 
 def test_google_boolq_answer_field():

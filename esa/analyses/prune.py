@@ -12,6 +12,10 @@ Comparison groups (``granularity``):
 - ``"layer"``: the whole tensor is one group (classic magnitude pruning compares ``|W|`` over the
   layer).
 
+Semi-structured N:M (``sparsity="2:4"``, Wanda/SparseGPT's hardware pattern): every block of M
+consecutive entries along the last dimension loses its N lowest-scoring entries (sparsity N/M;
+the granularity does not apply). The last dimension must be a multiple of M.
+
 Exactly ``n_pruned(sparsity, group_size)`` = floor(sparsity x group size) entries are removed
 from every group, so each group's achieved sparsity is exactly the requested one (up to the
 floor). Ties are broken deterministically: among equal scores the lower index is pruned first.
@@ -47,17 +51,8 @@ log = logging.getLogger("esa")
 GRANULARITIES = ("row", "layer")
 DEFAULT_METRICS = ("magnitude", "act_mag", "grad_x_weight", "grad_squared", "hutchinson_diag")
 BASELINE_METRICS = ("magnitude", "act_mag")
-COLUMNS = [
-    "metric",
-    "granularity",
-    "sparsity",
-    "ppl",
-    "dense_ppl",
-    "ratio",
-    "n_pruned",
-    "n_weights",
-    "achieved_sparsity",
-]
+COLUMNS = ["metric", "granularity", "sparsity", "pattern", "ppl", "dense_ppl", "ratio"]
+COLUMNS += ["n_pruned", "n_weights", "achieved_sparsity"]
 
 
 def n_pruned(sparsity: float, group_size: int) -> int:
@@ -69,15 +64,31 @@ def n_pruned(sparsity: float, group_size: int) -> int:
     return math.floor(round(float(sparsity) * int(group_size), 6))
 
 
+def parse_pattern(sparsity) -> tuple[int, int] | None:
+    """``"N:M"`` -> (N, M) with 0 <= N <= M, M >= 1; None for a number (unstructured)."""
+    if not isinstance(sparsity, str):
+        return None
+    parts = sparsity.split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ConfigError(f"pruning pattern must be 'N:M', e.g. '2:4', got {sparsity!r}")
+    n, m = int(parts[0]), int(parts[1])
+    if m < 1 or n > m:
+        raise ConfigError(f"pruning pattern {sparsity!r} needs 0 <= N <= M and M >= 1; pass e.g. '2:4'")
+    return n, m
+
+
 def prune_masks(
-    scores: Mapping[str, torch.Tensor], sparsity: float, granularity: str = "row"
+    scores: Mapping[str, torch.Tensor], sparsity: float | str, granularity: str = "row"
 ) -> dict[str, torch.Tensor]:
-    """Keep-masks (True = keep) pruning the lowest-scoring ``sparsity`` fraction of each group.
+    """Keep-masks (True = keep) pruning the lowest-scoring ``sparsity`` fraction of each group,
+    or N of every M consecutive entries for ``sparsity="N:M"``.
 
     ``scores`` is name -> score tensor (``esa.metrics.compute_scores`` output); each mask has the
     score's shape and device. See the module doc for groups, counts and tie-breaking.
     """
-    sparsity = _check_sparsity(sparsity)
+    nm = parse_pattern(sparsity)
+    if nm is None:
+        sparsity = _check_sparsity(sparsity)
     if granularity not in GRANULARITIES:
         raise ConfigError(f"unknown granularity {granularity!r}; use one of {', '.join(GRANULARITIES)}")
     if not scores:
@@ -86,7 +97,7 @@ def prune_masks(
     for name, score in scores.items():
         if not isinstance(score, torch.Tensor):
             raise ConfigError(f"score for {name!r} is not a tensor; pass dict name -> torch.Tensor")
-        masks[name] = _mask(score, sparsity, granularity)
+        masks[name] = _mask(score, float(sparsity), granularity) if nm is None else _mask_nm(name, score, *nm)
     return masks
 
 
@@ -96,12 +107,30 @@ def _check_sparsity(sparsity) -> float:
     return float(sparsity)
 
 
-def _mask(score: torch.Tensor, sparsity: float, granularity: str) -> torch.Tensor:
+def _key(score: torch.Tensor) -> torch.Tensor:
+    """Sort key: float32 or wider, NaN -> +inf (kept longest)."""
     key = score.detach()
     if not key.is_floating_point() or key.dtype in (torch.float16, torch.bfloat16):
         key = key.float()
-    if torch.isnan(key).any():
-        key = torch.nan_to_num(key, nan=float("inf"))
+    return torch.nan_to_num(key, nan=float("inf")) if torch.isnan(key).any() else key
+
+
+def _mask_nm(name: str, score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """N:M keep-mask: the n lowest of each m consecutive entries along the last dim (stable
+    ascending sort, so ties go by lower index)."""
+    if score.ndim == 0 or score.shape[-1] % m:
+        raise ConfigError(
+            f"{name!r} has last dimension {tuple(score.shape)[-1:]}, not a multiple of {m}; "
+            f"prune it unstructured or pass names= without it"
+        )
+    blocks = _key(score).reshape(-1, m)
+    cut = torch.zeros(blocks.shape, dtype=torch.bool, device=blocks.device)
+    cut.scatter_(1, torch.argsort(blocks, dim=1, stable=True)[:, :n], True)
+    return (~cut).reshape(score.shape)
+
+
+def _mask(score: torch.Tensor, sparsity: float, granularity: str) -> torch.Tensor:
+    key = _key(score)
     if granularity == "row" and key.ndim >= 2:
         groups = key.reshape(-1, key.shape[-1])
     else:
@@ -114,14 +143,12 @@ def _mask(score: torch.Tensor, sparsity: float, granularity: str) -> torch.Tenso
     # The k-th smallest score per group; everything below it goes, then ties at it by index.
     # Same result as a stable ascending argsort cut at k, in O(n) instead of a sort.
     threshold = torch.kthvalue(groups, k, dim=1, keepdim=True).values
-    below = groups < threshold
-    ties = groups == threshold
+    keep = groups > threshold
+    if bool((keep.sum(dim=1) == groups.shape[1] - k).all()):  # no excess ties (the usual case)
+        return keep.reshape(score.shape)
+    below, ties = groups < threshold, groups == threshold
     need = k - below.sum(dim=1, keepdim=True)
-    if bool((ties.sum(dim=1, keepdim=True) == need).all()):  # no excess ties (the usual case)
-        cut = below | ties
-    else:
-        cut = below | (ties & (ties.cumsum(dim=1) <= need))
-    return (~cut).reshape(score.shape)
+    return (~(below | (ties & (ties.cumsum(dim=1) <= need)))).reshape(score.shape)
 
 
 def mask_indices(masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -207,11 +234,20 @@ def _methods(metrics, granularity, methods) -> list[tuple[str, str]]:
     return list(dict.fromkeys(pairs))
 
 
+def _jobs(grans: Sequence[str], sparsities: Sequence) -> list[tuple[str, float | str]]:
+    """(granularity, sparsity) evaluations of one metric: every pair for numbers, one ("row")
+    per N:M pattern, whose blocks ignore the granularity."""
+    out: list[tuple[str, float | str]] = []
+    for s in sparsities:
+        out += [("row", s)] if parse_pattern(s) else [(g, s) for g in grans]
+    return out
+
+
 def pruning_table(
     lm,
     data,
     metrics: Sequence[str] = DEFAULT_METRICS,
-    sparsities: Sequence[float] = (0.1, 0.2, 0.3, 0.5),
+    sparsities: Sequence[float | str] = (0.1, 0.2, 0.3, 0.5),
     granularity: str | Sequence[str] = ("row", "layer"),
     seed: int = 0,
     *,
@@ -222,6 +258,7 @@ def pruning_table(
     hutchinson_samples: int = 8,
     names: Sequence[str] | None = None,
     scores: Mapping[str, Mapping] | None = None,
+    dense_ppl: float | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Perplexity after pruning by each (metric, granularity) at each sparsity.
@@ -232,25 +269,31 @@ def pruning_table(
     ``seed``, ``batch_size``, ``hutchinson_samples``, ``names``) unless ``scores[metric]``
     supplies the scores. The default ``names`` are the model's scorable weight matrices, so
     embeddings, LM head and norms are not pruned (as in Wanda/SparseGPT). Every scored tensor
-    is pruned at once; the model is restored bit-exactly after each evaluation.
+    is pruned at once; the model is restored bit-exactly after each evaluation. A sparsity
+    ``"N:M"`` is measured once per metric (granularity ``"row"``: its blocks lie in rows), with
+    sparsity N/M and pattern "N:M"; numbers have pattern "unstructured". ``dense_ppl`` (the
+    unpruned model's PPL on these windows, if already known) saves one evaluation.
 
-    Columns: metric, granularity, sparsity, ppl, dense_ppl, ratio (= ppl / dense_ppl), n_pruned,
+    Columns: metric, granularity, sparsity, pattern, ppl, dense_ppl, ratio (= ppl / dense_ppl), n_pruned,
     n_weights, achieved_sparsity (n_pruned / n_weights over all pruned tensors). Non-finite
     perplexities stay ``inf``/``nan``. ``df.attrs`` records the protocol.
     """
     pairs = _methods(metrics, granularity, methods)
-    sparsities = [_check_sparsity(s) for s in sparsities]
+    sparsities = [s if parse_pattern(s) else _check_sparsity(s) for s in sparsities]
     windows = data.eval_ids
     calib = data.calibration(n_calib, seed)
-    dense = evaluate(lm.model, windows, batch_size=eval_batch_size, progress=False).ppl
+    if dense_ppl is None:
+        dense_ppl = evaluate(lm.model, windows, batch_size=eval_batch_size, progress=False).ppl
+    dense = float(dense_ppl)
     rows = []
     by_metric: dict[str, list[str]] = {}
     for m, g in pairs:
         by_metric.setdefault(m, []).append(g)
-    total = len(pairs) * len(sparsities)
+    jobs = {m: _jobs(grans, sparsities) for m, grans in by_metric.items()}
+    total = sum(len(j) for j in jobs.values())
     bar = tqdm(total=total, desc="prune", disable=not progress, leave=False, unit="eval")
     try:
-        for metric, grans in by_metric.items():
+        for metric in by_metric:
             if scores is not None and metric in scores:
                 metric_scores = dict(scores[metric])
             else:
@@ -265,44 +308,27 @@ def pruning_table(
                     progress=progress,
                 )
             n_weights = sum(int(s.numel()) for s in metric_scores.values())
-            for g in grans:
-                for s in sparsities:
-                    masks = prune_masks(metric_scores, s, g)
-                    n_cut = sum(int((~m).sum()) for m in masks.values())
-                    with pruned(lm.model, masks):
-                        ppl = evaluate(lm.model, windows, batch_size=eval_batch_size, progress=False).ppl
-                    del masks
-                    log.info("esa: prune %s/%s at %.2f: ppl %.4g (dense %.4g)", metric, g, s, ppl, dense)
-                    rows.append(
-                        {
-                            "metric": metric,
-                            "granularity": g,
-                            "sparsity": s,
-                            "ppl": ppl,
-                            "dense_ppl": dense,
-                            "ratio": ppl / dense,
-                            "n_pruned": n_cut,
-                            "n_weights": n_weights,
-                            "achieved_sparsity": n_cut / n_weights if n_weights else math.nan,
-                        }
-                    )
-                    bar.update(1)
+            for g, s in jobs[metric]:
+                masks = prune_masks(metric_scores, s, g)
+                n_cut = sum(int((~m).sum()) for m in masks.values())
+                with pruned(lm.model, masks):
+                    ppl = evaluate(lm.model, windows, batch_size=eval_batch_size, progress=False).ppl
+                del masks
+                log.info("esa: prune %s/%s at %s: ppl %.4g (dense %.4g)", metric, g, s, ppl, dense)
+                nm = parse_pattern(s)
+                frac = nm[0] / nm[1] if nm else s
+                vals = (metric, g, frac, s if nm else "unstructured", ppl, dense, ppl / dense, n_cut)
+                rows.append(
+                    dict(zip(COLUMNS, (*vals, n_weights, n_cut / n_weights if n_weights else math.nan)))
+                )
+                bar.update(1)
             del metric_scores
     finally:
         bar.close()
     table = pd.DataFrame(rows, columns=COLUMNS)
-    table.attrs.update(
-        {
-            "model": lm.name,
-            "seed": int(seed),
-            "n_calib": int(calib.shape[0]),
-            "eval_windows": int(windows.shape[0]),
-            "window_length": int(windows.shape[1]),
-            "hutchinson_samples": int(hutchinson_samples),
-            "batch_size": int(batch_size),
-            "dense_ppl": dense,
-        }
-    )
+    shape = {"eval_windows": int(windows.shape[0]), "window_length": int(windows.shape[1])}
+    table.attrs.update(model=lm.name, seed=int(seed), n_calib=int(calib.shape[0]), dense_ppl=dense, **shape)
+    table.attrs.update(hutchinson_samples=int(hutchinson_samples), batch_size=int(batch_size))
     return table
 
 
@@ -327,7 +353,7 @@ def _row(frame: pd.DataFrame) -> dict | None:
     return {"metric": str(r["metric"]), "granularity": str(r["granularity"]), "ppl": float(r["ppl"])}
 
 
-def compare_at(table: pd.DataFrame, sparsity: float = 0.5) -> dict:
+def compare_at(table: pd.DataFrame, sparsity: float | str = 0.5) -> dict:
     """The best sensitivity-guided method vs the magnitude and Wanda baselines at ``sparsity``.
 
     Sensitivity-guided = every metric other than ``magnitude`` and ``act_mag``; best = lowest
@@ -335,9 +361,15 @@ def compare_at(table: pd.DataFrame, sparsity: float = 0.5) -> dict:
     at ``layer`` granularity (the classic one; ``row`` if only that was measured); Wanda =
     ``act_mag`` at ``row``. Relative improvement = (ppl_baseline - ppl_best) / ppl_baseline
     (positive = the sensitivity-guided method is better; 1.0 when only the baseline is
-    infinite; NaN when undefined). Missing entries are None.
+    infinite; NaN when undefined). Missing entries are None. ``sparsity="N:M"`` compares the
+    rows of that pattern; a number compares unstructured rows (all rows if the table has no
+    ``pattern`` column).
     """
-    at = table[(table["sparsity"] - float(sparsity)).abs() < 1e-9]
+    nm = parse_pattern(sparsity)
+    value = nm[0] / nm[1] if nm else float(sparsity)
+    at = table[(table["sparsity"] - value).abs() < 1e-9]
+    if "pattern" in table.columns:
+        at = at[at["pattern"] == (sparsity if nm else "unstructured")]
     if at.empty:
         raise ConfigError(
             f"no rows at sparsity {sparsity} in the table; measured: "
@@ -349,7 +381,8 @@ def compare_at(table: pd.DataFrame, sparsity: float = 0.5) -> dict:
     wanda = _row(acts[acts["granularity"] == "row"])
     best = _row(at[~at["metric"].isin(BASELINE_METRICS)])
     out = {
-        "sparsity": float(sparsity),
+        "sparsity": value,
+        "pattern": sparsity if nm else "unstructured",
         "dense_ppl": float(at["dense_ppl"].iloc[0]),
         "best": best,
         "magnitude": mag,

@@ -23,7 +23,11 @@ Tasks ``hellaswag``, ``piqa``, ``boolq``, ``arc_easy`` load from the Hugging Fac
 - arc_easy (``allenai/ai2_arc`` ARC-Easy, test): context = "Question: {question}\\nAnswer:",
   choices = choices["text"], label = choices["label"].index(answerKey).
 
-Without network, pass a local JSONL path to ``load_task`` instead.
+Without network, pass a local JSONL path to ``load_task`` instead, or the task's own data file
+as lm-evaluation-harness reads it offline (a task yaml with ``dataset_path: json`` or ``parquet``
+and ``data_files``): ``load_task(path, task="arc_easy")`` reads ``.jsonl`` / ``.json`` /
+``.parquet`` rows with the dataset's fields and maps them as above (``read_raw``);
+``find_local(folder, task)`` finds ``{task}.jsonl|json|parquet`` in a folder.
 """
 
 from __future__ import annotations
@@ -102,16 +106,24 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 
-def load_task(name_or_path: str | Path, limit: int | None = None, split: str | None = None) -> list[dict]:
+RAW_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def load_task(
+    name_or_path: str | Path, limit: int | None = None, split: str | None = None, *, task: str | None = None
+) -> list[dict]:
     """Examples (schema in the module doc) from a local JSONL file or a hub task name.
 
-    ``limit`` keeps the first ``limit`` examples. A hub task that cannot be loaded raises
+    ``limit`` keeps the first ``limit`` examples. With ``task`` (a ``TASKS`` name) the file holds
+    that task's raw dataset rows (``read_raw``). A hub task that cannot be loaded raises
     ``DataError`` asking for a local JSONL file.
     """
     if limit is not None and (isinstance(limit, bool) or int(limit) < 1):
         raise ConfigError(f"limit must be a positive integer or None, got {limit!r}")
     path = Path(str(name_or_path)).expanduser()
-    if path.is_file():
+    if task is not None:
+        examples = read_raw(task, path, limit=limit)
+    elif path.is_file():
         examples = read_jsonl(path, limit=limit)
     elif str(name_or_path) in TASKS:
         examples = _load_hub(TASKS[str(name_or_path)], limit, split)
@@ -153,6 +165,58 @@ def _load_hub(spec: TaskSpec, limit: int | None, split: str | None) -> list[dict
     raise DataError(
         f"cannot load task {spec.name!r} split {split!r} from the hub ({'; '.join(errors)}): {hint}"
     )
+
+
+def _spec(task: str) -> TaskSpec:
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
+    return TASKS[task]
+
+
+def _raw_rows(path: Path) -> list:
+    """Rows of a ``.parquet`` (pyarrow), ``.jsonl`` or ``.json`` (a list, or one object a line)."""
+    if path.suffix not in RAW_SUFFIXES or not path.is_file():
+        raise DataError(f"{str(path)!r} is not a {'/'.join(RAW_SUFFIXES)} file: pass the task's data file")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".json" and text.lstrip().startswith("["):
+            return list(json.loads(text))
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{str(path)!r}: invalid JSON ({exc.msg}); use one JSON object a line") from None
+
+
+def read_raw(task: str, path: str | Path, limit: int | None = None) -> list[dict]:
+    """Rows of ``task``'s own data file (the dataset's fields, as lm-evaluation-harness reads a
+    local ``data_files`` entry) mapped to the schema by ``TASKS[task].convert``."""
+    spec, path = _spec(task), Path(path)
+    out: list[dict] = []
+    for i, doc in enumerate(_raw_rows(path)):
+        if limit is not None and len(out) >= limit:
+            break
+        try:
+            example = spec.convert(doc, i)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise DataError(
+                f"{path}[{i}]: not a {task} row ({type(exc).__name__}: {exc}); pass a file with the "
+                f"fields of {spec.sources[0][0]}"
+            ) from None
+        out.append(validate_example(example, where=f"{path}[{i}]"))
+    return out
+
+
+def find_local(folder: str | Path, task: str) -> Path | None:
+    """``folder/{task}{suffix}`` for the first of ``RAW_SUFFIXES`` that exists, else None."""
+    _spec(task)
+    for suffix in RAW_SUFFIXES:
+        path = Path(folder) / f"{task}{suffix}"
+        if path.is_file():
+            return path
+    return None
 
 
 def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict]:

@@ -1,7 +1,8 @@
 """Zero-shot multiple-choice accuracy by log-likelihood (lm-evaluation-harness style).
 
 Examples follow the schema of ``esa.analyses.tasks`` (``id``, ``context``, ``choices``, ``label``);
-``load_task``, ``read_jsonl``, ``validate_example`` and ``TASKS`` live there and are re-exported here.
+``load_task``, ``read_jsonl``, ``read_raw`` (lm-evaluation-harness data files), ``find_local``,
+``validate_example`` and ``TASKS`` live there and are re-exported here.
 
 Scoring: for each choice the continuation ``delimiter + choice`` (delimiter " " by default) is
 appended to the context and scored as the sum of the log-probabilities of its tokens given
@@ -21,7 +22,16 @@ from collections.abc import Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from esa.analyses.tasks import SCHEMA_KEYS, TASKS, TaskSpec, load_task, read_jsonl, validate_example
+from esa.analyses.tasks import (
+    SCHEMA_KEYS,
+    TASKS,
+    TaskSpec,
+    find_local,
+    load_task,
+    read_jsonl,
+    read_raw,
+    validate_example,
+)
 from esa.errors import ConfigError, DataError
 
 __all__ = [
@@ -30,8 +40,10 @@ __all__ = [
     "TaskSpec",
     "encode_pair",
     "evaluate_task",
+    "find_local",
     "load_task",
     "read_jsonl",
+    "read_raw",
     "score_choices",
     "score_requests",
     "validate_example",

@@ -1,0 +1,123 @@
+"""Phase 5.3 — interpretability of the super weight (issue 11): super-activation tracing (which layer,
+which tokens, how large, how it propagates, with and without the super weight), the stop-word
+probability shift when the super weight is removed (Yu et al. 2024), and attention sinks.
+
+The super weight is the detector's primary candidate (``esa.analyses.detect``, the paper's prompt;
+largest |output activation|); the measurements (``esa.analyses.interpret``) run on the session's
+evaluation windows. Decision rules: rules_interpret.py (unit tests: test_rules_interpret.py)."""
+
+import pytest
+import rules_interpret as rules
+from criteria import INTERPRET_WINDOWS, PERSIST_FACTOR, STOPWORD_FACTOR, STOPWORDS
+from rules_applications import measured_at_min_tier
+
+from esa.analyses import interpret
+from esa.analyses.detect import candidate_selection, detect_super_weights
+from esa.perturb import perturbed
+
+pytestmark = [pytest.mark.phase5, pytest.mark.smoke]
+_MEMO: dict = {}
+STOPWORD_REASON = "two forward passes over all evaluation windows (~40 s at smoke on a CPU core)"
+
+
+def super_weight(claim, workbench, model):
+    """(lm, primary candidate, its zeroing selection), detected once per worker; the claim is
+    falsified when the detector finds no super weight."""
+    if model not in _MEMO:
+        lm = workbench.model(model)
+        report = detect_super_weights(lm)
+        cand = max(report.candidates, key=lambda c: abs(c.output_activation)) if report.candidates else None
+        sel = candidate_selection([cand], report.shapes) if cand else None
+        _MEMO[model] = (lm, cand, sel)
+    lm, cand, sel = _MEMO[model]
+    claim.check(cand is not None, "no activation spike: the detector found no super weight")
+    claim.context(model=model, super_weight=f"layer {cand.layer} row {cand.row} col {cand.col}")
+    return lm, cand, sel
+
+
+def test_super_activation_traced(claim, workbench, model):
+    """The super activation appears at the detected layer and persists in the residual stream.
+
+    Hypothesis: the super weight's layer produces the model's largest down_proj input (the super
+    activation), and the residual stream carries it through the later layers (Yu et al. 2024;
+    massive activations, Sun et al. 2024).
+    Measurement: hooks on every down_proj and decoder block over the first INTERPRET_WINDOWS
+    evaluation windows: per window
+    and layer the max |down_proj input| and max |residual stream| with their token positions / ids;
+    the same with the super weight zeroed (reported and plotted).
+    Decision: `rules.super_activation_persists`: peak down_proj layer == detected layer, and the
+    geometric mean over windows of median residual max after / before the super layer has its
+    bootstrap CI >= PERSIST_FACTOR.
+    Minimum tier: smoke (two forward passes).
+    Falsified if: the largest down_proj input is in another layer, or the residual max after the
+    super layer falls below PERSIST_FACTOR x its level before it.
+    """
+    claim(threshold=PERSIST_FACTOR)
+    lm, cand, sel = super_weight(claim, workbench, model)
+    ids = workbench.data(model).eval_ids[:INTERPRET_WINDOWS]
+    original = interpret.trace_activations(lm, ids)
+    with perturbed(lm.model, sel, "zero"):
+        zeroed = interpret.trace_activations(lm, ids)
+    s = cand.layer
+    claim.context(
+        windows=int(ids.shape[0]),
+        positions_at_super_layer=[int(p) for p in original.down_pos[:, s]],
+        tokens_at_super_layer=[int(t) for t in original.down_token[:, s]],
+        trace=original.summary(),
+        trace_zeroed=zeroed.summary(),
+    )
+    claim.figure(
+        interpret.plot_trace(original, zeroed, s, title=f"{model}: super activation, layer {s}"),
+        "max |activation| per layer: down_proj input (red) and residual stream (blue); dashed: super weight zeroed",
+    )
+    rules.super_activation_persists(claim, original.down_max, original.resid_max, s, PERSIST_FACTOR)
+
+
+@pytest.mark.min_tier("standard", reason=STOPWORD_REASON)
+def test_stopword_shift_when_super_weight_zeroed(claim, workbench, model, request):
+    """Zeroing the super weight moves next-token probability mass onto stop words.
+
+    Hypothesis: Yu et al. 2024: without the super weight the model raises the probability of stop
+    words (the super activation suppresses them).
+    Measurement: per evaluation window, the mean over positions of the softmax mass on the
+    single-token " word" forms of STOPWORDS, with the original model and with the super weight zeroed.
+    Decision: `rules.stopword_shift`: mean(zeroed) / mean(original) with its paired bootstrap CI
+    over windows >= STOPWORD_FACTOR.
+    Minimum tier: standard (two forward passes over all evaluation windows with full-vocabulary
+    softmax; ~40 s at smoke on a CPU core).
+    Falsified if: the CI of the ratio lies below STOPWORD_FACTOR.
+    """
+    claim(threshold=STOPWORD_FACTOR)
+    measured_at_min_tier(claim, request.node, workbench.tier)
+    lm, _, sel = super_weight(claim, workbench, model)
+    ids, bs = workbench.data(model).eval_ids, workbench.tier.batch_size
+    stop = interpret.stopword_ids(lm.tokenizer, STOPWORDS)
+    claim.context(stopword_tokens=len(stop), windows=int(ids.shape[0]))
+    original = interpret.stopword_mass(lm, ids, stop, bs)
+    with perturbed(lm.model, sel, "zero"):
+        zeroed = interpret.stopword_mass(lm, ids, stop, bs)
+    rules.stopword_shift(claim, original, zeroed, STOPWORD_FACTOR)
+
+
+def test_attention_sink_after_super_layer(claim, workbench, model):
+    """Layers after the super layer attend more to the first token than layers up to it.
+
+    Hypothesis: the super activation sits on the first token and acts like a bias; later layers
+    use that token as an attention sink (Sun et al. 2024), earlier ones cannot yet.
+    Measurement: eager attention on the first INTERPRET_WINDOWS evaluation windows; per layer and head
+    the mean share of attention on position 0 over query positions >= 1.
+    Decision: `rules.sink_after_super_layer`: mean share of heads after the super layer − heads up to
+    it, bootstrap CI over heads above 0.
+    Minimum tier: smoke (one eager forward pass).
+    Falsified if: the CI of the difference lies at or below 0.
+    """
+    claim(threshold=0.0)
+    lm, cand, _ = super_weight(claim, workbench, model)
+    ids = workbench.data(model).eval_ids[:INTERPRET_WINDOWS]
+    share = interpret.first_token_attention(lm, ids)
+    claim.context(windows=int(ids.shape[0]), share_per_layer=[float(v) for v in share.mean(axis=1)])
+    claim.figure(
+        interpret.plot_attention(share, cand.layer, title=f"{model}: attention on the first token"),
+        "first-token attention share per layer (dots: heads; line: head mean); super layer dotted",
+    )
+    rules.sink_after_super_layer(claim, share, cand.layer)

@@ -1,0 +1,121 @@
+"""Unit tests of the phase-5.3 decision rules (rules_interpret.py) on synthetic data: for every rule a
+case where it must hold, one where it must be falsified and one where it must be inconclusive. Not
+claims: no model, no ``claim`` fixture.
+
+Synthetic traces: W = 8 windows, L = 12 layers, super layer 3; the residual stream entering layers
+0..3 has maxima near 10, after the super layer near 10 x ``jump``.
+"""
+
+import contextlib
+
+import numpy as np
+import pytest
+import rules_interpret as rules
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from esa.claims.claim import Claim, ClaimFalsified, ClaimInconclusive
+
+W, L, S = 8, 12, 3
+HOLDS, FALSIFIED, INCONCLUSIVE = "holds", "falsified", "inconclusive"
+
+
+def verdict(rule, *args) -> tuple[str, Claim]:
+    claim = Claim("synthetic")
+    try:
+        rule(claim, *args)
+    except ClaimFalsified:
+        return FALSIFIED, claim
+    except ClaimInconclusive:
+        return INCONCLUSIVE, claim
+    assert claim.checks and claim.checks[-1]["ok"] is True, "a rule that holds ends with a passed check"
+    return HOLDS, claim
+
+
+def trace(jump: float, peak: int = S, spread: float = 0.05, layers: int = L, seed: int = 0):
+    """down [W, L] with its maximum at ``peak``; resid [W, L + 1]: ~10 up to S, ~10 x jump after."""
+    rng = np.random.default_rng(seed)
+    down = 5.0 + rng.random((W, layers))
+    down[:, peak] = 1000.0
+    resid = 10.0 * np.exp(spread * rng.standard_normal((W, layers + 1)))
+    resid[:, S + 1 :] *= jump
+    return down, resid
+
+
+# --- super_activation_persists -----------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("jump", "peak", "spread", "expected"),
+    [
+        (100.0, S, 0.05, HOLDS),  # 100x persistent spike at the detected layer
+        (2.0, S, 0.05, FALSIFIED),  # the stream falls back: 2x < 10x
+        (100.0, S + 2, 0.05, FALSIFIED),  # the largest down_proj input is elsewhere
+        (10.0, S, 1.0, INCONCLUSIVE),  # noisy windows around exactly 10x: the CI straddles
+    ],
+)
+def test_super_activation_persists(jump, peak, spread, expected):
+    down, resid = trace(jump, peak, spread)
+    got, claim = verdict(rules.super_activation_persists, down, resid, S, 10.0)
+    assert got == expected
+    assert "persistence_ratio" in claim.measured or expected == FALSIFIED
+
+
+def test_super_activation_last_layer_inconclusive():
+    down, resid = trace(100.0, peak=L - 1)
+    assert verdict(rules.super_activation_persists, down, resid, L - 1, 10.0)[0] == INCONCLUSIVE
+
+
+def test_super_activation_shapes_checked():
+    with pytest.raises(ValueError):
+        rules.super_activation_persists(Claim(), np.ones((W, L)), np.ones((W, L)), S, 10.0)
+
+
+# --- stopword_shift ----------------------------------------------------------------------------
+def masses(factor: float, noise: float = 0.01, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    base = 0.2 + 0.02 * rng.standard_normal(W)
+    return base, base * factor * np.exp(noise * rng.standard_normal(W))
+
+
+@pytest.mark.parametrize(
+    ("factor", "noise", "expected"),
+    [(3.0, 0.01, HOLDS), (1.1, 0.01, FALSIFIED), (2.0, 0.5, INCONCLUSIVE)],
+)
+def test_stopword_shift(factor, noise, expected):
+    got, claim = verdict(rules.stopword_shift, *masses(factor, noise), 2.0)
+    assert got == expected
+    assert "stopword_mass_ratio" in claim.measured
+
+
+def test_stopword_shift_one_window_inconclusive():
+    assert verdict(rules.stopword_shift, [0.2], [0.6], 2.0)[0] == INCONCLUSIVE
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.floats(0.05, 20.0))
+def test_stopword_ratio_is_ratio_of_means(factor):
+    a, b = masses(factor, 0.0)
+    claim = Claim()
+    with contextlib.suppress(ClaimFalsified, ClaimInconclusive):
+        rules.stopword_shift(claim, a, b, 2.0)
+    assert claim.measured["stopword_mass_ratio"]["value"] == pytest.approx(factor, rel=1e-9)
+
+
+# --- sink_after_super_layer --------------------------------------------------------------------
+def shares(after: float, before: float, noise: float = 0.02, heads: int = 9, seed: int = 2):
+    s = np.full((L, heads), before) + noise * np.random.default_rng(seed).standard_normal((L, heads))
+    s[S + 1 :] += after - before
+    return np.clip(s, 0, 1)
+
+
+@pytest.mark.parametrize(
+    ("after", "before", "noise", "expected"),
+    [(0.6, 0.2, 0.02, HOLDS), (0.1, 0.5, 0.02, FALSIFIED), (0.3, 0.3, 0.2, INCONCLUSIVE)],
+)
+def test_sink_after_super_layer(after, before, noise, expected):
+    got, claim = verdict(rules.sink_after_super_layer, shares(after, before, noise), S)
+    assert got == expected
+    assert "sink_share_up_to" in claim.measured
+
+
+def test_sink_no_layer_after_inconclusive():
+    assert verdict(rules.sink_after_super_layer, shares(0.6, 0.2), L - 1)[0] == INCONCLUSIVE
