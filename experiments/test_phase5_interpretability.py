@@ -20,9 +20,11 @@ _MEMO: dict = {}
 STOPWORD_REASON = "two forward passes over all evaluation windows (~40 s at smoke on a CPU core)"
 
 
-def super_weight(claim, workbench, model):
-    """(lm, primary candidate, its zeroing selection), detected once per worker; the claim is
-    falsified when the detector finds no super weight."""
+def super_weight(claim, workbench, model, claims_existence: bool = False):
+    """(lm, primary candidate, its zeroing selection), detected once per worker. When the detector
+    finds no super weight the claim is falsified if it claims one exists (``claims_existence``),
+    else inconclusive: there is no super layer or weight to measure against (a result of the
+    detector, reported by the tracing claim)."""
     if model not in _MEMO:
         lm = workbench.model(model)
         report = detect_super_weights(lm)
@@ -30,6 +32,8 @@ def super_weight(claim, workbench, model):
         sel = candidate_selection([cand], report.shapes) if cand else None
         _MEMO[model] = (lm, cand, sel)
     lm, cand, sel = _MEMO[model]
+    if cand is None and not claims_existence:
+        claim.inconclusive("no activation spike: the detector found no super weight to measure against")
     claim.check(cand is not None, "no activation spike: the detector found no super weight")
     claim.context(model=model, super_weight=f"layer {cand.layer} row {cand.row} col {cand.col}")
     return lm, cand, sel
@@ -49,11 +53,11 @@ def test_super_activation_traced(claim, workbench, model):
     geometric mean over windows of median residual max after / before the super layer has its
     bootstrap CI >= PERSIST_FACTOR.
     Minimum tier: smoke (two forward passes).
-    Falsified if: the largest down_proj input is in another layer, or the residual max after the
-    super layer falls below PERSIST_FACTOR x its level before it.
+    Falsified if: the detector finds no super weight, the largest down_proj input is in another
+    layer, or the residual max after the super layer falls below PERSIST_FACTOR x its level before it.
     """
     claim(threshold=PERSIST_FACTOR)
-    lm, cand, sel = super_weight(claim, workbench, model)
+    lm, cand, sel = super_weight(claim, workbench, model, claims_existence=True)
     ids = workbench.data(model).eval_ids[:INTERPRET_WINDOWS]
     original = interpret.trace_activations(lm, ids)
     with perturbed(lm.model, sel, "zero"):
@@ -85,7 +89,8 @@ def test_stopword_shift_when_super_weight_zeroed(claim, workbench, model, reques
     over windows >= STOPWORD_FACTOR.
     Minimum tier: standard (two forward passes over all evaluation windows with full-vocabulary
     softmax; ~40 s at smoke on a CPU core).
-    Falsified if: the CI of the ratio lies below STOPWORD_FACTOR.
+    Falsified if: the CI of the ratio lies below STOPWORD_FACTOR (no super weight detected:
+    inconclusive, nothing to zero).
     """
     claim(threshold=STOPWORD_FACTOR)
     measured_at_min_tier(claim, request.node, workbench.tier)
@@ -109,7 +114,8 @@ def test_attention_sink_after_super_layer(claim, workbench, model):
     Decision: `rules.sink_after_super_layer`: mean share of heads after the super layer − heads up to
     it, bootstrap CI over heads above 0.
     Minimum tier: smoke (one eager forward pass).
-    Falsified if: the CI of the difference lies at or below 0.
+    Falsified if: the CI of the difference lies at or below 0 (no super weight detected:
+    inconclusive, no super layer to compare before and after).
     """
     claim(threshold=0.0)
     lm, cand, _ = super_weight(claim, workbench, model)
