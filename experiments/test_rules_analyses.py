@@ -15,24 +15,9 @@ import pytest
 import rules_analyses as rules
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from verdicts import FALSIFIED, HOLDS, INCONCLUSIVE, verdict
 
-from esa.claims.claim import Claim, ClaimFalsified, ClaimInconclusive
-
-HOLDS, FALSIFIED, INCONCLUSIVE = "holds", "falsified", "inconclusive"
 FAST = settings(max_examples=50, deadline=None)
-
-
-def verdict(rule, *args, **kwargs) -> tuple[str, Claim]:
-    """Run ``rule`` on a fresh Claim: its verdict and the claim (measurements, checks)."""
-    claim = Claim("synthetic")
-    try:
-        rule(claim, *args, **kwargs)
-    except ClaimFalsified:
-        return FALSIFIED, claim
-    except ClaimInconclusive:
-        return INCONCLUSIVE, claim
-    assert claim.checks and claim.checks[-1]["ok"] is True, "a rule that holds ends with a passed check"
-    return HOLDS, claim
 
 
 def curve(reached_at: int | None, cap: int = 4096) -> list[dict]:

@@ -15,6 +15,7 @@ import rules_applications as rules
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from verdicts import FALSIFIED, HOLDS, INCONCLUSIVE, verdict
 
 from esa.analyses.tamper import compare_scores
 from esa.claims.claim import Claim, ClaimFalsified, ClaimInconclusive
@@ -22,7 +23,6 @@ from esa.claims.tiers import TIERS
 
 W = 16
 BASE = 3.0 + 0.3 * np.random.default_rng(0).standard_normal(W)
-HOLDS, FALSIFIED, INCONCLUSIVE = "holds", "falsified", "inconclusive"
 
 
 def shifted(delta: float, noise: float = 0.002, seed: int = 1) -> np.ndarray:
@@ -32,18 +32,6 @@ def shifted(delta: float, noise: float = 0.002, seed: int = 1) -> np.ndarray:
 
 def null(n: int = 100, delta: float = 0.0, noise: float = 0.002) -> np.ndarray:
     return np.stack([shifted(delta, noise, seed=10 + i) for i in range(n)])
-
-
-def verdict(rule, *args, **kwargs) -> tuple[str, Claim]:
-    claim = Claim("synthetic")
-    try:
-        rule(claim, *args, **kwargs)
-    except ClaimFalsified:
-        return FALSIFIED, claim
-    except ClaimInconclusive:
-        return INCONCLUSIVE, claim
-    assert claim.checks and claim.checks[-1]["ok"] is True, "a rule that holds ends with a passed check"
-    return HOLDS, claim
 
 
 # --- measured_at_min_tier ---------------------------------------------------------------------

@@ -13,23 +13,11 @@ import pytest
 import rules_interpret as rules
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from verdicts import FALSIFIED, HOLDS, INCONCLUSIVE, verdict
 
 from esa.claims.claim import Claim, ClaimFalsified, ClaimInconclusive
 
 W, L, S = 8, 12, 3
-HOLDS, FALSIFIED, INCONCLUSIVE = "holds", "falsified", "inconclusive"
-
-
-def verdict(rule, *args) -> tuple[str, Claim]:
-    claim = Claim("synthetic")
-    try:
-        rule(claim, *args)
-    except ClaimFalsified:
-        return FALSIFIED, claim
-    except ClaimInconclusive:
-        return INCONCLUSIVE, claim
-    assert claim.checks and claim.checks[-1]["ok"] is True, "a rule that holds ends with a passed check"
-    return HOLDS, claim
 
 
 def trace(jump: float, peak: int = S, spread: float = 0.05, layers: int = L, seed: int = 0):

@@ -13,12 +13,10 @@ import pytest
 import rules_perturbation as rules
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from esa.claims.claim import Claim, ClaimFalsified, ClaimInconclusive
+from verdicts import FALSIFIED, HOLDS, INCONCLUSIVE, verdict
 
 W, S = 16, 3
 BASE = 3.0 + 0.3 * np.random.default_rng(0).standard_normal(W)
-HOLDS, FALSIFIED, INCONCLUSIVE = "holds", "falsified", "inconclusive"
 FAST = settings(max_examples=25, deadline=None)
 
 
@@ -31,19 +29,6 @@ def overflowed(delta: float = 0.1, windows=(0,)) -> np.ndarray:
     x = shifted(delta)
     x[:, list(windows)] = math.inf
     return x
-
-
-def verdict(rule, *args, **kwargs) -> tuple[str, Claim]:
-    """Run ``rule`` on a fresh Claim: its verdict and the claim (measurements, checks)."""
-    claim = Claim("synthetic")
-    try:
-        rule(claim, *args, **kwargs)
-    except ClaimFalsified:
-        return FALSIFIED, claim
-    except ClaimInconclusive:
-        return INCONCLUSIVE, claim
-    assert claim.checks and claim.checks[-1]["ok"] is True, "a rule that holds ends with a passed check"
-    return HOLDS, claim
 
 
 # --- dominates: ΔPPL(num) ≥ factor × ΔPPL(den) ------------------------------------------------
