@@ -32,7 +32,7 @@ P_VALUE = 0.05  # super vs random: one-sided Wilcoxon on per-window ΔNLL; empir
 P_STRICT = 0.01  # research plan: super vs random at p < 0.01 for every perturbation type
 SIGN_FLIP_VS_RANDOM = 5.0  # research plan: ΔPPL(super) >= 5 x ΔPPL(random) under sign_flip
 PERTURBATIONS = ("zero", "sign_flip", "gauss_noise", "bit_flip")  # defaults: esa.perturb registry
-NULL_SETS = 20  # random sets per seed forming the null distribution of the super set's ΔPPL
+NULL_SETS = 20  # random sets forming the null distribution of the super set's ΔPPL (one null for every seed)
 NULL_PERTURBATIONS = ("zero", "sign_flip")  # perturbations whose super set meets that null
 DOSE_MULTIPLES = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)  # gauss_noise σ as multiples of its default
 BIT_POSITIONS = ("sign", "exponent_msb", "exponent_lsb", "mantissa_msb")  # bit_flip sweep
@@ -107,3 +107,14 @@ STOPWORDS = (
     "has have had do does did"
 )
 INTERPRET_WINDOWS = 2  # tracing and attention-sink claims: the first 2 evaluation windows (smoke cost)
+
+# phase 5.3: weight roles per attention head (issue 11). Chosen before any result on a real model was
+# seen (none of these was tuned): cells are head slices (layer, q/k/v/o projection, head); the null
+# puts the selection's attention entries in proportion to each cell's number of weights.
+HEAD_TOP_FRACTION = 0.10  # the top 10% of head cells, as the research plan's TOP_LAYER_FRACTION for layers
+HEAD_CONCENTRATION = 2.0  # ... hold >= 2x their share of the attention weights (at least doubled, as
+# STOPWORD_FACTOR), and beyond the multinomial null:
+HEAD_P = 0.01  # empirical p of that concentration under the proportional null, as P_STRICT / DETECTOR_P
+HEAD_NULL_DRAWS = 999  # multinomial draws of the null (seeded): p >= 1/1000
+# Cochran (1954): every cell's expected count >= 1, else too few attention entries: inconclusive
+HEAD_MIN_EXPECTED = 1.0

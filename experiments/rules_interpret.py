@@ -1,5 +1,5 @@
 """Decision rules of the phase-5.3 interpretability claims (super-activation tracing, stop-word shift,
-attention sinks): pure functions of a `Claim` and plain arrays (esa.analyses.interpret's output).
+attention sinks, concentration in attention heads): pure functions of a `Claim` and plain arrays (esa.analyses.interpret's output).
 
 As in rules_applications.py each rule measures what it decides on and decides only through the claim
 (any decided failure falsifies, else any undecided part is inconclusive, else it holds). CIs are
@@ -141,3 +141,75 @@ def sink_after_super_layer(claim: Claim, share, super_layer: int) -> dict:
         undecided.append(f"{text} straddles 0")
     decide(claim, failures, undecided, text)
     return {"difference": diff, "ci": (lo, hi)}
+
+
+def _top_concentration(counts, sizes, m: int):
+    """Per row of ``counts`` [..., C]: the top-m cells by density (count / size), their share of the
+    entries over their share of the weights; and the two shares."""
+    order = np.argsort(-(counts / sizes), axis=-1, kind="stable")[..., :m]
+    top_n = np.take_along_axis(counts, order, axis=-1).sum(axis=-1) / counts.sum(axis=-1)
+    top_w = sizes[order].sum(axis=-1) / sizes.sum()
+    return top_n / top_w, top_n, top_w
+
+
+def heads_concentrated(
+    claim: Claim, counts, sizes, top_fraction: float, factor: float, alpha: float, draws: int,
+    min_expected: float, seed: int = 0, groups=None,
+) -> dict:  # fmt: skip
+    """The selection's attention entries concentrate in a few head slices.
+
+    ``counts`` [C]: selected entries per head slice (cell: layer, projection, head); ``sizes`` [C]:
+    its number of weights; ``groups`` [C] (optional): a label per cell, e.g. its (layer, projection).
+    The top m = ceil(top_fraction x C) cells by density (count / size) hold a share of the entries;
+    concentration R = that share / their share of the weights (>= 1 by construction).
+    Null: each group's observed entries fall on its cells in proportion to their sizes (multinomial
+    per group; one group without labels), so a layer or projection that holds more entries than
+    another does not count as a head role. ``draws`` seeded null draws; empirical
+    p = (1 + #{null R >= R}) / (1 + draws). Holds when R >= ``factor`` and p < ``alpha``; falsified
+    when either fails. Inconclusive: fewer than 2 cells or m = C, or some cell's expected count
+    N x size / total < ``min_expected`` (Cochran: too few attention entries to decide). The
+    chi-square goodness-of-fit p against the same null (scipy) is reported beside it. Key value: R."""
+    n, w = np.asarray(counts, dtype=float), np.asarray(sizes, dtype=float)
+    if n.shape != w.shape or n.ndim != 1 or (w <= 0).any() or (n < 0).any():
+        raise ValueError("counts and sizes must be [C] arrays, sizes > 0, counts >= 0")
+    total, cells = float(n.sum()), n.size
+    m = max(1, math.ceil(top_fraction * cells))
+    labels = np.unique(np.zeros(cells) if groups is None else np.asarray(groups), return_inverse=True)[1]
+    n_g, w_g = np.bincount(labels, n), np.bincount(labels, w)
+    expected = total * w / w.sum() if cells else w  # over all cells: the power check below
+    claim.measure("attention_entries", int(total))
+    claim.measure("head_cells", cells)
+    claim.measure("top_cells", m)
+    claim.measure("null_groups", int(n_g.size))
+    claim.measure("min_expected_count", float(expected.min()) if cells else math.nan)
+    if cells < 2 or m >= cells:
+        claim.inconclusive(f"{cells} head cells: the top {m} are all of them")
+    if expected.min() < min_expected:
+        claim.inconclusive(
+            f"{int(total)} attention entries over {cells} head cells: smallest expected count "
+            f"{expected.min():.3g} < {min_expected:g} (too few to decide)"
+        )
+    ratio, top_n, top_w = (float(v) for v in _top_concentration(n, w, m))
+    rng, null = np.random.default_rng(seed), np.zeros((draws, cells))
+    for g in range(n_g.size):
+        at = labels == g
+        null[:, at] = rng.multinomial(int(n_g[g]), w[at] / w_g[g], size=draws)
+    null_ratio = _top_concentration(null, w, m)[0]
+    p = float((1 + np.sum(null_ratio >= ratio)) / (1 + draws))
+    claim.measure("top_share", top_n)
+    claim.measure("top_weight_share", top_w)
+    claim.measure("top_concentration", ratio, key=True)
+    claim.measure("null_concentration_median", float(np.median(null_ratio)))
+    claim.measure("pvalue", p)
+    fit = n_g[labels] * w / w_g[labels]  # the null's expected counts (0 in a group without entries)
+    claim.measure("chisquare_pvalue", float(sps.chisquare(n[fit > 0], fit[fit > 0]).pvalue))
+    failures: list[str] = []
+    text = f"top {m} of {cells} head cells hold {top_n:.3g} of the entries, {ratio:.3g}x their weight share"
+    if ratio < factor:
+        failures.append(f"{text} < {factor:g}x")
+    if p >= alpha:
+        failures.append(
+            f"concentration {ratio:.3g} not beyond the proportional null (per group): p = {p:.3g} >= {alpha:g}"
+        )
+    decide(claim, failures, [], f"{text} (p = {p:.3g})")
+    return {"ratio": ratio, "pvalue": p, "top_share": top_n, "top_weight_share": top_w}

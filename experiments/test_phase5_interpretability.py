@@ -4,15 +4,28 @@ probability shift when the super weight is removed (Yu et al. 2024), and attenti
 
 The super weight is the detector's primary candidate (``esa.analyses.detect``, the paper's prompt;
 largest |output activation|); the measurements (``esa.analyses.interpret``) run on the session's
-evaluation windows. Decision rules: rules_interpret.py (unit tests: test_rules_interpret.py)."""
+evaluation windows. The head claim reads the session's global top-k (as the architecture claims of
+phase 4) per attention head slice (``esa.analyses.components.per_head``). Decision rules: rules_interpret.py (unit tests: test_rules_interpret.py)."""
 
 import pytest
 import rules_interpret as rules
-from criteria import INTERPRET_WINDOWS, PERSIST_FACTOR, STOPWORD_FACTOR, STOPWORDS
+from criteria import (
+    HEAD_CONCENTRATION,
+    HEAD_MIN_EXPECTED,
+    HEAD_NULL_DRAWS,
+    HEAD_P,
+    HEAD_TOP_FRACTION,
+    INTERPRET_WINDOWS,
+    PERSIST_FACTOR,
+    STOPWORD_FACTOR,
+    STOPWORDS,
+)
 from rules_applications import measured_at_min_tier
+from test_phase4_scaling import random_init  # the architecture claims' guard: trained models only
 
-from esa.analyses import interpret
+from esa.analyses import components, interpret
 from esa.analyses.detect import candidate_selection, detect_super_weights
+from esa.analyses.heads_plot import plot_head_heatmap
 from esa.perturb import perturbed
 
 pytestmark = [pytest.mark.phase5, pytest.mark.smoke]
@@ -127,3 +140,52 @@ def test_attention_sink_after_super_layer(claim, workbench, model):
         "first-token attention share per layer (dots: heads; line: head mean); super layer dotted",
     )
     rules.sink_after_super_layer(claim, share, cand.layer)
+
+
+def test_sensitivity_concentrated_in_heads(claim, workbench, model, metric):
+    """The most sensitive attention weights concentrate in a few heads rather than spreading evenly.
+
+    Hypothesis: within attention, the top-k weights of a trained model sit in a few heads (head
+    roles; super weights and massive activations are local, not spread over all heads).
+    Measurement: the session's global top-(k x tensors) of the metric (the architecture claims'
+    selection, one calibration seed; no new scores); its attention entries counted per head slice
+    (layer, q/k/v/o projection, head: ``components.per_head``) against each slice's number of weights
+    (``components.head_sizes``); heatmap layer x head slice.
+    Decision: `rules.heads_concentrated`: the top HEAD_TOP_FRACTION of head slices by density hold
+    >= HEAD_CONCENTRATION x their share of the attention weights, and that concentration is beyond
+    the null that spreads each (layer, projection)'s entries over its heads in proportion to their
+    weights (HEAD_NULL_DRAWS multinomial draws; a busy layer or projection is no head role):
+    p < HEAD_P. Some slice's expected
+    count < HEAD_MIN_EXPECTED: inconclusive (too few attention entries in the selection).
+    Minimum tier: smoke (reuses the session's scores and selection). Trained models only.
+    Falsified if: the top slices hold less than HEAD_CONCENTRATION x their weight share, or no more
+    than that null gives them (p >= HEAD_P).
+    """
+    if random_init(model):
+        pytest.skip(f"{model} is random-init: architecture claims run on trained models only")
+    claim(threshold=HEAD_CONCENTRATION)
+    lm, names, seed = workbench.model(model), workbench.names(model), workbench.tier.seeds[0]
+    k = workbench.tier.topk * len(names)
+    frame = workbench.selection(model, metric, seed, mode="global", k=k).to_frame(lm.param_map)
+    config = lm.model.config
+    counts = components.per_head(frame, lm.param_map, config)
+    cells = components.head_sizes(lm.param_map, config, names)
+    cells = cells.merge(counts[["layer", "component", "head", "count"]], how="left")
+    cells["count"] = cells["count"].fillna(0).astype(int)
+    headless = cells["head"] < 0
+    cells, no_head = cells[~headless], int(cells.loc[headless, "count"].sum())
+    claim.context(model=model, metric=metric, mode="global", k=len(frame), seed=seed)
+    claim.measure("attention_entries_without_head", no_head)
+    top = cells.sort_values("count", ascending=False, kind="stable").head(5)
+    claim.measure("top_head_cells", top[["layer", "component", "head", "count"]].to_dict("records"))
+    expected = cells["count"].sum() * cells["weights"] / max(int(cells["weights"].sum()), 1)
+    claim.figure(
+        plot_head_heatmap(cells, title=f"{model}: global top-{len(frame)} ({metric}) per attention head"),
+        "selected attention entries per layer x head slice (q, k, v, o of each head); expected under "
+        f"the proportional null {float(expected.mean()):.3g} per slice",
+    )
+    groups = cells.groupby(["layer", "component"]).ngroup().to_numpy()  # the null keeps their totals
+    rules.heads_concentrated(
+        claim, cells["count"].to_numpy(), cells["weights"].to_numpy(), HEAD_TOP_FRACTION,
+        HEAD_CONCENTRATION, HEAD_P, HEAD_NULL_DRAWS, HEAD_MIN_EXPECTED, seed=seed, groups=groups,
+    )  # fmt: skip

@@ -107,3 +107,83 @@ def test_sink_after_super_layer(after, before, noise, expected):
 
 def test_sink_no_layer_after_inconclusive():
     assert verdict(rules.sink_after_super_layer, shares(0.6, 0.2), L - 1)[0] == INCONCLUSIVE
+
+
+# --- heads_concentrated ------------------------------------------------------------------------
+HEAD_ARGS = (0.10, 2.0, 0.01, 999, 1.0)  # top fraction, factor, alpha, null draws, min expected count
+
+
+def head_counts(n: int, hot: int = 0, cells: int = 64, seed: int = 3):
+    """n entries over ``cells`` equal head slices: ``hot`` of them land in the first 4 slices, the
+    rest in proportion to the sizes."""
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(n - hot, np.full(cells, 1 / cells)) + np.bincount(
+        rng.integers(0, 4, hot), minlength=cells
+    )
+    return counts, np.full(cells, 2048)
+
+
+@pytest.mark.parametrize(
+    ("n", "hot", "expected"),
+    [
+        (640, 400, HOLDS),  # 400 of 640 entries in 4 of 64 slices
+        (640, 0, FALSIFIED),  # proportional: the top 7 slices hold what chance gives them
+        (30, 30, INCONCLUSIVE),  # 30 entries over 64 slices: expected 0.47 < 1
+    ],
+)
+def test_heads_concentrated(n, hot, expected):
+    got, claim = verdict(rules.heads_concentrated, *head_counts(n, hot), *HEAD_ARGS)
+    assert got == expected
+    assert "min_expected_count" in claim.measured
+
+
+def test_heads_significant_but_weak_is_falsified():
+    """Beyond the null (p small) with a large sample, but the top slices hold < 2x their share."""
+    counts, sizes = head_counts(64_000, hot=1_500)
+    got, claim = verdict(rules.heads_concentrated, counts, sizes, *HEAD_ARGS)
+    assert got == FALSIFIED
+    assert claim.measured["pvalue"]["value"] < 0.01
+    assert claim.measured["top_concentration"]["value"] < 2.0
+
+
+def test_heads_unequal_sizes_are_the_null():
+    """Counts exactly proportional to unequal sizes (a large o slice, small q slices): no concentration."""
+    sizes = np.array([1000, 1000, 1000, 1000, 4000] * 4)
+    got, claim = verdict(rules.heads_concentrated, sizes // 50, sizes, *HEAD_ARGS)
+    assert got == FALSIFIED
+    assert claim.measured["top_concentration"]["value"] == pytest.approx(1.0)
+
+
+def test_heads_projection_effect_is_no_head_role():
+    """q and k slices busy, v and o nearly empty, but even across the heads of each projection: the
+    per-(layer, projection) null gives that pattern, so it is falsified; one global null would not."""
+    heads, groups = 8, np.repeat(np.arange(4), 8)  # q, k, v, o: 8 heads each
+    counts = np.concatenate([np.full(heads, 40), np.full(heads, 40), np.full(heads, 1), np.full(heads, 1)])
+    sizes = np.full(4 * heads, 4096)
+    got, grouped = verdict(rules.heads_concentrated, counts, sizes, *HEAD_ARGS, groups=groups)
+    assert got == FALSIFIED and grouped.measured["pvalue"]["value"] >= 0.01
+    assert verdict(rules.heads_concentrated, counts, sizes, *HEAD_ARGS)[1].measured["pvalue"]["value"] < 0.01
+
+
+def test_heads_one_cell_inconclusive_and_shapes_checked():
+    assert verdict(rules.heads_concentrated, [50], [10], *HEAD_ARGS)[0] == INCONCLUSIVE
+    with pytest.raises(ValueError):
+        rules.heads_concentrated(Claim(), [1, 2], [3], *HEAD_ARGS)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(0, 50), min_size=12, max_size=40), st.randoms(use_true_random=False))
+def test_heads_concentration_at_least_one_and_order_free(counts, rnd):
+    """R >= 1 for any counts and sizes (the densest slices hold at least their weight share); with
+    equal sizes the cells' order does not change R."""
+    counts = np.array(counts)
+    counts[0] += 1  # at least one entry
+    args = (0.10, 2.0, 0.01, 99, 0.0)
+    sizes = np.array([rnd.choice([16, 32, 64]) for _ in counts])
+    claim = verdict(rules.heads_concentrated, counts, sizes, *args)[1]
+    assert claim.measured["top_concentration"]["value"] >= 1.0 - 1e-12
+    equal = np.full(len(counts), 32)
+    perm = np.array(rnd.sample(range(len(counts)), len(counts)))
+    ratio = verdict(rules.heads_concentrated, counts, equal, *args)[1].measured["top_concentration"]["value"]
+    permuted = verdict(rules.heads_concentrated, counts[perm], equal, *args)[1]
+    assert permuted.measured["top_concentration"]["value"] == pytest.approx(ratio)

@@ -1,5 +1,6 @@
 """Tests for esa.analyses.components: shares sum to 1, score statistics match brute force on fused tensors,
-per-head / per-expert counts add up, comparison and heatmap shapes."""
+per-head / per-expert counts add up, head sizes match per-head counts of every entry, comparison and
+heatmap shapes."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from esa.analyses.components import (
     component_table,
     group_of,
     group_ratios,
+    head_sizes,
     heatmap,
     located_frame,
     per_expert,
@@ -168,6 +170,24 @@ def test_per_head_on_dense_model_has_no_expert_rows(models):
     assert o["count"].tolist() == [1024] * 4
     assert heads["share"].sum() == pytest.approx(1.0)
     assert per_expert(sel, lm.param_map).empty
+
+
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-phi3", "tiny-pythia", "tiny-mixtral"])
+def test_head_sizes_match_per_head_of_every_entry(models, arch):
+    """head_sizes' cells (biases included) are per_head's cells when every attention entry is selected."""
+    from esa.analyses.heads_plot import plot_head_heatmap
+
+    lm, scores = models[arch]
+    attn = {n: s for n, s in scores.items() if group_of(lm.param_map[n].component) == "attention"}
+    sel = select(attn, sum(s.numel() for s in attn.values()), mode="global")
+    heads = per_head(sel, lm.param_map, lm.model.config).set_index(["layer", "component", "head"])["count"]
+    sizes = head_sizes(lm.param_map, lm.model.config, list(scores)).set_index(["layer", "component", "head"])
+    assert sizes["weights"].to_dict() == heads.to_dict()
+    assert int(sizes["weights"].sum()) == sum(s.numel() for s in attn.values())
+    cells = sizes.reset_index().rename(columns={"weights": "count"})
+    assert isinstance(plot_head_heatmap(cells), Figure)
+    with pytest.raises(ValueError):
+        plot_head_heatmap(cells, value="nope")
 
 
 def test_compare_models_and_heatmap(models):

@@ -134,6 +134,37 @@ def per_head(selection_frame, param_map: ParamMap, config) -> pd.DataFrame:
     return table
 
 
+def head_sizes(param_map: ParamMap, config, names) -> pd.DataFrame:
+    """Weights per attention head slice: layer, component, head, weights, over the attention tensors
+    among ``names`` -- the cells `per_head` counts in, by the same row (q/k/v, fused too) and column
+    (o_proj) mapping; attention entries without a head (e.g. an output bias) have head -1."""
+    head_dim = _head_dim(config)
+    sizes: dict[tuple[int, str, int], int] = {}
+    for name in names:
+        info = param_map[name]
+        if group_of(info.component) != "attention":
+            continue
+        experts, layer = info.experts or 1, _layer(info)
+        rows = info.shape[-2] if len(info.shape) >= 2 else info.shape[0]
+        cols = info.shape[-1] if len(info.shape) >= 2 else 1
+        if info.component == "attn_o" and head_dim and len(info.shape) >= 2:
+            for col in range(cols):
+                key = (layer, "attn_o", col // head_dim)
+                sizes[key] = sizes.get(key, 0) + rows * experts
+            continue
+        if info.component == "attn_o":  # no head (a bias, or no head size in the config)
+            sizes[(layer, "attn_o", -1)] = sizes.get((layer, "attn_o", -1), 0) + rows * cols * experts
+            continue
+        for row in range(rows):
+            head = head_of_row(info, row, config)
+            key = (layer, info.component_of_row(row), -1 if head is None else int(head))
+            sizes[key] = sizes.get(key, 0) + cols * experts
+    table = pd.DataFrame(
+        [(*k, v) for k, v in sizes.items()], columns=["layer", "component", "head", "weights"]
+    )
+    return table.sort_values(["layer", "component", "head"], kind="stable").reset_index(drop=True)
+
+
 def per_expert(
     selection_frame, param_map: ParamMap, scores: Mapping[str, torch.Tensor] | None = None
 ) -> pd.DataFrame:

@@ -298,19 +298,16 @@ class Workbench:
         return np.asarray(rows, dtype=float)
 
     def random_null(self, name: str, metric: str, perturbation: str, n_sets: int, **options) -> np.ndarray:
-        """ΔPPL of ``n_sets`` independent random sets per seed, [S, n_sets] (draws 0..n_sets-1;
-        draw 0 is the seed's usual random control): the null distribution a top set is compared
-        with. Each set costs one evaluation (memoized)."""
-        rows = [
-            [
-                self.perturbed_eval(name, Condition(metric, s, "random", perturbation, draw=j, **options))[
-                    "delta_ppl"
-                ]
-                for j in range(int(n_sets))
-            ]
-            for s in self.tier.seeds
+        """ΔPPL of ``n_sets`` independent random sets, [n_sets]: the null distribution a top set is
+        compared with. A random set depends on its selection seed only (never on the calibration
+        scores), so one null serves every seed: set i is draw i // S of seed ``seeds[i % S]`` (the
+        first S are the seeds' usual random controls). Each set costs one evaluation (memoized)."""
+        seeds, n = self.tier.seeds, int(n_sets)
+        draws = [
+            Condition(metric, seeds[i % len(seeds)], "random", perturbation, draw=i // len(seeds), **options)
+            for i in range(n)
         ]
-        return np.asarray(rows, dtype=float)
+        return np.asarray([self.perturbed_eval(name, c)["delta_ppl"] for c in draws], dtype=float)
 
     def zeroshot(self, name: str, tasks: dict, cond: Condition | None = None) -> dict:
         """Multiple-choice accuracy per task (``tasks``: task name -> examples), at baseline or
