@@ -24,6 +24,7 @@ from criteria import (
     TOP_LAYER_FRACTION,
     TOP_LAYER_MASS,
 )
+from rules_applications import measured_at_min_tier
 
 from esa import plots
 from esa.metrics import METRICS, score_summary
@@ -149,15 +150,17 @@ def test_gradient_metrics_agree(claim, workbench, model):
     reason="4 Rademacher probes: the Hutchinson diagonal estimate is dominated by off-diagonal "
     "noise, so its top-k cannot agree with any metric whatever the true curvature",
 )
-def test_hutchinson_agrees_with_grad_x_weight(claim, workbench, model):
+def test_hutchinson_agrees_with_grad_x_weight(claim, workbench, model, request):
     """hutchinson_diag and grad_x_weight top-k sets overlap by at least 50%.
 
     Hypothesis: the weights with the largest curvature are the ones with the largest |w·g|.
     Measurement: overlap of the per-tensor top-k sets of one seed, 95% CI over tensors.
     Decision: `rules.sets_agree` with HUTCHINSON_AGREEMENT (">=").
-    Minimum tier: standard (below it the verdict is inconclusive).
+    Minimum tier: standard (below it inconclusive, and not measured: the scores serve no other
+    claim there; tests/test_curvature.py checks the estimator itself).
     Falsified if: the whole CI of the overlap is below 0.5.
     """
+    measured_at_min_tier(claim, request.node, workbench.tier)
     seed = workbench.tier.seeds[0]
     a = workbench.selection(model, "hutchinson_diag", seed)
     b = workbench.selection(model, "grad_x_weight", seed)
