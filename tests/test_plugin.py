@@ -137,9 +137,12 @@ def test_verdicts_numbers_and_reports(pytester: pytest.Pytester) -> None:
     assert "below the minimum tier standard (this run: smoke)" in below["message"]
     assert below["measured"]["effect"]["value"] == 0.01  # measurements still recorded
     assert doc["header"]["windows_sha256"] == "abc123" and doc["header"]["tier"]["name"] == "smoke"
+    peak = ratio["peak_memory"]  # the call phase's peak resident set (reset per claim on Linux)
+    assert peak["rss_gib"] > 0 and peak["rss_scope"] in ("since reset", "process") and peak["gpu_gib"] is None
+    assert claims["test_claims.py::test_setup_error"]["peak_memory"] is None  # no call phase
     md = (pytester.path / "reports" / "smoke" / "claims.md").read_text()
     html = (pytester.path / "reports" / "smoke" / "claims.html").read_text()
-    for text in ("12.25", "42.5", "[11.5, 13]", "falsified", "Phase 2", "teardown exploded"):
+    for text in ("12.25", "42.5", "[11.5, 13]", "falsified", "Phase 2", "teardown exploded", "GiB"):
         assert text in md and text in html
     assert "delta = 3.25 < 1.5" in md and "delta = 3.25 &lt; 1.5" in html  # html is escaped
     result.stdout.fnmatch_lines(

@@ -113,6 +113,7 @@ class Claim:
         self.doc: dict[str, str] = {}
         self.vector_figures = True  # PDF/SVG copies of figures (the claim fixture: off at the cheapest tier)
         self._phases: dict[str, Phase] = {}
+        self.peak_memory: dict | None = None  # esa.util.memory.peak of the call phase (the plugin)
 
     def __call__(self, statement: str | None = None, *, threshold=None, key: str | None = None) -> Claim:
         """Set the statement (default: the test's docstring), threshold and key measurement."""
@@ -243,6 +244,7 @@ class Claim:
                 "outcome": outcome,
                 "message": msg,
                 "duration": round(sum(p[3] for p in ph.values()), 4),
+                "peak_memory": self.peak_memory,
             }
         )
 

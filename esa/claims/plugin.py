@@ -30,6 +30,7 @@ from esa.claims.report import fmt
 from esa.claims.session import PROPERTY, WORKER_HEADER, ClaimsSession, is_controller
 from esa.claims.verdict import below_min_tier, check_min_tier, decide
 from esa.errors import EsaError
+from esa.util import memory
 from esa.util.serialize import dumps
 
 __all__ = [
@@ -127,6 +128,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 when = entry.get("date", "?")
                 reason = f"recorded: falsified on {entry['model']} ({when}): {fmt(entry.get('measured'))}"
                 item.add_marker(pytest.mark.xfail(strict=True, raises=ClaimFalsified, reason=reason))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    """A claim's peak memory over its call phase (resident set, and GPU where CUDA is in use;
+    lazily loaded models and scores count where they are first used)."""
+    if not _is_claim(item):
+        return (yield)
+    scope = memory.reset_peak()
+    try:
+        return (yield)
+    finally:
+        claim_for(item).peak_memory = memory.peak(scope)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
