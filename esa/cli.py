@@ -61,6 +61,11 @@ _OUT_HELP = (
     "with -2, -3... appended rather than overwriting an earlier run (printed at the end)"
 )
 _FLAG = {"action": "store_true"}
+_CURVATURE: list[tuple[tuple[str, ...], dict]] = [  # hutchinson_diag / hessian_diag (docs/CLI.md)
+    (("--hutchinson-samples",), {"type": int, "default": 8, "help": "probes of hutchinson_diag (default 8)"}),
+    (("--curvature-calib-samples",), {"type": int, "help": "windows per seed of the curvature metrics"}),
+    (("--hessian-tensors",), {"metavar": "REGEX", "help": "tensors hessian_diag scores (re.search)"}),
+]
 _OLD_RUNNER: list[tuple[tuple[str, ...], dict]] = [  # the old esa_runner.py's options (docs/CLI.md)
     (("--weight-analysis",), {**_FLAG, "help": "cluster the top-k weights; correlate the metrics' scores"}),
     (("--architecture-analysis",), {**_FLAG, "help": "top-k vs parameter shares per layer x component"}),
@@ -170,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="bit for bit_flip: sign, exponent_msb (default), exponent_lsb, mantissa_msb, or an index",
     )
     run.add_argument("--controls", type=_csv, default=["random_k", "bottom_k"])
-    run.add_argument("--hutchinson-samples", type=int, default=8)
+    for flags, kwargs in _CURVATURE:
+        run.add_argument(*flags, **kwargs)
     run.add_argument("--include-embeddings", action="store_true")
     run.add_argument("--include-norms", action="store_true")
     run.add_argument("--save-plots", action="store_true")

@@ -13,7 +13,14 @@ from collections.abc import Sequence
 
 import torch
 
-from esa.bench.harness import EVAL_ARCHS, RUNBOOK_METRICS, SECTION_S, SECTIONS, run_sections
+from esa.bench.harness import (
+    EVAL_ARCHS,
+    RUNBOOK_HESSIAN_TENSORS,
+    RUNBOOK_METRICS,
+    SECTION_S,
+    SECTIONS,
+    run_sections,
+)
 from esa.bench.markdown import markdown
 from esa.bench.sections import RUNNERS
 
@@ -50,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runbook-windows", type=int, default=200)
     p.add_argument("--runbook-calib", type=int, default=128)
     p.add_argument("--runbook-metrics", default=",".join(RUNBOOK_METRICS))
+    p.add_argument("--runbook-topk", type=int, default=100)
+    p.add_argument("--runbook-modes", default="per_layer,global", help="one runbook run per mode")
+    p.add_argument("--runbook-curvature-calib", type=int, default=1, help="curvature windows per seed")
+    p.add_argument("--runbook-hutchinson-samples", type=int, default=8)
+    p.add_argument(
+        "--runbook-hessian-tensors",
+        default=RUNBOOK_HESSIAN_TENSORS,
+        help="regex: the tensors of hessian_diag",
+    )
     p.add_argument("--runbook-no-compile", dest="runbook_compile", action="store_false", default=None)
     p.add_argument("--runbook-score-dtype", default="fp32")
     p.add_argument("--multi-arch", default="mixtral-8x7b")
@@ -74,7 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _complete(args: argparse.Namespace) -> None:
     """Lists from the comma-separated options, per-section budgets, default device and output."""
-    for name in ("eval_archs", "score_archs", "hutchinson_archs", "hessian_archs", "runbook_metrics"):
+    lists = (
+        "eval_archs",
+        "score_archs",
+        "hutchinson_archs",
+        "hessian_archs",
+        "runbook_metrics",
+        "runbook_modes",
+    )
+    for name in lists:
         setattr(args, name, [v for v in getattr(args, name).split(",") if v])
     args.section_s = dict(SECTION_S)
     for part in filter(None, args.section_budgets.split(",")):

@@ -28,7 +28,8 @@ from esa.util.serialize import jsonable
 
 PEAK_BF16_FLOPS = 989.4e12  # H100/H200 SXM dense bf16 (datasheet), the MFU denominator
 EVAL_ARCHS = ("pythia-1.4b", "llama-3.1-8b", "mistral-7b", "phi-3-mini")
-RUNBOOK_METRICS = ("magnitude", "act_mag", "grad_x_weight", "grad_squared")
+RUNBOOK_METRICS = ("magnitude", "act_mag", "grad_x_weight", "grad_squared", "hutchinson_diag", "hessian_diag")
+RUNBOOK_HESSIAN_TENSORS = r"(^|\.)(norm|final_layer_norm)\.weight$"  # the final norm of each arch
 RUNBOOK_PERTURBATIONS = ("sign_flip", "zero", "gauss_noise", "bit_flip")
 SECTIONS = (
     "env",

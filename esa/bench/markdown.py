@@ -143,16 +143,21 @@ def _runbook(rows: Rows) -> list[str]:
     lines = [
         "### Runbook v2 end to end",
         "",
-        "| architecture | eval windows | calib windows | conditions | evals reused | score s "
-        "| perturb+eval s | total s | wall s | peak GiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| architecture | mode | metrics | eval windows | calib windows (curvature) | conditions | evals run (reused) "
+        "| score s | perturb+eval s | total s | wall s | peak GiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        curv = r.get("curvature_calib_windows")
+        calib = f"{r['calib_windows']} ({curv})" if curv else f"{r['calib_windows']}"
+        run = r.get("evals_run", r["conditions"] - (r["evals_reused"] or 0))
         lines.append(
-            f"| {r['arch']} | {r['eval_windows']} | {r['calib_windows']} | {r['conditions']} "
-            f"| {r['evals_reused']} | {r['score_s']:.0f} | {r['perturb_eval_s']:.0f} | {r['total_s']:.0f} "
-            f"| {r['wall_s']:.0f} | {r['peak_gib']:.1f} |"
+            f"| {r['arch']} | {r.get('mode', 'per_layer')} | {len(r.get('metrics', []))} | {r['eval_windows']} "
+            f"| {calib} | {r['conditions']} | {run} ({r['evals_reused']}) | {r['score_s']:.0f} "
+            f"| {r['perturb_eval_s']:.0f} | {r['total_s']:.0f} | {r['wall_s']:.0f} | {r['peak_gib']:.1f} |"
         )
+    if len(rows) > 1:
+        lines += ["", f"All modes: {sum(r['wall_s'] for r in rows):.0f} s wall."]
     return lines
 
 

@@ -3,7 +3,7 @@
 - ``env``: versions, GPUs, a bf16 GEMM and a copy as the machine's ceilings;
 - ``eval``: evaluation forward (tokens/s, MFU against 2·params·tokens, peak memory), plain
   transformers (``model(input_ids, labels=...)``, bf16, sdpa) vs ``esa.evaluate.evaluate``;
-- ``runbook``: the research runbook v2 end to end (``esa.runbook.experiment.run_experiment``);
+- ``runbook``: the research runbook v2 end to end (esa.bench.sections_runbook);
 - ``multi``: a model split over several GPUs (Mixtral-8x7B): evaluation and grad_x_weight scoring;
 - ``score``, ``select``, ``perturb``: esa.bench.sections_scoring; ``accuracy``:
   esa.bench.sections_accuracy; ``hutchinson``, ``hessian``: esa.bench.sections_curvature.
@@ -16,9 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
-import os
 import platform
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,16 +24,16 @@ from typing import Any
 import torch
 
 from esa.bench.baselines import plain_eval
-from esa.bench.harness import RUNBOOK_PERTURBATIONS, Bench, Section, mfu, timed, vocab
+from esa.bench.harness import Bench, Section, mfu, timed, vocab
 from esa.bench.sections_accuracy import section_accuracy
 from esa.bench.sections_curvature import section_hessian, section_hutchinson
+from esa.bench.sections_runbook import section_runbook
 from esa.bench.sections_scoring import section_score, section_select_perturb
-from esa.data import random_data, random_windows
+from esa.data import random_windows
 from esa.evaluate import auto_batch_size, evaluate, use_compile
 from esa.metrics.registry import compute_scores
 from esa.models import LoadedModel
 from esa.perturb import perturbed
-from esa.runbook.experiment import ExperimentConfig, run_experiment
 from esa.util.runtime import GIB, free_memory, peak_gpu_bytes, peaks_per_gpu, reset_peak, sync
 
 
@@ -182,65 +180,6 @@ def compiled_sees_perturbation(lm: LoadedModel, windows: torch.Tensor, bs: int) 
         and abs(compiled - eager) < 0.25 * abs(eager - base)
         and abs(after - base) < 1e-6,
     }
-
-
-def section_runbook(bench: Bench) -> None:
-    """The runbook v2 (per_layer top-100, seeds 0,1,2, random_k and bottom_k controls) end to end."""
-    args = bench.args
-    with bench.section("runbook") as sec:
-        bench.drop_model()
-        t = time.perf_counter()
-        lm, load_s = bench.model(args.runbook_arch)
-        data = random_data(vocab(lm), args.runbook_windows, 3 * args.runbook_calib, args.length, seed=5)
-        with tempfile.TemporaryDirectory() as tmp:
-            config = ExperimentConfig(
-                model=lm.name,
-                out_dir=os.path.join(tmp, "run"),
-                metrics=list(args.runbook_metrics),
-                mode="per_layer",
-                topk=100,
-                max_samples=args.runbook_windows,
-                max_length=args.length,
-                batch_size=8,
-                calib_samples=args.runbook_calib,
-                seeds=[0, 1, 2],
-                perturbations=list(RUNBOOK_PERTURBATIONS),
-                controls=["random_k", "bottom_k"],
-                use_cache=False,
-                progress=args.progress,
-                compile=args.runbook_compile,
-                score_dtype=args.runbook_score_dtype,
-            )
-            result = run_experiment(config, lm=lm, data=data)
-            wall = time.perf_counter() - t
-            files = sorted(os.listdir(result.out_dir)) if result.out_dir else []
-        sec.data["config"] = config.to_dict()
-        sec.data["timings"] = result.timings
-        sec.data["memory_gib"] = {k: v / GIB for k, v in result.memory.items()}
-        sec.data["baseline"] = result.baseline
-        sec.data["artifacts"] = files
-        phase = {
-            "score_s": sum(v for k, v in result.timings.items() if k.startswith("score_")),
-            "perturb_eval_s": sum(v for k, v in result.timings.items() if k.startswith("perturb_")),
-        }
-        sec.row(
-            arch=args.runbook_arch,
-            wall_s=wall,
-            load_s=load_s,
-            total_s=result.timings["total_s"],
-            eval_windows=args.runbook_windows,
-            calib_windows=args.runbook_calib,
-            length=args.length,
-            metrics=list(args.runbook_metrics),
-            conditions=len(result.rows),
-            evals_reused=result.timings.get("evals_reused"),
-            eval_batch_size=result.timings.get("eval_batch_size"),
-            baseline_tok_s=result.baseline["tokens_per_s"],
-            peak_gib=max(result.memory.values()) / GIB if result.memory else 0.0,
-            **phase,
-        )
-        print(f"[bench] runbook: {wall:.1f} s wall, {len(result.rows)} conditions", flush=True)
-    bench.drop_model()
 
 
 def section_multi(bench: Bench) -> None:

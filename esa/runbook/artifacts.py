@@ -76,6 +76,7 @@ def write_all(staging: Staging, result, lm, scores_by: dict) -> None:
             "model": result.model,
             "data": result.data,
             "calibration_overlap": result.protocol.get("calibration_overlap"),
+            "curvature": result.protocol.get("curvature"),
             "controls_excluded": result.protocol.get("controls_excluded"),
             "perturbation_options": result.protocol.get("perturbation_options"),
             "score_cache": result.protocol.get("score_cache"),

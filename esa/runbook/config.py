@@ -8,6 +8,13 @@ Perturbation options per method (``scale_for``): ``--scale`` is the factor of ``
 methods named in ``--perturb``, else the registry default. The advanced perturbations
 (``--advanced-perturbations``) run like ``--perturb`` ones (super set and controls, per seed);
 ``progressive`` is an analysis (``esa.runbook.extras``), not a registered perturbation.
+
+Curvature metrics (``hutchinson_diag``, ``hessian_diag``) cost one double backward per calibration
+window (and per probe, or per scored entry for the exact diagonal), so ``--curvature-calib-samples``
+gives them fewer windows than the first-order metrics (the seed's draw of n windows: a subset of
+its first-order windows), and ``--hessian-tensors REGEX`` names the tensors the exact
+``hessian_diag`` scores (it refuses more than ``HESSIAN_MAX_ENTRIES`` entries); both are recorded
+in the manifest (``curvature``).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from esa.metrics import METRICS
 from esa.perturb import PERTURBATIONS, POSITIONS, resolve_prob, resolve_scale
 
 CONTROLS = {"random_k": "random", "bottom_k": "bottom"}
+CURVATURE = ("hutchinson_diag", "hessian_diag")  # double-backward metrics (--curvature-calib-samples)
 MODES = ("per_layer", "global")
 SCORE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ADVANCED = ("adaptive_noise", "magnitude_scaling", "quantization", "progressive")
@@ -64,6 +72,8 @@ class ExperimentConfig:
     calib_file: str | None = None
     bos: str = "auto"  # windows start with BOS: auto (as the tokenizer does) | always | never
     hutchinson_samples: int = 8
+    curvature_calib_samples: int | None = None  # windows per seed of the curvature metrics (None: all)
+    hessian_tensors: str | None = None  # regex (re.search) of the tensors hessian_diag scores
     include_embeddings: bool = False
     include_norms: bool = False
     save_plots: bool = False
@@ -124,6 +134,7 @@ class ExperimentConfig:
             ("--max-length", self.max_length),
             ("--batch-size", self.batch_size),
             ("--hutchinson-samples", self.hutchinson_samples),
+            ("--curvature-calib-samples", self.curvature_calib_samples),
         ):
             if value is not None and value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value}")
@@ -149,6 +160,32 @@ class ExperimentConfig:
                 raise ConfigError(f"unknown control {control!r}: use random_k and/or bottom_k")
         if not self.seeds:
             raise ConfigError("--seeds needs at least one seed, e.g. --seeds 0,1,2")
+        self._validate_curvature()
+
+    def _validate_curvature(self) -> None:
+        if self.curvature_calib_samples is not None and self.curvature_calib_samples > self.calib_windows():
+            raise ConfigError(
+                f"--curvature-calib-samples {self.curvature_calib_samples} exceeds the "
+                f"{self.calib_windows()} calibration windows per seed: lower it or raise --calib-samples"
+            )
+        if self.hessian_tensors is not None:
+            if "hessian_diag" not in self.metrics:
+                raise ConfigError("--hessian-tensors selects the tensors of hessian_diag: add it to --metric")
+            try:
+                re.compile(self.hessian_tensors)
+            except re.error as exc:
+                raise ConfigError(f"--hessian-tensors {self.hessian_tensors!r} is no regex: {exc}") from None
+
+    def calib_windows(self) -> int:
+        """Calibration windows per seed of the first-order metrics: --calib-samples, else --max-samples."""
+        return self.calib_samples or self.max_samples
+
+    def windows_for(self, metric: str) -> int:
+        """Calibration windows per seed of ``metric``: --curvature-calib-samples for the curvature
+        metrics when set, else ``calib_windows()``."""
+        if metric in CURVATURE and self.curvature_calib_samples is not None:
+            return self.curvature_calib_samples
+        return self.calib_windows()
 
     def _validate_extras(self) -> None:
         if self.clustering_method not in CLUSTERING:

@@ -29,7 +29,7 @@ from esa.metrics.cache_store import usage
 from esa.metrics.candidates import histogram_values, summary_of
 from esa.models import LoadedModel, load_model
 from esa.perturb import PERTURBATIONS, bit_position, changeable, perturbed
-from esa.runbook import artifacts
+from esa.runbook import artifacts, curvature
 from esa.runbook.config import CONTROLS, SCORE_DTYPES, ExperimentConfig
 from esa.runbook.extras import Extras
 from esa.runbook.summary import summarize
@@ -75,9 +75,11 @@ def run_experiment(config: ExperimentConfig, lm: LoadedModel | None = None, data
         timings["load_s"] = time.perf_counter() - t0
         memory["load"] = _peak_and_reset()
         names = lm.param_map.scorable(config.include_embeddings, config.include_norms)
-        _check_topk(config, lm, names)
-        _check_bit(config, lm, names)
-        n_calib = config.calib_samples or config.max_samples
+        names_by = curvature.metric_names(config, lm, names)
+        for scored in {tuple(v) for v in names_by.values()} or {tuple(names)}:
+            _check_topk(config, lm, list(scored))
+            _check_bit(config, lm, list(scored))
+        n_calib = config.calib_windows()
         if data is None:
             data = prepare_data(
                 lm.tokenizer,
@@ -88,7 +90,10 @@ def run_experiment(config: ExperimentConfig, lm: LoadedModel | None = None, data
                 calib_windows=n_calib,
                 bos=config.bos,
             )
-        protocol = {"calibration_overlap": data.calibration_overlap(n_calib, config.seeds)}
+        protocol = {
+            "calibration_overlap": data.calibration_overlap(n_calib, config.seeds),
+            "curvature": curvature.protocol(config, lm, data, names_by),
+        }
         eval_bs = config.eval_batch_size or auto_batch_size(
             lm.model, int(data.eval_ids.shape[0]), int(data.eval_ids.shape[1]), config.batch_size
         )
@@ -109,7 +114,7 @@ def run_experiment(config: ExperimentConfig, lm: LoadedModel | None = None, data
         steps = [(metric, seed) for metric in config.metrics for seed in config.seeds]
         for metric, seed in tqdm(steps, desc="runbook", disable=not config.progress, unit="step"):
             t = time.perf_counter()
-            scores = scores_for(lm, data, metric, seed, config, names, full=extras.needs_scores)
+            scores = scores_for(lm, data, metric, seed, config, names_by[metric], full=extras.needs_scores)
             timings[f"score_{metric}_seed{seed}_s"] = time.perf_counter() - t
             memory[f"score_{metric}_seed{seed}"] = _peak_and_reset()
             if seed == config.seeds[0]:
@@ -177,14 +182,15 @@ def _check_bit(config: ExperimentConfig, lm: LoadedModel, names: list[str]) -> N
 
 
 def scores_for(lm: LoadedModel, data, metric: str, seed: int, config: ExperimentConfig, names, full=False):
-    """Scores of ``metric`` for ``seed``'s calibration windows, from the cache when valid: candidates
-    for top-k selections (``esa.metrics.candidates``), the whole tensors when ``full``."""
+    """Scores of ``metric`` for ``seed``'s calibration windows (``config.windows_for(metric)``),
+    from the cache when valid: candidates for top-k selections (``esa.metrics.candidates``), the
+    whole tensors when ``full``."""
     return cached_scores(
         lm,
         data,
         metric,
         seed,
-        calib_windows=config.calib_samples or config.max_samples,
+        calib_windows=config.windows_for(metric),
         batch_size=config.batch_size,
         hutchinson_samples=config.hutchinson_samples,
         names=names,
@@ -207,10 +213,16 @@ def _perturbation_rows(
     selections[(metric, seed)] = sets["super"]
     rows = []
     for method in config.methods():
-        eligible = changeable(lm.model, method, list(scores), config.scale_for(method))
+        eligible = _eligible(lm, method, list(scores), config, memo)
         for control in config.controls:
             kind = CONTROLS[control]
-            sets[control] = select(scores, config.topk, kind, config.mode, seed, metric, eligible)
+            if kind == "random":  # no score enters the draw: the same for every metric
+                key = ("random", PERTURBATIONS[method].changes, config.scale_for(method), seed, tuple(scores))
+                if key not in memo:
+                    memo[key] = select(scores, config.topk, kind, config.mode, seed, metric, eligible)
+                sets[control] = memo[key]
+            else:
+                sets[control] = select(scores, config.topk, kind, config.mode, seed, metric, eligible)
         for condition, selection in sets.items():
             t = time.perf_counter()
             key = _condition_key(selection, method, seed, config)
@@ -260,6 +272,22 @@ def _perturbation_rows(
                 }
             )
     return rows
+
+
+def _eligible(lm, method: str, names: list[str], config: ExperimentConfig, memo: dict):
+    """The entries the controls draw from: ``changeable(...)``, or None (every entry: the same
+    selections without a mask per tensor) when ``method`` changes every scored entry (bit_flip
+    always; the others where no weight is zero, checked once per run in ``memo``: the weights are
+    restored bit-exact after each perturbation). Masks cost passes over every scored weight per
+    control (random_k: on the CPU), so random_k selections are also kept in ``memo`` for the
+    metrics after the first (``_perturbation_rows``)."""
+    if PERTURBATIONS[method].changes is None:
+        return None
+    masks = changeable(lm.model, method, names, config.scale_for(method))
+    key = ("all changeable", method, config.scale_for(method), tuple(names))
+    if key not in memo:
+        memo[key] = all(bool(masks[n].all()) for n in names)
+    return None if memo[key] else masks
 
 
 def _condition_key(selection, method: str, seed: int, config: ExperimentConfig) -> tuple:
