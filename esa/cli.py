@@ -61,6 +61,7 @@ _OUT_HELP = (
     "with -2, -3... appended rather than overwriting an earlier run (printed at the end)"
 )
 _FLAG = {"action": "store_true"}
+_ADVANCED = "adaptive_noise magnitude_scaling quantization progressive"
 _CURVATURE: list[tuple[tuple[str, ...], dict]] = [  # hutchinson_diag / hessian_diag (docs/CLI.md)
     (("--hutchinson-samples",), {"type": int, "default": 8, "help": "probes of hutchinson_diag (default 8)"}),
     (("--curvature-calib-samples",), {"type": int, "help": "windows per seed of the curvature metrics"}),
@@ -74,15 +75,7 @@ _OLD_RUNNER: list[tuple[tuple[str, ...], dict]] = [  # the old esa_runner.py's o
         ("--checkpoints",),
         {"type": _csv, "default": [], "help": "in training order: names, dirs, name@revision"},
     ),
-    (
-        ("--advanced-perturbations",),
-        {
-            "nargs": "+",
-            "default": [],
-            "metavar": "M",
-            "help": "adaptive_noise magnitude_scaling quantization progressive",
-        },
-    ),
+    (("--advanced-perturbations",), {"nargs": "+", "default": [], "metavar": "M", "help": _ADVANCED}),
     (("--clustering-method",), {"default": "kmeans", "help": "kmeans (default) or dbscan"}),
     (("--n-clusters",), {"type": int, "default": 5, "help": "KMeans clusters (default 5)"}),
     (("--downstream-tasks",), {**_FLAG, "help": "zero-shot tasks on the baseline and each condition"}),
