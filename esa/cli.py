@@ -54,8 +54,6 @@ _CALIB_HELP = (
 _BOS_HELP = "start each window with the BOS token (input only, never scored): auto = as the tokenizer does"
 _DTYPE_HELP = "default fp32 on CPU, bf16 on CUDA"
 _DEVICE_HELP = "cpu, cuda, cuda:N (default: cuda if available)"
-
-
 _OUT_HELP = (
     "where the artifacts go; default outputs/esa/<model>/<metric>_<mode>_k<topk>_<perturbation>, "
     "with -2, -3... appended rather than overwriting an earlier run (printed at the end)"
@@ -199,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     det.add_argument("--data-file", default=None, help=_DATA_HELP)
     det.add_argument("--windows", type=int, default=4, help="evaluation windows (default 4)")
     det.add_argument("--length", type=int, default=256, help="tokens per window (default 256)")
+    det.add_argument("--bos", choices=["auto", "always", "never"], default="auto", help=_BOS_HELP)
     det.add_argument("--seed", type=int, default=0, help="seed of the random-weight control (default 0)")
     det.add_argument(
         "--threshold", type=float, default=50.0, help="|activation| a spike must exceed (default 50)"
@@ -319,9 +318,14 @@ def _detect(args) -> int:
             raise EsaError(f"{name} must be an integer >= {least}, got {value}")
     _default_data(args, calib=False)
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
-    data = prepare_data(lm.tokenizer, args.data_file, None, args.length, args.windows, min_calib_windows=0)
+    data = prepare_data(
+        lm.tokenizer, args.data_file, None, args.length, args.windows, min_calib_windows=0, bos=args.bos
+    )
     label = data.eval_source.name if args.data_file in (None, "builtin") else args.data_file
-    out = detector_run(lm, data.eval_ids, data=label, seed=args.seed, threshold=args.threshold, top=args.top)
+    bos = bool(data.bos.get("prepended"))
+    out = detector_run(
+        lm, data.eval_ids, data=label, seed=args.seed, threshold=args.threshold, top=args.top, bos=bos
+    )
     print(json.dumps(out, indent=1))
     return 0
 

@@ -343,7 +343,7 @@ def test_cli_detect_measures_the_planted_weight(mixtral, capsys, monkeypatch):
         "seconds",
     ]
     assert out["primary"] == f"layer {LAYER} row 4 col 8" and list(out["magnitude_rank"]) == [f"{LAYER}:4:8"]
-    assert out["eval"] == {"data": "builtin:pydoc_data.topics", "windows": 2, "length": 32}
+    assert out["eval"] == {"data": "builtin:pydoc_data.topics", "windows": 2, "length": 32, "bos": False}
     ppl = out["ppl"]
     assert ppl["zero_primary"] == ppl["zero_all_candidates"] != ppl["baseline"]
     assert ppl["zero_primary_restore_all"] == pytest.approx(ppl["baseline"], rel=1e-6)

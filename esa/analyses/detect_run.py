@@ -21,10 +21,10 @@ from esa.perturb import perturbed
 
 
 def detector_run(
-    lm, eval_ids: torch.Tensor, *, data: str, seed: int = 0, threshold: float = 50.0, top: int = 3
+    lm, eval_ids: torch.Tensor, *, data: str, seed: int = 0, threshold: float = 50.0, top: int = 3, bos=False
 ) -> dict:
     """Plain-JSON measurements of the detector on ``lm`` (see the module doc); ``data`` names the
-    text of ``eval_ids`` [n, L]. Without a candidate only ``model`` and ``detector`` are given."""
+    text of ``eval_ids`` [n, L]; ``bos``: whether each window starts with BOS. Without a candidate only ``model`` and ``detector`` are given."""
     t0 = time.perf_counter()
     report = detect_super_weights(lm, threshold=threshold, top=top)
     out: dict = {"model": lm.name, "detector": report.to_dict()}
@@ -59,6 +59,11 @@ def detector_run(
         out[f"restore_{positions}_positions"] = [ctl.n_restored, ctl.n_positions]
     out["primary"] = f"layer {primary.layer} row {primary.row} col {primary.col}"
     out["ppl"] = ppl
-    out["eval"] = {"data": data, "windows": int(eval_ids.shape[0]), "length": int(eval_ids.shape[1])}
+    out["eval"] = {
+        "data": data,
+        "windows": int(eval_ids.shape[0]),
+        "length": int(eval_ids.shape[1]),
+        "bos": bool(bos),
+    }
     out["seconds"] = time.perf_counter() - t0
     return out
