@@ -346,9 +346,9 @@ def test_xdist_matches_serial(pytester: pytest.Pytester) -> None:
     assert _verdicts(pytester.path / "serial" / "claims.json") == expected
     assert _verdicts(pytester.path / "par" / "claims.json") == expected
 
-    def comparable(doc):  # everything but timings, as JSON text (NaN-safe)
+    def comparable(doc):  # everything but timings and memory, as JSON text (NaN-safe)
         return json.dumps(
-            [{k: v for k, v in c.items() if k != "duration"} for c in doc["claims"]],
+            [{k: v for k, v in c.items() if k not in ("duration", "peak_memory")} for c in doc["claims"]],
             sort_keys=True,
             default=str,
         )

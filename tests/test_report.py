@@ -226,7 +226,7 @@ def test_record_outcome_from_the_claims_json_record(tmp_path) -> None:
         "note": "n",
         "tier": "standard",
     }
-    entry = load_recorded(path)[claim["id"]]
+    entry = load_recorded(path)[(claim["id"], "standard")]
     assert entry["threshold"] == math.inf and entry["measured"]["ppl"] == math.inf
     now = {"ratio": {"value": 0.26}}
     assert changed(entry, now, math.inf) is None
@@ -318,3 +318,14 @@ def test_data_rows_show_split_and_bos() -> None:
     (row,) = data_rows({"data": {"tiny-a": manifest}})
     assert row["eval"] == "wiki.test.raw (test)" and row["bos"] == "auto: added"
     assert data_rows({"data": {"tiny-a": _manifest("e", "c")}})[0]["bos"] is None
+
+
+def test_a_claim_is_recorded_once_per_tier(tmp_path) -> None:
+    """Recording a claim at one tier keeps its entry at another (the smoke and standard recordings
+    of one model share a file); recording it again at the same tier replaces that entry."""
+    cid = "experiments/t.py::test_r[tiny-a]"
+    for tier, value in (("smoke", 1.0), ("standard", 2.0), ("smoke", 3.0)):
+        path = record_outcome(tmp_path, "tiny-a", cid, {"r": value}, tier=tier, key="r", threshold=5.0)
+    entries = load_recorded(path)
+    assert set(entries) == {(cid, "smoke"), (cid, "standard")}
+    assert entries[(cid, "smoke")]["key_value"] == 3.0 and entries[(cid, "standard")]["key_value"] == 2.0

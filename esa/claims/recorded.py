@@ -41,18 +41,22 @@ def _restore(value: Any) -> Any:
     return decode({"measured": value})["measured"]
 
 
-def load_recorded(path) -> dict[str, dict]:
-    """{claim_id: entry} from a recorded-outcomes file (a JSON list); {} when it does not exist."""
+Key = tuple[str, str | None]  # (claim_id, tier): one entry per claim and tier (None: any tier)
+
+
+def load_recorded(path) -> dict[Key, dict]:
+    """{(claim_id, tier): entry} from a recorded-outcomes file (a JSON list); {} when it does not
+    exist. A claim may be recorded once per tier (an entry without a tier applies to every tier)."""
     path = Path(path)
     if not path.is_file():
         return {}
     try:
         entries = json.loads(path.read_text(encoding="utf-8"))
-        out = {e["claim_id"]: decode(e) for e in entries}
+        out = {(e["claim_id"], e.get("tier")): decode(e) for e in entries}
     except (ValueError, TypeError, KeyError) as e:
         raise ConfigError(
-            f"{path}: expected a JSON list of {{claim_id, key, key_value, threshold, measured, date, "
-            f"note}} ({e})"
+            f"{path}: expected a JSON list of {{claim_id, key, key_value, threshold, measured, tier, "
+            f"date, note}} ({e})"
         ) from None
     for entry in out.values():
         entry.update({k: _restore(entry[k]) for k in ("key_value", "threshold") if k in entry})
@@ -74,7 +78,8 @@ def record_outcome(
     threshold: Any = _UNSET,
     tolerance: Mapping | None = None,
 ) -> Path:
-    """Add (or replace) the recorded falsification of `claim_id` in ``<recorded_dir>/<model>.json``.
+    """Add (or replace) the recorded falsification of `claim_id` at `tier` in
+    ``<recorded_dir>/<model>.json`` (entries of the claim at other tiers stay).
 
     `claim` is the claim's record in claims.json: its key measurement (``key``, its value) and its
     ``threshold`` are stored so that later runs compare them (`key` / `threshold` override it;
@@ -82,7 +87,7 @@ def record_outcome(
     ``tier`` / ``data_sha256`` the entry applies only to runs at that tier and on that data."""
     path = Path(recorded_dir) / f"{model}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    entries = {k: v for k, v in load_recorded(path).items() if k != claim_id}
+    entries = {k: v for k, v in load_recorded(path).items() if k != (claim_id, tier or None)}
     measured = plain(measured)
     entry: dict[str, Any] = {"claim_id": claim_id, "verdict": "falsified"}
     if claim is not None:
@@ -98,8 +103,9 @@ def record_outcome(
         entry["tier"] = tier
     if data_sha256:
         entry["data_sha256"] = data_sha256
-    entries[claim_id] = entry
-    atomic_write(path, dumps(sorted(entries.values(), key=lambda e: e["claim_id"]), indent=1) + "\n")
+    entries[(claim_id, tier or None)] = entry
+    order = sorted(entries.values(), key=lambda e: (e["claim_id"], e.get("tier") or ""))
+    atomic_write(path, dumps(order, indent=1) + "\n")
     return path
 
 
@@ -180,11 +186,11 @@ class RecordedOutcomes:
 
     def __init__(self, options: EsaOptions):
         self.options = options
-        self._files: dict[str, dict[str, dict]] = {}
+        self._files: dict[str, dict[Key, dict]] = {}
         self._data_sha256: list[str | None] = []  # computed on first need
 
-    def entries(self, model: str) -> dict[str, dict]:
-        """{claim_id: entry} of ``<recorded_dir>/<model>.json`` (ConfigError when malformed)."""
+    def entries(self, model: str) -> dict[Key, dict]:
+        """{(claim_id, tier): entry} of ``<recorded_dir>/<model>.json`` (ConfigError when malformed)."""
         if model not in self._files:
             self._files[model] = load_recorded(self.options.recorded_dir / f"{model}.json")
         return self._files[model]
@@ -203,7 +209,8 @@ class RecordedOutcomes:
     def match(self, item: pytest.Item) -> dict | None:
         """``{"model": model, **entry}`` of the first of the item's models that recorded it."""
         for model in item_models(item, self.options):
-            entry = self.entries(model).get(claim_id(item))
+            entries, cid = self.entries(model), claim_id(item)
+            entry = entries.get((cid, self.options.tier.name)) or entries.get((cid, None))
             if (
                 entry is not None
                 and entry.get("verdict", "falsified") == "falsified"
