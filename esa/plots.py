@@ -34,6 +34,18 @@ def figure(width: float = 7.0, height: float = 4.2) -> tuple[Figure, Axes]:
     return fig, fig.add_subplot()
 
 
+def symlog_threshold(values) -> float:
+    """The linear band of a symlog axis: the decade at or below the smallest non-zero |value| (1.0
+    when there is none), so tick labels inside the band do not crowd zero.
+
+    >>> symlog_threshold([0.0, -0.69, 259.8])
+    0.1
+    """
+    v = np.abs(_numpy(values))
+    v = v[np.isfinite(v) & (v > 0)]
+    return float(10.0 ** math.floor(math.log10(v.min()))) if v.size else 1.0
+
+
 def _numpy(x) -> np.ndarray:
     """Flat float64 array from a tensor (any device/dtype), array or sequence."""
     if hasattr(x, "detach"):
@@ -228,7 +240,7 @@ def plot_dose_response(
         ax.plot(x, y, marker="o", ms=4, lw=1.5, color=_COLORS[i % len(_COLORS)], label=str(name))
     positive = x[np.isfinite(x) & (x > 0)]
     if x.size and (x <= 0).any():
-        ax.set_xscale("symlog", linthresh=float(positive.min()) if positive.size else 1.0)
+        ax.set_xscale("symlog", linthresh=symlog_threshold(positive))
     elif x.size:
         ax.set_xscale("log")
     if ylog:

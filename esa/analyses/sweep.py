@@ -191,8 +191,7 @@ def plot_scale_sweep(factors, delta_ppl, ci=None, *, failure_delta: float | None
         ax.set_ylim(top=max(ax.get_ylim()[1], 3 * failure_delta))
     ax.axvline(1.0, color="#57606a", ls=":", lw=1)
     ax.axhline(0.0, color="#57606a", lw=0.8)
-    finite_abs = np.abs(y[ok][y[ok] != 0])
-    ax.set_yscale("symlog", linthresh=float(finite_abs.min()) if finite_abs.size else 1.0)
+    ax.set_yscale("symlog", linthresh=plots.symlog_threshold(y[ok]))
     ax.set_xlabel("super weight scale factor f (w -> f·w)")
     ax.set_ylabel("ΔPPL = PPL(f) − PPL(1)")
     ax.set_title(title or "super-weight scale sweep")
@@ -212,9 +211,7 @@ def plot_null(null_delta, observed: float, *, label: str = "super weight", title
     )
     if math.isfinite(observed):
         ax.axvline(observed, color="#cf222e", lw=2, label=f"{label}: ΔPPL {observed:.4g}")
-    values = np.abs(np.append(null[ok], observed if math.isfinite(observed) else 0.0))
-    nonzero = values[values > 0]
-    ax.set_xscale("symlog", linthresh=float(nonzero.min()) if nonzero.size else 1.0)
+    ax.set_xscale("symlog", linthresh=plots.symlog_threshold(np.append(null[ok], observed)))
     ax.set_yticks([])
     ax.set_xlabel("ΔPPL of zeroing one weight")
     ax.set_title(title or "single-weight null")
