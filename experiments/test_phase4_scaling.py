@@ -14,9 +14,7 @@ from rules_scaling import points_fittable
 from esa.analyses import components as analyze
 from esa.claims.plugin import OPTIONS_KEY
 from esa.models.family import family_names
-from esa.models.registry import REGISTRY
-
-RANDOM_INIT = ("tiny", "arch")  # model sources whose weights are a random initialization
+from esa.models.registry import is_random_init
 
 pytestmark = [pytest.mark.phase4, pytest.mark.smoke]
 
@@ -118,12 +116,7 @@ def test_scaling_predicts_largest(claim, workbench, esa_options, series, measure
 def trained_models(esa_options) -> list[str]:
     """The session's models and the trained scaling family, random-init ones left out."""
     names = dict.fromkeys([*esa_options.models, *family_names()])
-    return [n for n in names if not random_init(n)]
-
-
-def random_init(name: str) -> bool:
-    spec = REGISTRY.get(name)
-    return spec is not None and spec.source in RANDOM_INIT
+    return [n for n in names if not is_random_init(n)]
 
 
 def _profile(workbench, name, metric):
@@ -155,7 +148,7 @@ def test_mlp_overrepresented(claim, workbench, profiled, metric):
     Minimum tier: smoke.
     Falsified if: the MLP's share of the top-k is at most its share of the parameters.
     """
-    if random_init(profiled):
+    if is_random_init(profiled):
         pytest.skip(f"{profiled} is random-init: architecture claims run on trained models only")
     lm, frame, table, ratios, param_share = _profile(workbench, profiled, metric)
     top_mlp, par_mlp = ratios["topk"].get("mlp", 0.0), param_share.get("mlp", 0.0)

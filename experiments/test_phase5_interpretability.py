@@ -21,11 +21,11 @@ from criteria import (
     STOPWORDS,
 )
 from rules_applications import measured_at_min_tier
-from test_phase4_scaling import random_init  # the architecture claims' guard: trained models only
 
 from esa.analyses import components, interpret
 from esa.analyses.detect import candidate_selection, detect_super_weights
 from esa.analyses.heads_plot import plot_head_heatmap
+from esa.models.registry import is_random_init
 from esa.perturb import perturbed
 
 pytestmark = [pytest.mark.phase5, pytest.mark.smoke]
@@ -161,7 +161,7 @@ def test_sensitivity_concentrated_in_heads(claim, workbench, model, metric):
     Falsified if: the top slices hold less than HEAD_CONCENTRATION x their weight share, or no more
     than that null gives them (p >= HEAD_P).
     """
-    if random_init(model):
+    if is_random_init(model):
         pytest.skip(f"{model} is random-init: architecture claims run on trained models only")
     claim(threshold=HEAD_CONCENTRATION)
     lm, names, seed = workbench.model(model), workbench.names(model), workbench.tier.seeds[0]

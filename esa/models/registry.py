@@ -81,6 +81,15 @@ def register_model(name: str, *, source: str, description: str) -> Callable:
     return decorate
 
 
+RANDOM_INIT_SOURCES = ("tiny", "arch")  # registered sources whose weights are a random initialization
+
+
+def is_random_init(name: str) -> bool:
+    """Whether registered model `name` has random-init weights (research claims skip those)."""
+    spec = REGISTRY.get(name)
+    return spec is not None and spec.source in RANDOM_INIT_SOURCES
+
+
 def registered(source: str) -> list[str]:
     """Registered names of one source ("tiny", "arch", "family", ...), in registration order."""
     return [s.name for s in REGISTRY.values() if s.source == source]
