@@ -89,6 +89,18 @@ def test_lean_equals_retained_estimate_on_quadratic(seed, samples, probe_seed):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6 * scale)
 
 
+@pytest.mark.parametrize(("budget", "lean"), [(1, True), (10**6, False)])
+def test_default_path_is_lean_when_probes_cannot_be_batched(monkeypatch, budget, lean):
+    """One probe per batched product gains nothing from the retained gradient (a second
+    model-sized copy with its graph): the default then takes the lean path."""
+    params, _a, terms = _quadratic(0, [(3, 2), (4,)])
+    called = []
+    real = curvature.hutchinson_lean
+    monkeypatch.setattr(curvature, "hutchinson_lean", lambda *a, **k: called.append(1) or real(*a, **k))
+    curvature.hutchinson_diag(terms, params, 4, 0, budget=budget)
+    assert bool(called) is lean
+
+
 def _model_terms(lm, calib):
     model = lm.model
     return lambda: [lambda b=b: lm_loss(model, b) * 0.5 for b in (calib[:2], calib[2:])]
@@ -157,6 +169,7 @@ def test_curvature_plan_and_report_on_cpu(micro):
     report: dict = {}
     args = dict(names=[name], batch_size=3, progress=False, hutchinson_samples=1, report=report)
     compute_scores(lm, "hutchinson_diag", calib, **args)
-    assert report["memory_plan"] == {"checkpoint": False, "offloaded": 0, "batch_size": 3}
+    # one window per double-backward term on the CPU, whatever batch_size (the same estimate)
+    assert report["memory_plan"] == {"checkpoint": False, "offloaded": 0, "batch_size": 1}
     compute_scores(lm, "hutchinson_diag", calib, offload=True, **args)
     assert report["memory_plan"]["offloaded"] == 1

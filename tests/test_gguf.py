@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import logging
 
-import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("gguf")
 
 import esa.models.gguf as gg
+from esa.bench.random_gguf import write_llama_gguf
 from esa.cli import main
 from esa.data import adds_bos, make_windows, prepare_data
 from esa.errors import ModelError
@@ -51,64 +51,6 @@ def tiny_llama(tied: bool, seed: int = 3):
     with seeded(seed):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return model.eval()
-
-
-def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's q/k row permutation (convert_hf_to_gguf.py, LlamaModel.permute)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def write_llama_gguf(model, tokenizer, path, add_bos: bool = False, arch: str = "llama") -> None:
-    """Write ``model`` (a LlamaForCausalLM) and its byte-level BPE tokenizer as a float32 GGUF."""
-    import gguf
-
-    cfg = model.config
-    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    rope = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", getattr(cfg, "rope_theta", 1e4))
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_name("tiny test model")
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_rope_dimension_count(cfg.hidden_size // heads)
-    w.add_rope_freq_base(float(rope))
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_vocab_size(cfg.vocab_size)
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv_: kv_[1])
-    backend = json.loads(tokenizer.backend_tokenizer.to_str())
-    merges = [m if isinstance(m, str) else " ".join(m) for m in backend["model"]["merges"]]
-    special = set(tokenizer.all_special_tokens)
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list([t for t, _ in vocab])
-    w.add_token_types([3 if t in special else 1 for t, _ in vocab])
-    w.add_token_merges(merges)
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(0)
-    w.add_pad_token_id(1)
-    w.add_add_bos_token(add_bos)
-    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        w.add_tensor(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"])
-        w.add_tensor(f"blk.{i}.attn_q.weight", _permute(sd[p + "self_attn.q_proj.weight"], heads))
-        w.add_tensor(f"blk.{i}.attn_k.weight", _permute(sd[p + "self_attn.k_proj.weight"], kv))
-        w.add_tensor(f"blk.{i}.attn_v.weight", sd[p + "self_attn.v_proj.weight"])
-        w.add_tensor(f"blk.{i}.attn_output.weight", sd[p + "self_attn.o_proj.weight"])
-        w.add_tensor(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
-        w.add_tensor(f"blk.{i}.ffn_gate.weight", sd[p + "mlp.gate_proj.weight"])
-        w.add_tensor(f"blk.{i}.ffn_up.weight", sd[p + "mlp.up_proj.weight"])
-        w.add_tensor(f"blk.{i}.ffn_down.weight", sd[p + "mlp.down_proj.weight"])
-    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
-    if not cfg.tie_word_embeddings:
-        w.add_tensor("output.weight", sd["lm_head.weight"])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
 
 
 @pytest.fixture
@@ -235,3 +177,19 @@ def test_local_dir_gives_the_gguf_paths_perplexity(tmp_path, capsys):
     assert via_gguf["bos"] == via_dir["bos"] and not via_dir["bos"]["prepended"]
     assert via_dir["n_tokens"] == via_gguf["n_tokens"] == 2 * 127
     assert via_dir["perplexity"] == pytest.approx(via_gguf["perplexity"], rel=1e-6)
+
+
+def test_random_llama_written_in_f16_loads_untied_and_rounded(tmp_path, cache):
+    """The memory-run model (esa.bench.random_gguf): untied head, matrices rounded to float16."""
+    from esa.bench.random_gguf import random_llama
+
+    tok = builtin_tokenizer()
+    src = random_llama(tok, hidden=64, layers=2, ffn=128, heads=4, kv_heads=2, seed=1)
+    path = tmp_path / "random.gguf"
+    write_llama_gguf(src, tok, path, dtype="f16")
+    assert not (tmp_path / "random.gguf.tmp").exists()
+    got = load_model(str(path), device="cpu").model
+    assert not got.config.tie_word_embeddings
+    for name in ("lm_head.weight", "model.layers.1.mlp.down_proj.weight", "model.norm.weight"):
+        want = src.get_parameter(name).detach().half().float()
+        torch.testing.assert_close(got.get_parameter(name).detach(), want, rtol=0, atol=0)

@@ -31,3 +31,19 @@ def test_random_sets_do_not_depend_on_the_calibration_scores(bench):
     a = bench.selection("tiny-llama", "grad_x_weight", 0, "random", draw=1)
     b = bench.selection("tiny-llama", "magnitude", 0, "random", draw=1)
     assert a.size > 0 and a.keys() == b.keys()
+
+
+@pytest.mark.parametrize(("sets", "budget_sets", "kept"), [(3, 10, 3), (3, 1.5, 1), (4, 2, 2), (2, 0.5, 1)])
+def test_score_sets_kept_within_their_byte_budget(tmp_path, monkeypatch, sets, budget_sets, kept):
+    """Whole score sets are as large as the model: the workbench keeps at most ``keep_score_bytes``
+    of them (the most recent; always the one just asked for), and makes room before computing."""
+    monkeypatch.setenv("ESA_CACHE_DIR", str(tmp_path))
+    wb = Workbench(get_tier("smoke"), device="cpu", data="builtin", keep_scores=3)
+    one = sum(t.numel() * t.element_size() for t in wb.scores("tiny-llama", "magnitude", 0).values())
+    wb.keep_score_bytes = int(budget_sets * one)
+    wb._scores.clear()
+    for seed in range(sets):
+        got = wb.scores("tiny-llama", "magnitude", seed)
+        assert next(reversed(wb._scores.values())) is got
+    assert len(wb._scores) == min(kept, 3)
+    assert [k[2] for k in wb._scores] == list(range(sets))[-len(wb._scores) :]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -28,7 +29,15 @@ if TYPE_CHECKING:
     from esa.models import LoadedModel
 
 log = logging.getLogger("esa")
-DRAW_STRIDE = 10_000  # selection seed of random draw j > 0 of seed s: s + DRAW_STRIDE * j
+DRAW_STRIDE = 10_000
+KEEP_SCORE_BYTES = (
+    2 << 30
+)  # whole score sets kept in memory (at least one): three of a 135M model  # selection seed of random draw j > 0 of seed s: s + DRAW_STRIDE * j
+
+
+def _set_bytes(lm: LoadedModel, names: list[str]) -> int:
+    """Bytes of one fp32 score set over ``names``."""
+    return 4 * sum(math.prod(lm.param_map[n].shape) for n in names)
 
 
 def draw_seed(seed: int, draw: int) -> int:
@@ -81,6 +90,7 @@ class Workbench:
         progress: bool = False,
         keep_models: int = 1,
         keep_scores: int = 3,
+        keep_score_bytes: int = KEEP_SCORE_BYTES,
         bos: str = "auto",
     ):
         self.tier, self.device, self.data_spec, self.calib_spec = tier, device, data, calib_data
@@ -90,7 +100,7 @@ class Workbench:
         self._memo: dict[tuple, object] = {}
         self._sha256: dict[str, str] = {}
         self._scores: OrderedDict[tuple, dict] = OrderedDict()
-        self.keep_scores = keep_scores
+        self.keep_scores, self.keep_score_bytes = keep_scores, keep_score_bytes
 
     # -- models and data -------------------------------------------------------------------
     def model(self, name: str) -> LoadedModel:
@@ -161,6 +171,7 @@ class Workbench:
         if key in self._scores:
             self._scores.move_to_end(key)
             return self._scores[key]
+        self._evict_scores(room_for=_set_bytes(self.model(name), self.names(name, include_embeddings)))
         scores = cached_scores(
             self.model(name),
             self.data(name),
@@ -174,9 +185,24 @@ class Workbench:
             full=True,  # claims read whole distributions (ranks, masses, pruning)
         )
         self._scores[key] = scores
-        while len(self._scores) > self.keep_scores:  # full score sets are as large as the model
-            self._scores.popitem(last=False)
+        self._evict_scores(room_for=0)
         return scores
+
+    def _evict_scores(self, room_for: int) -> None:
+        """Drop the least recently used score sets (whole sets are as large as the model) until at
+        most ``keep_scores`` sets of at most ``keep_score_bytes`` in all remain with ``room_for``
+        more bytes (one set always stays; before a computation, none need to)."""
+        sizes = {
+            k: sum(int(t.numel()) * t.element_size() for t in v.values()) for k, v in self._scores.items()
+        }
+        while self._scores and (
+            len(self._scores) + (room_for > 0) > self.keep_scores
+            or sum(sizes.values()) + room_for > self.keep_score_bytes
+        ):
+            if room_for == 0 and len(self._scores) == 1:
+                break
+            sizes.pop(self._scores.popitem(last=False)[0])
+            gc.collect()
 
     def selection(
         self,

@@ -113,20 +113,22 @@ def hutchinson_diag(
 
     The same z (regenerated from ``(seed, sample)``) is used for every loss term, so the result is
     exactly the estimate for the Hessian of the summed loss. ``lean`` (default: parameters on
-    CUDA, or any ``offload``) takes the hook path of the module docstring, with the accumulators
-    of the parameter positions in ``offload`` in host memory; otherwise the gradient is kept and
-    probes go through one batched Hessian-vector product as long as ``probes × entries <= budget``
-    (else one at a time).
+    CUDA, any ``offload``, or fewer than 2 probes fitting one batched product) takes the hook
+    path of the module docstring, with the accumulators of the parameter positions in
+    ``offload`` in host memory: memory is the weights, the accumulators and one term's
+    double-backward graph. Otherwise the gradient of each term is kept (a second model-sized
+    copy with its graph) and probes go through one batched Hessian-vector product,
+    ``probes × entries <= budget`` at a time.
     """
     if samples < 1:
         raise ConfigError(f"hutchinson_samples={samples} must be >= 1")
     params = list(params)
-    if lean is None:
-        lean = bool(offload) or any(p.is_cuda for p in params)
+    chunk = max(1, min(samples, budget // max(1, sum(p.numel() for p in params))))
+    if lean is None:  # batching probes is the retained path's only gain: without it, lean
+        lean = bool(offload) or chunk == 1 or any(p.is_cuda for p in params)
     if lean:
         return hutchinson_lean(loss_terms, params, samples, seed, offload)
     acc = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
-    chunk = max(1, min(samples, budget // max(1, sum(p.numel() for p in params))))
     batched = True
     for term in loss_terms:
         grads = _grads(term(), params, create_graph=True)

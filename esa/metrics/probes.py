@@ -118,14 +118,16 @@ def curvature_plan(ctx: ScoreContext, accumulators: bool = True) -> CurvaturePla
     as long as they and one window's double-backward peak (``_DOUBLE_BACKWARD`` x its measured
     first-order activations) fit in the memory available (``ScoreContext.memory_limit``); else
     some, spread over the model, go to host memory until the rest fit (``offload`` True / False:
-    all / none); then as many windows per term as fit, at most ``batch_size``. Elsewhere:
-    ``batch_size``, offload only when forced. The estimate does not depend on the batching (the
+    all / none); then as many windows per term as fit, at most ``batch_size``. On the CPU: one
+    window per term (the same compute; a 512-token term of a 135M model keeps ~2.5 GB of graph),
+    offload only when forced; on several devices: ``batch_size``. The estimate does not depend on the batching (the
     terms sum to the same loss)."""
     every = frozenset(range(len(ctx.params))) if accumulators else frozenset()
     devices = {p.device for p in ctx.params}
     device = next(iter(devices))
-    if len(devices) > 1 or device.type != "cuda":
-        plan = CurvaturePlan(ctx.batch_size, every if ctx.offload else frozenset())
+    if len(devices) > 1 or device.type != "cuda":  # on the CPU one window per term: its graph
+        batch = 1 if device.type == "cpu" else ctx.batch_size  # is several times its activations
+        plan = CurvaturePlan(batch, every if ctx.offload else frozenset())
     else:
         room = available_bytes(device, ctx.memory_limit) - SLACK_BYTES
         per_window = _DOUBLE_BACKWARD * activation_bytes(dataclasses.replace(ctx, batch_size=1), False)
