@@ -6,7 +6,8 @@ profiled by the architecture claims from the options plus ``esa.models.family.fa
 research claim runs on a random-init model: those are code-path tests in tests/), perturbations
 from criteria.py, each checked at collection to
 be registered in ``esa.perturb.PERTURBATIONS`` (metrics named in criteria.py likewise); a test
-that parametrizes ``perturbation`` itself keeps its own list."""
+that parametrizes ``perturbation`` itself keeps its own list. A module's ``SHARES`` (perturbation
+-> key) marks the claims of that perturbation ``shares(key)``: their own xdist worker group."""
 
 from pathlib import Path
 
@@ -59,7 +60,14 @@ def pytest_generate_tests(metafunc):
     if "profiled" in metafunc.fixturenames:  # the session's models and the trained scaling family
         metafunc.parametrize("profiled", list(dict.fromkeys([*options.models, *family_names()])))
     if "perturbation" in metafunc.fixturenames and not parametrized(metafunc, "perturbation"):
-        metafunc.parametrize("perturbation", PERTURBATIONS)
+        shares = getattr(metafunc.module, "SHARES", {})  # perturbation -> `shares` key of its claims
+        metafunc.parametrize(
+            "perturbation",
+            [
+                pytest.param(p, marks=pytest.mark.shares(shares[p])) if p in shares else p
+                for p in PERTURBATIONS
+            ],
+        )
 
 
 def parametrized(metafunc, name: str) -> bool:

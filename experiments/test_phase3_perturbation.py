@@ -34,6 +34,9 @@ from esa.claims.workbench import Condition
 from esa.perturb import resolve_scale
 
 pytestmark = [pytest.mark.phase3, pytest.mark.smoke]
+# Under `pytest -n 2 --dist loadgroup` the gauss_noise claims and the dose claims (45 shared
+# evaluations at smoke) run on one worker, the other perturbations' claims on another.
+SHARES = {"gauss_noise": "noise"}
 KINDS = {"super": "top", "random": "random", "bottom": "bottom"}
 DOSES = tuple(m * resolve_scale("gauss_noise") for m in DOSE_MULTIPLES)
 
@@ -303,6 +306,7 @@ def dose_sets(workbench, model, metric, kinds=tuple(KINDS)) -> dict[float, dict[
     }
 
 
+@pytest.mark.shares("noise")
 def test_dose_response_monotonic(claim, workbench, model, metric):
     """ΔPPL(super) rises with the gauss_noise dose (Spearman ρ > 0, p < 0.05).
 
@@ -328,6 +332,7 @@ def test_dose_response_monotonic(claim, workbench, model, metric):
     rules.dose_monotonic(claim, DOSES, base, [series[d]["super"] for d in DOSES], P_VALUE)
 
 
+@pytest.mark.shares("noise")
 def test_dose_hierarchy_kept(claim, workbench, model, metric):
     """At every gauss_noise dose ΔPPL(super) ≥ 3× random and ΔPPL(random) ≥ 3× bottom.
 

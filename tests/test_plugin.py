@@ -646,3 +646,35 @@ def test_inconclusive_and_min_tier(pytester: pytest.Pytester) -> None:
     bad = pytester.runpytest("test_bad.py")
     assert bad.ret == pytest.ExitCode.USAGE_ERROR
     bad.stderr.fnmatch_lines(["*min_tier 'huge' is not a tier; use one of smoke, standard, extended*"])
+
+
+SHARED = """
+import pytest
+
+@pytest.mark.parametrize("model", ["tiny-a"])
+@pytest.mark.parametrize("perturbation", ["zero", pytest.param("gauss_noise", marks=pytest.mark.shares("noise"))])
+def test_param(claim, model, perturbation):
+    claim(threshold=1)
+
+@pytest.mark.shares("noise")
+@pytest.mark.parametrize("model", ["tiny-a"])
+def test_dose(claim, model):
+    claim(threshold=1)
+"""
+
+
+def test_shares_marker_splits_a_files_worker_group(pytester: pytest.Pytester) -> None:
+    """Claims of one model and file share an xdist group; a ``shares(key)`` claim joins the group
+    of its key instead (measurements it shares with that group's claims, none with the others)."""
+    from esa.claims.options import OPTIONS_KEY
+    from esa.claims.plugin import worker_group
+
+    items = pytester.getitems(SHARED)
+    options = items[0].config.stash[OPTIONS_KEY]
+    groups = {item.name: worker_group(item, options) for item in items}
+    stem = items[0].path.stem
+    assert groups == {
+        "test_param[zero-tiny-a]": f"tiny-a-{stem}",
+        "test_param[gauss_noise-tiny-a]": f"tiny-a-{stem}-noise",
+        "test_dose[tiny-a]": f"tiny-a-{stem}-noise",
+    }

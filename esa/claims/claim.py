@@ -34,6 +34,7 @@ SKIP_MARKERS = {
     "skipif",
     "xdist_group",
     "min_tier",
+    "shares",
 }
 OPS = {
     "<": operator.lt,

@@ -52,6 +52,8 @@ MARKERS = {
     "slow": "minutes or more even at the smoke tier",
     "claim": "added to every test that states a claim (uses the claim fixture)",
     "min_tier": "min_tier(tier, reason=...): below this tier the claim runs but is inconclusive",
+    "shares": "shares(key): under --dist loadgroup the claim runs on the worker of its model, file "
+    "and key: claims of one key reuse each other's measurements, other keys may run in parallel",
 }
 
 
@@ -100,6 +102,13 @@ def _cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
+def worker_group(item: pytest.Item, options: EsaOptions) -> str:
+    """The xdist group of a claim: its model and file, and its ``shares`` key when it has one."""
+    group = f"{item_models(item, options)[0]}-{item.path.stem}"
+    share = item.get_closest_marker("shares")
+    return group if share is None else f"{group}-{share.args[0]}"
+
+
 @pytest.hookimpl(tryfirst=True)  # before -m deselection, so `-m "not claim"` sees the marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark claims; check ``min_tier`` markers; skip `gpu` items without CUDA; mark recorded
@@ -113,7 +122,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if _is_claim(item):
             item.add_marker(pytest.mark.claim)
             if xdist:  # with --dist loadgroup, a model's claims of one file share a worker (one load each)
-                item.add_marker(pytest.mark.xdist_group(f"{item_models(item, options)[0]}-{item.path.stem}"))
+                item.add_marker(pytest.mark.xdist_group(worker_group(item, options)))
         if item.get_closest_marker("gpu"):
             cuda = _cuda_available() if cuda is None else cuda
             if not cuda:
