@@ -29,10 +29,8 @@ if TYPE_CHECKING:
     from esa.models import LoadedModel
 
 log = logging.getLogger("esa")
-DRAW_STRIDE = 10_000
-KEEP_SCORE_BYTES = (
-    2 << 30
-)  # whole score sets kept in memory (at least one): three of a 135M model  # selection seed of random draw j > 0 of seed s: s + DRAW_STRIDE * j
+DRAW_STRIDE = 10_000  # selection seed of random draw j > 0 of seed s: s + DRAW_STRIDE * j
+KEEP_SCORE_BYTES = 2 << 30  # whole score sets kept in memory (one at least): three of a 135M model
 
 
 def _set_bytes(lm: LoadedModel, names: list[str]) -> int:
