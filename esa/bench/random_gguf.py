@@ -23,6 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from esa.models import load_model
+from esa.util.runtime import seeded
+
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's q/k row permutation (convert_hf_to_gguf.py, LlamaModel.permute)."""
@@ -104,8 +107,6 @@ def random_llama(tokenizer, hidden: int, layers: int, ffn: int, heads: int, kv_h
     ``tokenizer``'s vocabulary and special tokens."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from esa.util.runtime import seeded
-
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
@@ -125,8 +126,6 @@ def random_llama(tokenizer, hidden: int, layers: int, ffn: int, heads: int, kv_h
 
 
 def main(argv: list[str] | None = None) -> None:
-    from esa.models import load_model
-
     ap = argparse.ArgumentParser(prog="python -m esa.bench.random_gguf", description=__doc__.split("\n")[0])
     ap.add_argument("out")
     ap.add_argument("--hidden", type=int, default=1024)
