@@ -200,7 +200,7 @@ class Workbench:
             if room_for == 0 and len(self._scores) == 1:
                 break
             sizes.pop(self._scores.popitem(last=False)[0])
-            gc.collect()
+        gc.collect()
 
     def selection(
         self,

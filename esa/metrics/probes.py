@@ -120,8 +120,8 @@ def curvature_plan(ctx: ScoreContext, accumulators: bool = True) -> CurvaturePla
     some, spread over the model, go to host memory until the rest fit (``offload`` True / False:
     all / none); then as many windows per term as fit, at most ``batch_size``. On the CPU: one
     window per term (the same compute; a 512-token term of a 135M model keeps ~2.5 GB of graph),
-    offload only when forced; on several devices: ``batch_size``. The estimate does not depend on the batching (the
-    terms sum to the same loss)."""
+    offload only when forced; on several devices: ``batch_size``. The estimate does not depend
+    on the batching (the terms sum to the same loss)."""
     every = frozenset(range(len(ctx.params))) if accumulators else frozenset()
     devices = {p.device for p in ctx.params}
     device = next(iter(devices))
