@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from esa.errors import ConfigError
+from esa.select_frame import frame_flat_indices, locations, rank_keys
 from esa.util.files import atomic_write
 from esa.util.sampling import priority, sample_segments, tensor_seed
 
@@ -82,10 +83,10 @@ class Selection:
         )
         flat = np.concatenate([self.indices[n].numpy() for n in names] or [np.empty(0, np.int64)])
         score = np.concatenate([self.values[n].numpy().astype(np.float64) for n in names] or [np.empty(0)])
-        order = np.lexsort((flat, tensor_pos, _rank_keys(self.kind, score)))
+        order = np.lexsort((flat, tensor_pos, rank_keys(self.kind, score)))
         tensor_pos, flat, score = tensor_pos[order], flat[order], score[order]
         columns = {"tensor": [names[i] for i in tensor_pos], "flat_index": flat}
-        columns.update(_locations(names, tensor_pos, flat, self.shapes, param_map))
+        columns.update(locations(names, tensor_pos, flat, self.shapes, param_map))
         columns["score"] = score
         columns["rank"] = np.arange(1, len(flat) + 1, dtype=np.int64)
         frame = pd.DataFrame(columns, columns=COLUMNS)
@@ -118,7 +119,7 @@ class Selection:
         shapes = {n: tuple(int(d) for d in s) for n, s in shapes.items()}
         if "tensor" not in df.columns or "score" not in df.columns:
             raise ConfigError("frame needs 'tensor' and 'score' columns; pass Selection.to_frame output")
-        flats = _frame_flat_indices(df, shapes)
+        flats = frame_flat_indices(df, shapes)
         groups: dict[str, list[tuple[int, float]]] = {}
         for name, flat, score in zip(df["tensor"].astype(str), flats, df["score"].astype(float)):
             groups.setdefault(name, []).append((flat, score))
@@ -287,17 +288,27 @@ def _tensor_topk(
     flat = score.detach().reshape(-1)
     cands = []
     for start in range(0, max(flat.numel(), 1), _CHUNK):  # one (empty) chunk at least
-        pos = None if mask is None else mask[start : start + _CHUNK].nonzero().flatten()
-        cands.append(_chunk_topk(_key(flat[start : start + _CHUNK], kind), k, seed, name, start, pos))
+        allowed = None if mask is None else mask[start : start + _CHUNK]
+        cands.append(_chunk_topk(_key(flat[start : start + _CHUNK], kind), k, seed, name, start, allowed))
     if len(cands) == 1:
         return cands[0][0]
     idx, key = torch.cat([c[0] for c in cands]), torch.cat([c[1] for c in cands])  # ascending
     return idx[_topk_mask(key, k, lambda i: priority(idx[i], seed, name)).nonzero().flatten()]
 
 
-def _chunk_topk(key, k: int, seed: int, name: str, start: int, pos) -> tuple[torch.Tensor, torch.Tensor]:
-    """(flat positions, keys) of the k largest keys of a chunk at ``start`` (only at ``pos``)."""
-    if pos is not None:
+def _chunk_topk(key, k: int, seed: int, name: str, start: int, allowed) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat positions, keys) of the k largest keys of a chunk at ``start`` (only where the bool
+    mask ``allowed`` is True). Excluded entries are first set to −inf in place of a gather; where
+    the k chosen then all lie above −inf, no excluded entry can be among them or their ties, so
+    the answer is the gather's (else it gathers)."""
+    pos = None
+    if allowed is not None:
+        take = min(k, int(allowed.sum()))
+        filled = torch.where(allowed, key, float("-inf"))
+        local = _topk_mask(filled, take, lambda i: priority(i + start, seed, name)).nonzero().flatten()
+        if take == 0 or bool(filled[local].min() > float("-inf")):
+            return local + start, key[local]
+        pos = allowed.nonzero().flatten()
         key = key[pos]
 
     def at(i: torch.Tensor) -> torch.Tensor:
@@ -342,59 +353,3 @@ def _random_global(scores, k: int, seed: int, eligible) -> dict[str, torch.Tenso
     masks = [_mask(eligible, n, scores[n], "cpu") for n in names]
     which, flat = sample_segments([int(scores[n].numel()) for n in names], k, gen, masks)
     return {name: flat[which == i] for i, name in enumerate(names)}
-
-
-def _rank_keys(kind: str, score: np.ndarray) -> np.ndarray:
-    """Ascending sort key: most extreme first; NaN last; random keeps (tensor, index) order."""
-    if kind == "random":
-        return np.zeros_like(score)
-    key = -score if kind == "top" else score.copy()
-    key[np.isnan(key)] = np.inf
-    return key
-
-
-def _locations(names, tensor_pos, flat, shapes, param_map) -> dict[str, list]:
-    n = len(flat)
-    if param_map is not None:
-        out: dict[str, list] = {c: [None] * n for c in ("layer", "component", "expert", "row", "col")}
-        for j, (pos, f) in enumerate(zip(tensor_pos.tolist(), flat.tolist())):
-            name = names[pos]
-            if name in param_map:
-                info = param_map[name]
-                comp, expert, row, col = info.locate(f)
-                out["layer"][j], out["component"][j], out["expert"][j] = info.layer, comp, expert
-                out["row"][j], out["col"][j] = row, col
-            else:
-                out["row"][j], out["col"][j] = _row_col(shapes.get(name), f)
-        return out
-    rows: list[int | None] = [None] * n
-    cols: list[int | None] = [None] * n
-    for pos, name in enumerate(names):
-        shape = shapes.get(name)
-        where = np.nonzero(tensor_pos == pos)[0]
-        if shape is None or where.size == 0:
-            continue
-        width = shape[-1] if len(shape) >= 2 else 0
-        for j, f in zip(where.tolist(), flat[where].tolist()):
-            rows[j], cols[j] = divmod(f, width) if width else (f, 0)
-    return {"layer": [None] * n, "component": [None] * n, "expert": [None] * n, "row": rows, "col": cols}
-
-
-def _row_col(shape, flat: int) -> tuple[int | None, int | None]:
-    if shape is None:
-        return None, None
-    if len(shape) >= 2:
-        return divmod(flat, shape[-1])
-    return flat, 0
-
-
-def _frame_flat_indices(df: pd.DataFrame, shapes) -> list[int]:
-    if "flat_index" in df.columns:
-        return [int(v) for v in df["flat_index"]]
-    flats = []
-    for name, row, col in zip(df["tensor"].astype(str), df["row"], df["col"]):
-        shape = shapes.get(name)
-        if shape is None or len(shape) > 2:
-            raise ConfigError(f"no flat_index column and no 1-D/2-D shape for {name!r}; pass shapes=")
-        flats.append(int(row) * shape[-1] + int(col) if len(shape) == 2 else int(row))
-    return flats

@@ -22,6 +22,8 @@ LAYERS = {
     "esa.evaluate": 2,
     "esa.metrics": 2,
     "esa.select": 2,
+    "esa.select_frame": 2,
+    "esa.eligibility": 2,
     "esa.perturb": 2,
     "esa.perturb_extra": 2,
     "esa.stats": 2,

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from esa.claims.tiers import Tier
+from esa.eligibility import Eligibility
 from esa.perturb import PERTURBATIONS, resolve_prob, resolve_scale
 
 if TYPE_CHECKING:
@@ -221,12 +222,12 @@ class Workbench:
         from esa.select import select
 
         k = k or self.tier.topk
-        restrict = (perturbation, resolve_scale(perturbation, scale)) if perturbation else None
-        restrict = restrict if kind in ("random", "bottom") else None
+        control = perturbation is not None and kind in ("random", "bottom")
+        allowed = self.eligible(name, perturbation, scale, include_embeddings) if control else None
+        restrict = allowed.digest if allowed is not None else None  # the same entries, the same key
         key = ("selection", name, metric, seed, kind, mode, k, include_embeddings, restrict, draw)
 
         def run():
-            allowed = self.eligible(name, *restrict, include_embeddings) if restrict else None
             scores = self.scores(name, metric, seed, include_embeddings)
             sel_seed = draw_seed(seed, draw)
             return select(scores, k, kind, mode, seed=sel_seed, metric=metric, eligible=allowed)
@@ -236,12 +237,19 @@ class Workbench:
     def eligible(
         self, name: str, perturbation: str, scale: float | None = None, include_embeddings: bool = False
     ):
-        """Tensor name -> bool mask of the entries ``perturbation`` changes (``esa.perturb.changeable``:
-        a lazy mapping over the current weights, one tensor's mask at a time)."""
+        """Tensor name -> bool mask of the entries ``perturbation`` changes (``esa.perturb.changeable``),
+        frozen once per model, perturbation and σ (`esa.eligibility.Eligibility`: the excluded
+        positions only; the weights are restored bit-exactly after every perturbation)."""
         from esa.perturb import changeable
 
-        names = self.names(name, include_embeddings)
-        return changeable(self.model(name).model, perturbation, names=names, scale=scale)
+        def run():
+            names = self.names(name, include_embeddings)
+            lm = self.model(name)
+            return Eligibility.of(changeable(lm.model, perturbation, names=names, scale=scale))
+
+        return self._cached(
+            ("eligible", name, perturbation, resolve_scale(perturbation, scale), include_embeddings), run
+        )
 
     def _cond_selection(self, name: str, cond: Condition):
         return self.selection(

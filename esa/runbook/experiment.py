@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from esa.data import prepare_data
+from esa.eligibility import Eligibility
 from esa.errors import ConfigError
 from esa.evaluate import auto_batch_size, evaluate
 from esa.metrics import cached_scores
@@ -217,7 +218,7 @@ def _perturbation_rows(
         for control in config.controls:
             kind = CONTROLS[control]
             if kind == "random":  # no score enters the draw: the same for every metric
-                key = ("random", PERTURBATIONS[method].changes, config.scale_for(method), seed, tuple(scores))
+                key = ("random", eligible.digest if eligible else None, seed, tuple(scores))
                 if key not in memo:
                     memo[key] = select(scores, config.topk, kind, config.mode, seed, metric, eligible)
                 sets[control] = memo[key]
@@ -275,19 +276,18 @@ def _perturbation_rows(
 
 
 def _eligible(lm, method: str, names: list[str], config: ExperimentConfig, memo: dict):
-    """The entries the controls draw from: ``changeable(...)``, or None (every entry: the same
-    selections without a mask per tensor) when ``method`` changes every scored entry (bit_flip
-    always; the others where no weight is zero, checked once per run in ``memo``: the weights are
-    restored bit-exact after each perturbation). Masks cost passes over every scored weight per
-    control (random_k: on the CPU), so random_k selections are also kept in ``memo`` for the
-    metrics after the first (``_perturbation_rows``)."""
+    """The entries the controls draw from: ``changeable(...)`` frozen once per run and method
+    (`esa.eligibility.Eligibility`: the excluded positions only; the weights are restored
+    bit-exact after each perturbation), or None (every entry: the same selections without a
+    mask) when ``method`` changes every scored entry (bit_flip always; the others where no
+    weight is zero). random_k selections are kept in ``memo`` by the eligibility's digest, for
+    every metric and every method that excludes the same entries (``_perturbation_rows``)."""
     if PERTURBATIONS[method].changes is None:
         return None
-    masks = changeable(lm.model, method, names, config.scale_for(method))
-    key = ("all changeable", method, config.scale_for(method), tuple(names))
+    key = ("eligible", method, config.scale_for(method), tuple(names))
     if key not in memo:
-        memo[key] = all(bool(masks[n].all()) for n in names)
-    return None if memo[key] else masks
+        memo[key] = Eligibility.of(changeable(lm.model, method, names, config.scale_for(method)))
+    return memo[key] or None
 
 
 def _condition_key(selection, method: str, seed: int, config: ExperimentConfig) -> tuple:
