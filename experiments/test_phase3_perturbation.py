@@ -34,9 +34,10 @@ from esa.claims.workbench import Condition
 from esa.perturb import resolve_scale
 
 pytestmark = [pytest.mark.phase3, pytest.mark.smoke]
-# Under `pytest -n 2 --dist loadgroup` the gauss_noise claims and the dose claims (45 shared
-# evaluations at smoke) run on one worker, the other perturbations' claims on another.
-SHARES = {"gauss_noise": "noise"}
+# Under `pytest -n 2 --dist loadgroup` the claims of one perturbation (its dose, null and bit
+# claims included) form one worker group, so the groups run in parallel and each evaluates its
+# own conditions; claims across perturbations read those (esa.claims.shared: computed once).
+SHARES = {p: p for p in PERTURBATIONS}
 KINDS = {"super": "top", "random": "random", "bottom": "bottom"}
 DOSES = tuple(m * resolve_scale("gauss_noise") for m in DOSE_MULTIPLES)
 
@@ -166,7 +167,9 @@ def test_super_vs_random_significant(claim, workbench, model, metric, perturbati
     rules.paired_significant(claim, sup, rnd, P_VALUE)
 
 
-@pytest.mark.parametrize("perturbation", NULL_PERTURBATIONS)
+@pytest.mark.parametrize(
+    "perturbation", [pytest.param(p, marks=pytest.mark.shares(p)) for p in NULL_PERTURBATIONS]
+)
 def test_super_beyond_random_null(claim, workbench, model, metric, perturbation):
     """The super set's ΔPPL lies beyond a null of 20 random sets (empirical p < 0.05 at every seed).
 
@@ -200,6 +203,7 @@ def test_super_beyond_random_null(claim, workbench, model, metric, perturbation)
     rules.beyond_null(claim, observed, null, P_VALUE)
 
 
+@pytest.mark.shares("bit_flip")
 @pytest.mark.parametrize("bit", BIT_POSITIONS)
 def test_bit_flip_super_beats_random(claim, workbench, model, metric, bit):
     """Flipping a bit of the super set hurts ≥ 3× as much as of a random set, at each bit position.
@@ -220,6 +224,7 @@ def test_bit_flip_super_beats_random(claim, workbench, model, metric, bit):
     rules.dominates(claim, workbench.baseline_nll(model), sup, rnd, SUPER_VS_RANDOM)
 
 
+@pytest.mark.shares("sign_flip")
 def test_sign_flip_super_5x_random(claim, workbench, model, metric):
     """Flipping the sign of the super set hurts ≥ 5× as much as of a random set.
 
@@ -306,7 +311,7 @@ def dose_sets(workbench, model, metric, kinds=tuple(KINDS)) -> dict[float, dict[
     }
 
 
-@pytest.mark.shares("noise")
+@pytest.mark.shares("gauss_noise")
 def test_dose_response_monotonic(claim, workbench, model, metric):
     """ΔPPL(super) rises with the gauss_noise dose (Spearman ρ > 0, p < 0.05).
 
@@ -332,7 +337,7 @@ def test_dose_response_monotonic(claim, workbench, model, metric):
     rules.dose_monotonic(claim, DOSES, base, [series[d]["super"] for d in DOSES], P_VALUE)
 
 
-@pytest.mark.shares("noise")
+@pytest.mark.shares("gauss_noise")
 def test_dose_hierarchy_kept(claim, workbench, model, metric):
     """At every gauss_noise dose ΔPPL(super) ≥ 3× random and ΔPPL(random) ≥ 3× bottom.
 

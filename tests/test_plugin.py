@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -678,3 +679,28 @@ def test_shares_marker_splits_a_files_worker_group(pytester: pytest.Pytester) ->
         "test_param[gauss_noise-tiny-a]": f"tiny-a-{stem}-noise",
         "test_dose[tiny-a]": f"tiny-a-{stem}-noise",
     }
+
+
+SHARED_DIR = """
+import os
+
+import pytest
+
+@pytest.mark.parametrize("i", range(4))
+def test_dir(esa_workbench, i):
+    root = esa_workbench.shared.root
+    assert root is not None and root.is_dir()
+    with open("roots.txt", "a") as fh:
+        fh.write(f"{os.getpid()} {root}\\n")
+"""
+
+
+def test_xdist_workers_share_one_results_directory(pytester: pytest.Pytester) -> None:
+    """The controller hands every worker the same shared-results directory (`esa.claims.shared`)
+    and removes it at the end; without xdist there is none."""
+    pytester.makepyfile(test_dir=SHARED_DIR)
+    pytester.runpytest_subprocess("-n", "2", "-p", "xdist", "--dist", "load").assert_outcomes(passed=4)
+    rows = [line.split() for line in (pytester.path / "roots.txt").read_text().splitlines()]
+    assert len({pid for pid, _ in rows}) == 2 and len({root for _, root in rows}) == 1
+    assert not Path(rows[0][1]).exists()
+    pytester.runpytest_subprocess("-p", "no:xdist").assert_outcomes(failed=4)  # no workers: no directory

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from esa.claims.shared import SharedResults
 from esa.claims.tiers import get_tier
 from esa.claims.workbench import Condition, Workbench
 
@@ -47,3 +48,28 @@ def test_score_sets_kept_within_their_byte_budget(tmp_path, monkeypatch, sets, b
         assert next(reversed(wb._scores.values())) is got
     assert len(wb._scores) == min(kept, 3)
     assert [k[2] for k in wb._scores] == list(range(sets))[-len(wb._scores) :]
+
+
+def test_xdist_workers_share_each_measurement(tmp_path, monkeypatch):
+    """Two workbenches on one shared directory (two xdist workers): the second reads what the first
+    measured, with the same numbers, and evaluates nothing itself; the selections of perturbations
+    that change the same entries are one."""
+    import esa.evaluate
+
+    root = tmp_path / "shared"
+    root.mkdir()
+    first, second = (
+        Workbench(get_tier("smoke"), device="cpu", data="builtin", shared=SharedResults(root))
+        for _ in range(2)
+    )
+    cond = Condition("magnitude", 0, "bottom", "zero")
+    measured = first.perturbed_eval("tiny-llama", cond)
+    base = first.baseline("tiny-llama")
+    calls = []
+    monkeypatch.setattr(esa.evaluate, "evaluate", lambda *a, **k: calls.append(a) or pytest.fail("evaluated"))
+    assert second.perturbed_eval("tiny-llama", cond) == measured
+    assert second.baseline("tiny-llama") == base and not calls
+    bottoms = [
+        first.selection("tiny-llama", "magnitude", 0, "bottom", perturbation=p) for p in ("zero", "sign_flip")
+    ]
+    assert bottoms[0] is bottoms[1]

@@ -14,6 +14,7 @@ import pytest
 
 from esa.claims.claim import Claim, claim_for
 from esa.claims.options import HEADER_KEY, OPTIONS_KEY, EsaOptions
+from esa.claims.shared import WORKER_INPUT, SharedResults
 from esa.claims.tiers import TIERS
 
 if TYPE_CHECKING:
@@ -38,7 +39,8 @@ def esa_options(pytestconfig: pytest.Config) -> EsaOptions:
 @pytest.fixture(scope="session")
 def esa_workbench(pytestconfig: pytest.Config) -> Iterator[Workbench]:
     """The session's :class:`esa.claims.workbench.Workbench`: models loaded once, measurements
-    memoized (imported here, not at plugin import: it needs torch). Evaluation text ``--esa-data``,
+    memoized (imported here, not at plugin import: it needs torch), and under xdist shared with
+    the other workers (`esa.claims.shared`). Evaluation text ``--esa-data``,
     calibration text ``--esa-calib-data``; at the end the data manifest of every model whose data
     was prepared goes to the report header (``header["data"][model]``)."""
     from esa.claims.workbench import Workbench
@@ -46,7 +48,8 @@ def esa_workbench(pytestconfig: pytest.Config) -> Iterator[Workbench]:
     o = pytestconfig.stash[OPTIONS_KEY]
     device = None if o.device == "auto" else o.device
     data = str(o.data) if o.data else None
-    wb = Workbench(o.tier, device=device, data=data, calib_data=o.calib_spec, bos=o.bos)
+    shared = SharedResults(getattr(pytestconfig, "workerinput", {}).get(WORKER_INPUT))
+    wb = Workbench(o.tier, device=device, data=data, calib_data=o.calib_spec, bos=o.bos, shared=shared)
     yield wb
     prepared = [k[1] for k in getattr(wb, "_memo", {}) if k[0] == "data"]  # never loads anything
     manifests = pytestconfig.stash[HEADER_KEY].setdefault("data", {})

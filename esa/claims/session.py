@@ -29,6 +29,7 @@ from esa.claims.report import (
     fmt,
     key_measure,
 )
+from esa.claims.shared import WORKER_INPUT, make_root, remove_root
 from esa.util.serialize import decode, plain
 
 PROPERTY = "esa_claim"  # user_properties name carrying one JSON claim record
@@ -67,9 +68,20 @@ class ClaimsSession:
         self.worker_header: dict[str, Any] = {}
         self.paths: dict[str, Path] = {}
         self.error: str | None = None
+        self.shared_dir: str | None = None  # made when the first xdist worker starts
 
     def pytest_sessionstart(self) -> None:
         self.start = time.time()
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node) -> None:
+        """xdist: hand every worker the session's shared-results directory (`esa.claims.shared`)."""
+        if self.shared_dir is None:
+            self.shared_dir = make_root()
+        node.workerinput[WORKER_INPUT] = self.shared_dir
+
+    def pytest_unconfigure(self) -> None:
+        remove_root(self.shared_dir)
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from esa.claims.shared import SharedResults
 from esa.claims.tiers import Tier
 from esa.eligibility import Eligibility
 from esa.perturb import PERTURBATIONS, resolve_prob, resolve_scale
@@ -91,6 +92,7 @@ class Workbench:
         keep_scores: int = 3,
         keep_score_bytes: int = KEEP_SCORE_BYTES,
         bos: str = "auto",
+        shared: SharedResults | None = None,
     ):
         self.tier, self.device, self.data_spec, self.calib_spec = tier, device, data, calib_data
         self.bos = bos  # esa.data.bos_policy mode of every window (--esa-bos)
@@ -100,6 +102,7 @@ class Workbench:
         self._sha256: dict[str, str] = {}
         self._scores: OrderedDict[tuple, dict] = OrderedDict()
         self.keep_scores, self.keep_score_bytes = keep_scores, keep_score_bytes
+        self.shared = shared or SharedResults(None)  # results other xdist workers computed
 
     # -- models and data -------------------------------------------------------------------
     def model(self, name: str) -> LoadedModel:
@@ -149,19 +152,14 @@ class Workbench:
     # -- measurements ----------------------------------------------------------------------
     def baseline(self, name: str):
         """EvalResult on the evaluation windows."""
-        from esa.evaluate import evaluate
+        from esa.evaluate import EvalResult, evaluate
 
-        return self._cached(
-            ("baseline", name),
-            lambda: evaluate(
-                self.model(name).model,
-                self.data(name).eval_ids,
-                self.tier.batch_size,
-                self.progress,
-                check_leak=True,
-                desc=f"{name} baseline",
-            ),
-        )
+        def run():
+            model, windows = self.model(name).model, self.data(name).eval_ids
+            res = evaluate(model, windows, self.tier.batch_size, self.progress, True, f"{name} baseline")
+            return res.to_dict(with_windows=True)
+
+        return self._cached(("baseline", name), lambda: EvalResult(**self._shared(("baseline", name), run)))
 
     def scores(self, name: str, metric: str, seed: int, include_embeddings: bool = False) -> dict:
         from esa.metrics.cache import cached_scores
@@ -171,18 +169,19 @@ class Workbench:
             self._scores.move_to_end(key)
             return self._scores[key]
         self._evict_scores(room_for=_set_bytes(self.model(name), self.names(name, include_embeddings)))
-        scores = cached_scores(
-            self.model(name),
-            self.data(name),
-            metric,
-            seed,
-            calib_windows=self.tier.calib_windows,
-            batch_size=self.tier.batch_size,
-            hutchinson_samples=self.tier.hutchinson_samples,
-            names=self.names(name, include_embeddings),
-            progress=self.progress,
-            full=True,  # claims read whole distributions (ranks, masses, pruning)
-        )
+        with self.shared.lock(("scores", *key)):  # another worker's computation lands in the score cache
+            scores = cached_scores(
+                self.model(name),
+                self.data(name),
+                metric,
+                seed,
+                calib_windows=self.tier.calib_windows,
+                batch_size=self.tier.batch_size,
+                hutchinson_samples=self.tier.hutchinson_samples,
+                names=self.names(name, include_embeddings),
+                progress=self.progress,
+                full=True,  # claims read whole distributions (ranks, masses, pruning)
+            )
         self._scores[key] = scores
         self._evict_scores(room_for=0)
         return scores
@@ -313,7 +312,8 @@ class Workbench:
                 "window_nll": list(res.window_nll),
             }
 
-        return self._cached(("perturbed", name, replace(cond, bit=bit)), run)
+        key = ("perturbed", name, replace(cond, bit=bit))
+        return self._cached(key, lambda: self._shared(key, run))
 
     # -- per-window arrays for the window statistics (esa.stats) ------------------------------
     def baseline_nll(self, name: str) -> np.ndarray:
@@ -358,10 +358,16 @@ class Workbench:
             ):
                 return {t: evaluate_task(lm, ex, progress=False) for t, ex in tasks.items()}
 
-        return self._cached(("zeroshot", name, tuple(sorted(tasks)), cond), run)
+        key = ("zeroshot", name, tuple(sorted(tasks)), cond)
+        return self._cached(key, lambda: self._shared(key, run))
 
     def data_manifest(self, name: str) -> dict:
         return self.data(name).manifest()
+
+    def _shared(self, key: tuple, compute):
+        """``compute()`` once per session, whichever xdist worker asks first; keyed also by the
+        tier, so one directory never mixes tiers."""
+        return self.shared.get((self.tier.name, *key), compute)
 
     def _cached(self, key: tuple, compute):
         if key not in self._memo:
