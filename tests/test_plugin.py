@@ -704,3 +704,52 @@ def test_xdist_workers_share_one_results_directory(pytester: pytest.Pytester) ->
     assert len({pid for pid, _ in rows}) == 2 and len({root for _, root in rows}) == 1
     assert not Path(rows[0][1]).exists()
     pytester.runpytest_subprocess("-p", "no:xdist").assert_outcomes(failed=4)  # no workers: no directory
+
+
+ORDER = """
+import pytest
+
+@pytest.mark.parametrize("model", ["tiny-a"])
+@pytest.mark.parametrize("i", range(3))
+def test_many(claim, model, i):
+    claim(threshold=1)
+    open("order.txt", "a").write("many\\n")
+
+@pytest.mark.shares("slow")
+@pytest.mark.parametrize("model", ["tiny-a"])
+def test_slow(claim, model):
+    claim(threshold=1)
+    open("order.txt", "a").write("slow\\n")
+"""
+
+
+@pytest.mark.parametrize(
+    ("slow", "many", "first"), [(None, None, "many"), (100.0, 1.0, "slow"), (2.0, 1.0, "many")]
+)
+def test_loadgroup_hands_out_the_longest_group_first(pytester: pytest.Pytester, slow, many, first) -> None:
+    """Under ``--dist loadgroup`` the group the last report measured longest (summed over its
+    claims) goes out first; with no report xdist's order: the group with more tests first."""
+    from esa.claims.schedule import last_durations
+
+    pytester.makepyfile(test_order=ORDER)
+    rep = pytester.path / "rep"
+    if slow is not None:
+        rep.mkdir()
+        durations = {"test_order.py::test_slow[tiny-a]": slow}
+        durations.update({f"test_order.py::test_many[{i}-tiny-a]": many for i in range(3)})
+        claims = [{"id": k, "duration": v} for k, v in durations.items()]
+        (rep / "claims.json").write_text(json.dumps({"claims": claims}))
+        assert last_durations(rep) == durations
+    out = pytester.runpytest_subprocess(
+        "-n", "1", "-p", "xdist", "--dist", "loadgroup", "--esa-report", "rep"
+    )
+    out.assert_outcomes(passed=4)
+    assert (pytester.path / "order.txt").read_text().split()[0] == first
+
+
+def test_last_durations_without_a_readable_report(tmp_path) -> None:
+    from esa.claims.schedule import last_durations
+
+    assert last_durations(None) == {} and last_durations(tmp_path) == {}
+    (tmp_path / "claims.json").write_text("{not json")
+    assert last_durations(tmp_path) == {}

@@ -139,6 +139,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(pytest.mark.xfail(strict=True, raises=ClaimFalsified, reason=reason))
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """``--dist loadgroup``: the groups go out longest first, by the last report's durations
+    (`esa.claims.schedule.LongestFirst`); other modes keep xdist's scheduler."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from esa.claims.schedule import LongestFirst, last_durations
+
+    return LongestFirst(config, log, last_durations(config.stash[OPTIONS_KEY].report_dir))
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item):
     """A claim's peak memory over its call phase (resident set, and GPU where CUDA is in use;
