@@ -360,7 +360,8 @@ def test_perturbations_restored_bit_exactly(claim, workbench, model, metric):
     """After every phase-3 condition the weights are bit-identical to the loaded ones (sha256).
 
     Hypothesis: perturbations are undone exactly, so no claim sees another's damage.
-    Measurement: each perturbation's own restore verification, then the sha256 of all weights.
+    Measurement: each perturbation's own restore verification (bit-exact, by the worker that ran
+    it: under xdist the conditions are shared), then the sha256 of this process's weights.
     Decision: every restore verified and the sha256 equal to the one taken at load.
     Minimum tier: smoke.
     Falsified if: any restore failed or the weights' sha256 changed.

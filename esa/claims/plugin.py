@@ -153,7 +153,8 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item):
     """A claim's peak memory over its call phase (resident set, and GPU where CUDA is in use;
-    lazily loaded models and scores count where they are first used)."""
+    lazily loaded models and scores count where they are first used); then the heap it freed
+    goes back to the OS."""
     if not _is_claim(item):
         return (yield)
     scope = memory.reset_peak()
@@ -161,6 +162,7 @@ def pytest_runtest_call(item: pytest.Item):
         return (yield)
     finally:
         claim_for(item).peak_memory = memory.peak(scope)
+        memory.trim_heap()  # what the claim freed leaves the resident set before the next one
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -13,7 +13,6 @@ once.
 
 from __future__ import annotations
 
-import gc
 import logging
 import math
 from collections import OrderedDict
@@ -26,6 +25,7 @@ from esa.claims.shared import SharedResults
 from esa.claims.tiers import Tier
 from esa.eligibility import Eligibility
 from esa.perturb import PERTURBATIONS, resolve_prob, resolve_scale
+from esa.util.runtime import free_memory
 
 if TYPE_CHECKING:
     from esa.models import LoadedModel
@@ -115,7 +115,7 @@ class Workbench:
                 del self._models[dropped]
                 for key in [k for k in self._scores if k[0] == dropped]:
                     del self._scores[key]
-                gc.collect()
+                free_memory()
             self._models[name] = load_model(name, device=self.device)
             if name not in self._sha256:
                 self._sha256[name] = weights_sha256(self._models[name].model)
@@ -200,7 +200,7 @@ class Workbench:
             if room_for == 0 and len(self._scores) == 1:
                 break
             sizes.pop(self._scores.popitem(last=False)[0])
-        gc.collect()
+        free_memory()  # and the freed sets' heap back to the OS (their RSS stays otherwise)
 
     def selection(
         self,

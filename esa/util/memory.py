@@ -1,6 +1,6 @@
 """Peak memory of a stretch of code in this process, without importing torch: the resident set's
 high-water mark (Linux VmHWM, reset through ``/proc/self/clear_refs``) and, when torch has already
-initialised CUDA, the peak allocated GPU memory.
+initialised CUDA, the peak allocated GPU memory; `trim_heap` gives freed heap memory back.
 
 >>> scope = reset_peak()
 >>> sorted(peak(scope))
@@ -9,6 +9,9 @@ initialised CUDA, the peak allocated GPU memory.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import resource
 import sys
 from pathlib import Path
@@ -60,3 +63,20 @@ def peak(scope: str) -> dict:
         "rss_scope": scope if hwm is not None else "process",
         "gpu_gib": None if gpu is None else round(gpu / GIB, 3),
     }
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), "malloc_trim", None)
+    except OSError:
+        return None
+
+
+def trim_heap() -> bool:
+    """Give the heap's free memory back to the OS (glibc ``malloc_trim(0)``; False elsewhere or
+    when nothing was released). Freed CPU tensors below glibc's mmap threshold (~32 MB: a score
+    tensor of one weight matrix) stay in the resident set otherwise: a claims session on a 135M
+    model kept ~1 GiB of freed score sets resident."""
+    trim = _malloc_trim()
+    return bool(trim is not None and trim(0))

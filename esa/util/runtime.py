@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from esa.util.memory import trim_heap
+
 GIB = 1024**3
 
 
@@ -90,10 +92,11 @@ def sync() -> None:
 
 
 def free_memory() -> None:
-    """Collect garbage and return cached GPU blocks to the driver."""
+    """Collect garbage, return cached GPU blocks to the driver and free heap memory to the OS."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    trim_heap()
 
 
 def reset_peak() -> int:
