@@ -19,6 +19,7 @@ True
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterator, Mapping
 
@@ -69,7 +70,7 @@ class Eligibility(Mapping[str, torch.Tensor]):
             return torch.empty(0, dtype=torch.long)
         return (~stored).nonzero().flatten() if stored.dtype == torch.bool else stored
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
         """sha256 of the names and excluded positions: equal digests, equal eligibility."""
         h = hashlib.sha256()
