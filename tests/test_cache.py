@@ -329,6 +329,31 @@ def test_lru_eviction_under_the_cap(tmp_path, monkeypatch):
     assert not (folder / "e.safetensors").exists()
 
 
+def test_whole_scores_are_streamed_within_their_stated_size(tmp_path, caplog):
+    """A whole-score entry is written from the tensors (no bytes copy): the file is a loadable
+    entry no larger than the size the cap and free-space checks used; a writer that fails leaves
+    no file, warns one line and never raises."""
+    from esa.metrics.cache import full_writer
+
+    scores = {"layers.0.w": torch.randn(64, 32), "layers.1.w": torch.randn(7)}
+    writer, size = full_writer({"k": 1}, scores)
+    path = tmp_path / "scores" / "a.safetensors"
+    assert cache_store.write(path, writer, size)
+    data = sum(s.numel() * 4 for s in scores.values())
+    assert data < path.stat().st_size <= size
+    got = load_entry(path, {"k": 1}, {n: tuple(s.shape) for n, s in scores.items()}, full=True, cap=4, seed=0)
+    assert all(torch.equal(got[n], scores[n]) for n in scores)
+
+    def broken(tmp):
+        tmp.write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    assert not cache_store.write(tmp_path / "scores" / "b.safetensors", broken, 10)
+    assert sorted(p.name for p in (tmp_path / "scores").iterdir()) == ["a.safetensors"]
+    (line,) = _warnings(caplog)
+    assert "No space left on device" in line
+
+
 def test_bad_cap_warns_and_never_raises(tmp_path, caplog, monkeypatch):
     monkeypatch.setenv("ESA_CACHE_MAX_BYTES", "lots")
     assert not cache_store.write(tmp_path / "scores" / "a.safetensors", b"x")

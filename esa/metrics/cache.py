@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -41,11 +42,18 @@ def entry_path(folder: Path, key: dict) -> Path:
     return folder / f"{key.get('metric', 'scores')}-{digest}{cache_store.SUFFIX}"
 
 
-def encode_full(key: dict, scores: dict[str, torch.Tensor]) -> bytes:
-    """The safetensors bytes of an entry with the whole score tensors."""
+def full_writer(key: dict, scores: dict[str, torch.Tensor]) -> tuple[Callable[[Path], None], int]:
+    """(a function writing the safetensors entry with the whole score tensors to a path, the
+    entry's size in bytes at most). The file is written from the tensors themselves
+    (``safetensors.torch.save_file``): no bytes copy of a model-sized set in memory."""
+    from safetensors.torch import save_file
+
     shapes = {n: list(s.shape) for n, s in scores.items()}
     tensors = {f"full/{n}": s.detach().to("cpu").contiguous() for n, s in scores.items()}
-    return _pack(key, {"kind": "full", "names": list(scores), "shapes": shapes}, tensors)
+    meta = _metadata(key, {"kind": "full", "names": list(scores), "shapes": shapes})
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    header = 8 + len(json.dumps(meta)) + sum(len(n) + 96 for n in tensors)  # JSON header, bound
+    return (lambda path: save_file(tensors, str(path), metadata=meta)), size + header
 
 
 def encode_candidates(key: dict, cands: CandidateScores) -> bytes:
@@ -75,10 +83,12 @@ def encode_candidates(key: dict, cands: CandidateScores) -> bytes:
 def _pack(key: dict, entry: dict, tensors: dict[str, torch.Tensor]) -> bytes:
     from safetensors.torch import save
 
+    return save(tensors, metadata=_metadata(key, entry))
+
+
+def _metadata(key: dict, entry: dict) -> dict[str, str]:
     entry = {"format": FORMAT, "created": time.time(), **entry}
-    return save(
-        tensors, metadata={"esa_key": json.dumps(key, sort_keys=True), "esa_entry": json.dumps(entry)}
-    )
+    return {"esa_key": json.dumps(key, sort_keys=True), "esa_entry": json.dumps(entry)}
 
 
 def load_entry(
@@ -236,7 +246,7 @@ def _save(
             log.debug("esa: %s", exc)
             fits = True
         if fits:
-            cache_store.write(path, encode_full(key, scores))
+            cache_store.write(path, *full_writer(key, scores))
             return
         log.info("esa: whole scores (%s) exceed the cache cap; caching candidates", cache_store.human(whole))
         cands = build_candidates(scores, cap, seed, params)

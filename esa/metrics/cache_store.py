@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,23 +163,24 @@ def clear(folder: Path, older_than_s: float | None = None) -> tuple[int, int]:
     return removed, freed
 
 
-def write(path: Path, blob: bytes) -> bool:
-    """Store ``blob`` at ``path`` within the cap and the free space; True when written. Every
+def write(path: Path, blob: bytes | Callable[[Path], None], size: int | None = None) -> bool:
+    """Store ``blob`` at ``path`` within the cap and the free space; True when written. ``blob``
+    may be a function that writes the file at the path it is given (a streaming serializer: no
+    second copy of the entry in memory), with its ``size`` in bytes (an upper bound). Every
     failure is one warning line (or an info line when the cap alone rules it out), never raised."""
     try:
+        size = len(blob) if size is None else int(size)  # type: ignore[arg-type]
         cap = max_bytes()
-        if len(blob) > cap:
-            log.info(
-                "esa: score cache entry of %s exceeds the %s cap; not cached", human(len(blob)), human(cap)
-            )
+        if size > cap:
+            log.info("esa: score cache entry of %s exceeds the %s cap; not cached", human(size), human(cap))
             return False
         path.parent.mkdir(parents=True, exist_ok=True)
-        evict(path.parent, len(blob), cap, keep=path)
+        evict(path.parent, size, cap, keep=path)
         free = shutil.disk_usage(path.parent).free
-        if free < len(blob) + RESERVE_BYTES:
+        if free < size + RESERVE_BYTES:
             log.warning(
                 "esa: score cache not written: %s needed, %s free on %s; free space or set ESA_CACHE_DIR",
-                human(len(blob) + RESERVE_BYTES),
+                human(size + RESERVE_BYTES),
                 human(free),
                 path.parent,
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -26,13 +27,17 @@ def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def atomic_write(path: Path, text: str | bytes) -> None:
-    """Write `text` (str as UTF-8, or bytes) to `path` through a temp file in the same directory +
+def atomic_write(path: Path, text: str | bytes | Callable[[Path], None]) -> None:
+    """Write `text` (str as UTF-8, or bytes; or a function that writes the file at the path it is
+    given, e.g. a streaming serializer) to `path` through a temp file in the same directory +
     os.replace; the file gets the permissions a plain ``open(path, "w")`` would (0666 & ~umask,
     e.g. 0644), not mkstemp's 0600."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        if isinstance(text, bytes):
+        if callable(text):
+            os.close(fd)
+            text(Path(tmp))
+        elif isinstance(text, bytes):
             with os.fdopen(fd, "wb") as fb:
                 fb.write(text)
         else:
