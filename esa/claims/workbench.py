@@ -221,8 +221,9 @@ class Workbench:
         from esa.select import select
 
         k = k or self.tier.topk
-        control = perturbation is not None and kind in ("random", "bottom")
-        allowed = self.eligible(name, perturbation, scale, include_embeddings) if control else None
+        allowed = None  # controls draw among the entries the perturbation changes
+        if perturbation is not None and kind in ("random", "bottom"):
+            allowed = self.eligible(name, perturbation, scale, include_embeddings)
         restrict = allowed.digest if allowed is not None else None  # the same entries, the same key
         key = ("selection", name, metric, seed, kind, mode, k, include_embeddings, restrict, draw)
 
