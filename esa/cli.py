@@ -64,6 +64,7 @@ _CURVATURE: list[tuple[tuple[str, ...], dict]] = [  # hutchinson_diag / hessian_
     (("--hutchinson-samples",), {"type": int, "default": 8, "help": "probes of hutchinson_diag (default 8)"}),
     (("--curvature-calib-samples",), {"type": int, "help": "windows per seed of the curvature metrics"}),
     (("--hessian-tensors",), {"metavar": "REGEX", "help": "tensors hessian_diag scores (re.search)"}),
+    (("--memory-limit",), {"type": float, "metavar": "GIB", "help": "peak GiB the scoring passes plan for"}),
 ]
 _OLD_RUNNER: list[tuple[tuple[str, ...], dict]] = [  # the old esa_runner.py's options (docs/CLI.md)
     (("--weight-analysis",), {**_FLAG, "help": "cluster the top-k weights; correlate the metrics' scores"}),

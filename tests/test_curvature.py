@@ -17,7 +17,7 @@ from esa.data import prepare_data, random_windows
 from esa.evaluate import lm_loss
 from esa.metrics import curvature
 from esa.metrics.curvature import _signed_diag
-from esa.metrics.probes import ProbeDot, probe
+from esa.metrics.probes import ProbeDot, probe, saved_bytes
 from esa.metrics.registry import compute_scores, grad_scope
 from esa.models import from_module, load_model
 from esa.util.runtime import seeded
@@ -71,7 +71,7 @@ def test_lean_hutchinson_unbiased_on_quadratic(seed, n2, probe_seed):
     """Mean of z⊙Az over S probes: |err_i| <= r_i·sqrt(2 ln(2/δ)/S), r_i = Σ_{j≠i}|A_ij| (Hoeffding)."""
     params, a, terms = _quadratic(seed, [(2, 2), (n2,)])
     samples = 300
-    est = curvature.hutchinson_diag(terms, params, samples, probe_seed, lean=True)
+    est = curvature.hutchinson_diag(terms, params, samples, probe_seed, method="lean")
     est = torch.cat([d.reshape(-1) for d in est])
     off = a.abs().sum(1) - a.diagonal().abs()
     bound = off * math.sqrt(2 * math.log(2 / 1e-9) / samples) + 1e-9
@@ -82,8 +82,8 @@ def test_lean_hutchinson_unbiased_on_quadratic(seed, n2, probe_seed):
 @given(seed=st.integers(0, 2**31 - 1), samples=st.integers(1, 6), probe_seed=st.integers(0, 100))
 def test_lean_equals_retained_estimate_on_quadratic(seed, samples, probe_seed):
     params, _a, terms = _quadratic(seed, [(3, 2), (4,)])
-    lean = curvature.hutchinson_diag(terms, params, samples, probe_seed, lean=True)
-    kept = curvature.hutchinson_diag(terms, params, samples, probe_seed, lean=False)
+    lean = curvature.hutchinson_diag(terms, params, samples, probe_seed, method="lean")
+    kept = curvature.hutchinson_diag(terms, params, samples, probe_seed, method="retained")
     scale = max(float(y.abs().max()) for y in kept)
     for x, y in zip(lean, kept):  # both accumulate in fp32, in different orders
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6 * scale)
@@ -115,24 +115,33 @@ def test_lean_equals_retained_and_offloaded_on_a_model(name):
     terms = _model_terms(lm, calib)
     every = range(len(params))
     with grad_scope(lm.model, params), curvature.eager_kernels(lm.model):
-        lean = curvature.hutchinson_diag(terms(), params, 2, seed=5, lean=True)
-        moved = curvature.hutchinson_diag(terms(), params, 2, seed=5, lean=True, offload=every)
-        kept = curvature.hutchinson_diag(terms(), params, 2, seed=5, lean=False)
+        lean = curvature.hutchinson_diag(terms(), params, 2, seed=5, method="lean")
+        moved = curvature.hutchinson_diag(terms(), params, 2, seed=5, method="lean", offload=every)
+        kept = curvature.hutchinson_diag(terms(), params, 2, seed=5, method="retained")
     for x, y, z in zip(lean, moved, kept):
         assert torch.equal(x, y)
         torch.testing.assert_close(x, z, rtol=1e-5, atol=1e-6 * float(z.abs().max()))
     assert all(p.grad is None for p in lm.model.parameters())
 
 
-def test_lean_hutchinson_converges_to_the_exact_diagonal(micro):
-    """Relative error of the lean estimate (accumulators offloaded) against hessian_diag shrinks
-    like 1/sqrt(samples) on a micro Llama."""
+@pytest.mark.parametrize("method", ["lean", "tangent"])
+def test_hutchinson_converges_to_the_exact_diagonal(micro, method):
+    """Relative error of the estimate (lean: accumulators offloaded; tangent: forward-over-reverse)
+    against hessian_diag shrinks like 1/sqrt(samples) on a micro Llama."""
     lm, calib = micro
     name = "model.layers.0.self_attn.v_proj.weight"
     exact = _signed_diag(lm, calib, "exact", names=[name])[name]
     errors = {}
     for samples in (4, 64, 512):
-        est = _signed_diag(lm, calib, "hutchinson", names=[name], hutchinson_samples=samples, offload=True)
+        est = _signed_diag(
+            lm,
+            calib,
+            "hutchinson",
+            names=[name],
+            hutchinson_samples=samples,
+            offload=True,
+            hutchinson_method=method,
+        )
         errors[samples] = float((est[name] - exact).norm() / exact.norm())
     assert errors[512] < errors[64] < errors[4], errors
     assert errors[512] < 0.3, errors
@@ -169,7 +178,41 @@ def test_curvature_plan_and_report_on_cpu(micro):
     report: dict = {}
     args = dict(names=[name], batch_size=3, progress=False, hutchinson_samples=1, report=report)
     compute_scores(lm, "hutchinson_diag", calib, **args)
-    # one window per double-backward term on the CPU, whatever batch_size (the same estimate)
-    assert report["memory_plan"] == {"checkpoint": False, "offloaded": 0, "batch_size": 1}
+    # one window per term on the CPU, whatever batch_size (the same estimate); the whole probe
+    # in one forward-over-reverse pass when it fits
+    assert report["memory_plan"] == {
+        "checkpoint": False,
+        "offloaded": 0,
+        "batch_size": 1,
+        "method": "tangent",
+        "probe_numel": None,
+    }
     compute_scores(lm, "hutchinson_diag", calib, offload=True, **args)
     assert report["memory_plan"]["offloaded"] == 1
+
+
+def test_memory_limit_splits_the_probe_on_cpu(micro, caplog):
+    """Under a limit with no room for the probe, each pass carries one tensor's probe (with a
+    warning); the scores are the ones of the unlimited plan (up to float rounding)."""
+    lm, calib = micro
+    names = ["model.layers.0.mlp.down_proj.weight", "model.layers.0.mlp.up_proj.weight"]
+    args = dict(names=names, progress=False, hutchinson_samples=2)
+    free = compute_scores(lm, "hutchinson_diag", calib, **args)
+    report: dict = {}
+    with caplog.at_level("WARNING", logger="esa"):
+        tight = compute_scores(lm, "hutchinson_diag", calib, memory_limit=1, report=report, **args)
+    assert report["memory_plan"]["probe_numel"] == 16 * 32
+    assert "carrying one tensor's probe per pass" in caplog.text
+    for n in names:
+        torch.testing.assert_close(tight[n], free[n], rtol=1e-5, atol=1e-7 * float(free[n].max()))
+
+
+def test_saved_bytes_counts_activations_not_weights(micro):
+    """What a forward keeps for its backward grows with the tokens and excludes the weights."""
+    lm, calib = micro
+    params = list(lm.model.parameters())
+    with grad_scope(lm.model, params):
+        one, two = (saved_bytes(lm.model, calib[:n]) for n in (1, 2))
+    weights = sum(p.numel() * p.element_size() for p in params)
+    assert 0 < one < two <= 2.2 * one
+    assert one < weights  # 16 tokens of width 16: far less than the 1024 x 16 embedding alone

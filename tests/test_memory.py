@@ -41,3 +41,13 @@ def test_trim_heap_returns_freed_tensors_to_the_os():
     out = subprocess.run([sys.executable, "-c", FRAGMENTED], capture_output=True, text=True, check=True)
     released, dropped_mib = out.stdout.split()
     assert released == "True" and int(dropped_mib) > 200
+
+
+@pytest.mark.skipif(memory._vm_hwm() is None, reason="needs /proc (Linux)")
+def test_ram_room_is_the_limit_minus_the_resident_set():
+    rss = memory._field(memory._STATUS, "VmRSS")
+    room = memory.ram_room(rss + (1 << 30))
+    assert room is not None and abs(room - (1 << 30)) < (64 << 20)  # the resident set moved a little
+    assert memory.ram_room(1) < 0  # a limit below what the process holds leaves no room
+    available = memory.ram_room()
+    assert available is not None and available > 0

@@ -61,10 +61,13 @@ def test_six_metrics_per_layer_then_global_from_the_cache(lm, data, tmp_path, mo
 
     def spy(lm_, metric, calib, **kw):
         calls.append((metric, int(calib.shape[0]), tuple(kw["names"])))
+        limits.add(kw["memory_limit"])
         return compute(lm_, metric, calib, **kw)
 
+    limits: set = set()
     monkeypatch.setattr(esa.metrics.registry, "compute_scores", spy)
-    res = run_experiment(_config(tmp_path), lm=lm, data=data)
+    res = run_experiment(_config(tmp_path, memory_limit=64.0), lm=lm, data=data)
+    assert limits == {64 * 2**30}  # --memory-limit reaches every scoring pass, in bytes
     windows = {m: n for m, n, _ in calls}
     assert windows == {m: 1 if m in ("hutchinson_diag", "hessian_diag") else 4 for m in SIX}
     assert {names for m, _, names in calls if m == "hessian_diag"} == {("model.norm.weight",)}
@@ -122,6 +125,7 @@ def test_hessian_diag_on_every_tensor_is_refused_before_the_baseline(lm, data, t
         ({"curvature_calib_samples": 0}, "positive integer"),
         ({"metrics": ["hutchinson_diag"]}, "add it to --metric"),
         ({"hessian_tensors": "(unclosed"}, "no regex"),
+        ({"memory_limit": 0.0}, "--memory-limit must be a positive number of GiB"),
     ],
 )
 def test_bad_curvature_settings(tmp_path, options, match):
@@ -138,6 +142,11 @@ def test_windows_per_metric_and_cli_flags(tmp_path):
         ["run", "--model", "tiny-llama", "--curvature-calib-samples", "2", "--hessian-tensors", FINAL_NORM]
     )
     assert (args.curvature_calib_samples, args.hessian_tensors, args.hutchinson_samples) == (2, FINAL_NORM, 8)
+    assert args.memory_limit is None
+    assert (
+        build_parser().parse_args(["run", "--model", "tiny-llama", "--memory-limit", "5.5"]).memory_limit
+        == 5.5
+    )
 
 
 def test_controls_skip_masks_only_when_every_entry_changes(lm, tmp_path):

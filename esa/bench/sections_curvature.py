@@ -104,7 +104,7 @@ def _hutchinson_run(
 
 def _plain_hutchinson(bench: Bench, sec: Section, lm: LoadedModel, arch: str, calib: torch.Tensor) -> None:
     """The textbook way, for comparison: ``autograd.grad(create_graph=True)`` over every scored
-    weight, the whole gradient, probe and Hz kept (``hutchinson_diag(lean=False)``), 1 probe, under
+    weight, the whole gradient, probe and Hz kept (``hutchinson_diag(method="retained")``), 1 probe, under
     the same cap."""
     model: Any = lm.model
     named = dict(model.named_parameters())
@@ -119,7 +119,7 @@ def _plain_hutchinson(bench: Bench, sec: Section, lm: LoadedModel, arch: str, ca
         reset_peak()
         t = time.perf_counter()
         try:
-            est = curvature.hutchinson_diag([lambda: lm_loss(model, batch)], params, 1, 0, lean=False)
+            est = curvature.hutchinson_diag([lambda: lm_loss(model, batch)], params, 1, 0, method="retained")
             del est
             error = None
         except torch.OutOfMemoryError as exc:

@@ -181,6 +181,7 @@ def cached_scores(
     score_dtype: torch.dtype = torch.float32,
     full: bool = False,
     max_k: int = 100,
+    memory_limit: int | None = None,
 ):
     """``metric`` scores on ``seed``'s calibration windows, from the cache when it holds them.
 
@@ -213,7 +214,17 @@ def cached_scores(
     params = {n: p for n, p in lm.model.named_parameters() if n in wanted}
     cap = candidate_cap(max_k)
     recompute = functools.partial(
-        _compute, lm, metric, calib, seed, batch_size, hutchinson_samples, list(names), progress, score_dtype
+        registry.compute_scores,
+        lm,
+        metric,
+        calib,
+        seed=seed,
+        batch_size=batch_size,
+        hutchinson_samples=hutchinson_samples,
+        names=list(names),
+        progress=progress,
+        score_dtype=score_dtype,
+        memory_limit=memory_limit,  # not in the key: it changes how the scores are computed, not them
     )
     got = None
     if use_cache:
@@ -251,17 +262,3 @@ def _save(
         log.info("esa: whole scores (%s) exceed the cache cap; caching candidates", cache_store.human(whole))
         cands = build_candidates(scores, cap, seed, params)
     cache_store.write(path, encode_candidates(key, cands))
-
-
-def _compute(lm, metric, calib, seed, batch_size, hutchinson_samples, names, progress, score_dtype) -> dict:
-    return registry.compute_scores(
-        lm,
-        metric,
-        calib,
-        seed=seed,
-        batch_size=batch_size,
-        hutchinson_samples=hutchinson_samples,
-        names=names,
-        progress=progress,
-        score_dtype=score_dtype,
-    )

@@ -12,14 +12,17 @@ differentiable (already weighted) term of the total loss, so they work on any sc
 calibration loss, one term per batch, or a quadratic in tests). The Hessian of the total is the sum
 of the terms' Hessians, so every term is differentiated with the same probe vectors.
 
-Lean Hutchinson (on CUDA, or ``lean=True``): ``esa.metrics.probes``; the same probes give the same
-estimate as the retained-gradient path here (which batches probes through vmap for small models).
+Hutchinson computes H z three ways, with the same probes and the same estimate: forward-over-reverse
+(``esa.metrics.tangent``, the default on the CPU: no double-backward graph), lean double backward
+(``esa.metrics.probes``, the default on CUDA) and the retained-gradient path here (which batches
+probes through vmap for small models).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 
 import torch
@@ -35,6 +38,7 @@ from esa.metrics.registry import (
     run_metric,
     score_context,
 )
+from esa.metrics.tangent import TangentUnsupported, hutchinson_tangent
 
 log = logging.getLogger("esa")
 
@@ -106,28 +110,47 @@ def hutchinson_diag(
     samples: int,
     seed: int,
     budget: int = _PROBE_BUDGET,
-    lean: bool | None = None,
+    method: str | None = None,
     offload=(),
+    model: torch.nn.Module | None = None,
+    max_probe_numel: int | None = None,
 ) -> list[torch.Tensor]:
     """Signed Hutchinson estimate of diag(H): mean over ``samples`` Rademacher z of z ⊙ Hz.
 
     The same z (regenerated from ``(seed, sample)``) is used for every loss term, so the result is
-    exactly the estimate for the Hessian of the summed loss. ``lean`` (default: parameters on
-    CUDA, any ``offload``, or fewer than 2 probes fitting one batched product) takes the hook
-    path of the module docstring, with the accumulators of the parameter positions in
-    ``offload`` in host memory: memory is the weights, the accumulators and one term's
-    double-backward graph. Otherwise the gradient of each term is kept (a second model-sized
-    copy with its graph) and probes go through one batched Hessian-vector product,
-    ``probes × entries <= budget`` at a time.
+    exactly the estimate for the Hessian of the summed loss, whichever ``method`` computes H z:
+
+    - ``"tangent"`` (needs ``model``, whose parameters ``params`` are): forward-over-reverse,
+      ``esa.metrics.tangent``; no double-backward graph; ``max_probe_numel`` bounds the probe
+      entries carried per pass (``None``: all, one pass per probe and term);
+    - ``"lean"``: double backward through hooks, ``esa.metrics.probes``: the weights, the
+      accumulators (those at positions in ``offload`` in host memory) and one term's
+      double-backward graph;
+    - ``"retained"``: the gradient of each term is kept (a second model-sized copy with its
+      graph) and probes go through one batched Hessian-vector product, ``probes × entries <=
+      budget`` at a time.
+
+    Default: tangent when a model is given; else lean on CUDA, with ``offload`` or when fewer
+    than 2 probes fit one batched product; else retained.
     """
     if samples < 1:
         raise ConfigError(f"hutchinson_samples={samples} must be >= 1")
     params = list(params)
     chunk = max(1, min(samples, budget // max(1, sum(p.numel() for p in params))))
-    if lean is None:  # batching probes is the retained path's only gain: without it, lean
-        lean = bool(offload) or chunk == 1 or any(p.is_cuda for p in params)
-    if lean:
+    if method is None:
+        if model is not None:
+            method = "tangent"
+        else:  # batching probes is the retained path's only gain: without it, lean
+            lean = bool(offload) or chunk == 1 or any(p.is_cuda for p in params)
+            method = "lean" if lean else "retained"
+    if method == "tangent":
+        if model is None:
+            raise ConfigError("hutchinson_diag(method='tangent') needs the model")
+        return hutchinson_tangent(loss_terms, model, params, samples, seed, max_probe_numel, offload)
+    if method == "lean":
         return hutchinson_lean(loss_terms, params, samples, seed, offload)
+    if method != "retained":
+        raise ConfigError(f"hutchinson method {method!r}: use 'tangent', 'lean' or 'retained'")
     acc = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
     batched = True
     for term in loss_terms:
@@ -240,8 +263,22 @@ def _take_diagonal(diag, hv, offsets, start: int, stop: int) -> None:
 def _hutchinson_signed(ctx: ScoreContext) -> dict:
     with eager_kernels(ctx.model):
         plan = curvature_plan(ctx)
-        terms = dataclasses.replace(ctx, batch_size=plan.batch_size).loss_terms()
-        est = hutchinson_diag(terms, ctx.params, ctx.hutchinson_samples, ctx.seed, offload=plan.offload)
+        terms = dataclasses.replace(ctx, batch_size=plan.batch_size)
+        run = functools.partial(
+            hutchinson_diag,
+            params=ctx.params,
+            samples=ctx.hutchinson_samples,
+            seed=ctx.seed,
+            offload=plan.offload,
+            model=ctx.model,
+            max_probe_numel=plan.probe_numel,
+        )
+        try:
+            est = run(terms.loss_terms(), method=plan.method)
+        except TangentUnsupported as exc:
+            log.warning("esa: hutchinson_diag by double backward instead (%s)", exc)
+            ctx.options["plan"] = plan = dataclasses.replace(plan, method="lean", probe_numel=None)
+            est = run(terms.loss_terms(), method="lean")
     return dict(zip(ctx.names, est))
 
 

@@ -14,15 +14,24 @@ retained-gradient path (which batches probes through vmap for small models).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import warnings
 
 import torch
 
+from esa.evaluate import lm_loss
 from esa.metrics.accumulate import SLACK_BYTES, Accumulators, available_bytes, offload_until
 from esa.metrics.gradient import param_hooks
 from esa.metrics.registry import LossTerms, ScoreContext, activation_bytes
+from esa.util.memory import ram_room, trim_heap
+
+log = logging.getLogger("esa")
 
 _DOUBLE_BACKWARD = 7  # a batch's double-backward peak / its first-order activations (6.5 measured at 8B)
+_TANGENT = (
+    6  # a window's forward-over-reverse pass beyond its probe / its first-order activations (5.8 at 0.5B)
+)
+_RAM_SLACK = 256 << 20  # kept free under a CPU limit (allocator fragmentation)
 
 
 def probe(shape, dtype, device, seed: int, sample: int, index: int) -> torch.Tensor:
@@ -106,9 +115,17 @@ class CurvaturePlan:
 
     batch_size: int
     offload: frozenset[int] = frozenset()
+    method: str = "lean"  # how Hutchinson computes H z (``esa.metrics.curvature.hutchinson_diag``)
+    probe_numel: int | None = None  # probe entries carried per tangent pass (None: all)
 
     def to_dict(self) -> dict:
-        return {"checkpoint": False, "offloaded": len(self.offload), "batch_size": self.batch_size}
+        return {
+            "checkpoint": False,
+            "offloaded": len(self.offload),
+            "batch_size": self.batch_size,
+            "method": self.method,
+            "probe_numel": self.probe_numel,
+        }
 
 
 def curvature_plan(ctx: ScoreContext, accumulators: bool = True) -> CurvaturePlan:
@@ -118,16 +135,21 @@ def curvature_plan(ctx: ScoreContext, accumulators: bool = True) -> CurvaturePla
     as long as they and one window's double-backward peak (``_DOUBLE_BACKWARD`` x its measured
     first-order activations) fit in the memory available (``ScoreContext.memory_limit``); else
     some, spread over the model, go to host memory until the rest fit (``offload`` True / False:
-    all / none); then as many windows per term as fit, at most ``batch_size``. On the CPU: one
-    window per term (the same compute; a 512-token term of a 135M model keeps ~2.5 GB of graph),
-    offload only when forced; on several devices: ``batch_size``. The estimate does not depend
-    on the batching (the terms sum to the same loss)."""
+    all / none); then as many windows per term as fit, at most ``batch_size``; Hutchinson by
+    double backward. On the CPU: one window per term (the same compute; a 512-token
+    double-backward term of a 135M model keeps ~2.5 GB of graph), offload only when forced,
+    Hutchinson by forward-over-reverse with the probe blocks of ``_probe_numel``; on several
+    devices: ``batch_size``, double backward. ``ScoreContext.hutchinson_method`` overrides the
+    method. The estimate depends on none of these choices (the terms sum to the same loss, the
+    probe blocks to the same product)."""
     every = frozenset(range(len(ctx.params))) if accumulators else frozenset()
     devices = {p.device for p in ctx.params}
     device = next(iter(devices))
     if len(devices) > 1 or device.type != "cuda":  # on the CPU one window per term: its graph
         batch = 1 if device.type == "cpu" else ctx.batch_size  # is several times its activations
-        plan = CurvaturePlan(batch, every if ctx.offload else frozenset())
+        method = ctx.hutchinson_method or ("tangent" if device.type == "cpu" else "lean")
+        numel = _probe_numel(ctx, batch) if method == "tangent" and accumulators else None
+        plan = CurvaturePlan(batch, every if ctx.offload else frozenset(), method, numel)
     else:
         room = available_bytes(device, ctx.memory_limit) - SLACK_BYTES
         per_window = _DOUBLE_BACKWARD * activation_bytes(dataclasses.replace(ctx, batch_size=1), False)
@@ -137,6 +159,52 @@ def curvature_plan(ctx: ScoreContext, accumulators: bool = True) -> CurvaturePla
             moved = every if ctx.offload else offload_until(acc, room - per_window)
         kept = sum(acc) - sum(acc[i] for i in moved)
         batch = max(1, min(ctx.batch_size, (room - kept) // max(1, per_window)))
-        plan = CurvaturePlan(int(batch), moved)
+        plan = CurvaturePlan(int(batch), moved, ctx.hutchinson_method or "lean")
     ctx.options["plan"] = plan
     return plan
+
+
+def _probe_numel(ctx: ScoreContext, batch: int) -> int | None:
+    """Probe entries a CPU tangent pass may carry (None: the whole probe in one pass): the room
+    left under ``ctx.memory_limit`` (a peak resident set; default: the RAM available) after the
+    fp32 accumulators, ``_TANGENT`` x the batch's first-order activations (``saved_bytes``; the
+    pass keeps them with their tangents, and the tangent computations record their own graph),
+    the per-tensor transients of the hooks (probe, dual gradient: ~4 fp32 copies of the largest
+    tensor) and ``_RAM_SLACK``. At least the largest tensor, with a warning when even that
+    exceeds the room."""
+    room = ram_room(ctx.memory_limit)
+    if room is None:
+        return None
+    entries = [p.numel() for p in ctx.params]
+    size = max(p.element_size() for p in ctx.params)
+    need = 4 * sum(entries) + 16 * max(entries) + _RAM_SLACK
+    need += _TANGENT * saved_bytes(ctx.model, ctx.windows[:batch].to(ctx.params[0].device))
+    fits = (room - need) // size
+    if fits >= sum(entries):
+        return None
+    if fits < max(entries):
+        log.warning(
+            "esa: hutchinson_diag needs ~%.1f GiB more than the %.1f GiB left; carrying one tensor's probe per pass",
+            (need + size * max(entries) - room) / 2**30,
+            max(0, room) / 2**30,
+        )
+    return int(max(fits, max(entries)))
+
+
+def saved_bytes(model: torch.nn.Module, window: torch.Tensor) -> int:
+    """Bytes a first-order forward of ``window`` saves for its backward pass, parameters excluded
+    (storages counted once; measured through saved-tensor hooks, so on any device)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = lm_loss(model, window)
+    del loss
+    trim_heap()
+    return sum(seen.values())

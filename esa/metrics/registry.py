@@ -98,6 +98,7 @@ class ScoreContext:
     checkpoint: bool | None = None  # activation checkpointing for first-order gradients (None: auto)
     offload: bool | None = None  # accumulators in host memory: True all, False none, None as needed
     memory_limit: int | None = None  # device bytes the pass may peak at (None: what is free)
+    hutchinson_method: str | None = None  # "tangent", "lean" or "retained" (None: as planned)
     options: dict = field(default_factory=dict)
 
     @property
@@ -224,6 +225,7 @@ def compute_scores(
     checkpoint: bool | None = None,
     offload: bool | None = None,
     memory_limit: int | None = None,
+    hutchinson_method: str | None = None,
     report: dict | None = None,
 ) -> dict[str, torch.Tensor]:
     """Score the ``names`` parameters of ``lm`` (default ``lm.param_map.scorable()``) by ``metric``
@@ -234,9 +236,11 @@ def compute_scores(
     whose fp32 scores do not fit beside the weights). ``checkpoint`` switches activation
     checkpointing of first-order gradient passes on/off (None: on when memory asks for it);
     ``offload`` keeps the gradient and curvature accumulators in host memory (True), on the device
-    (False) or decides per tensor (None); ``memory_limit`` is the device peak in bytes the pass
-    should stay under (None: the device's free memory). Scores of offloaded tensors come back on
-    the CPU, all others on their parameter's device. ``report``, a dict, receives the memory plan.
+    (False) or decides per tensor (None); ``memory_limit`` is the peak in bytes the pass should
+    stay under (CUDA: device memory; CPU: the resident set; None: what is free).
+    ``hutchinson_method`` ("tangent", "lean", "retained") overrides the planned one
+    (``esa.metrics.curvature.hutchinson_diag``). Scores of offloaded tensors come back on the CPU,
+    all others on their parameter's device. ``report``, a dict, receives the memory plan.
     """
     spec = _spec(metric)
     ctx = score_context(
@@ -254,6 +258,7 @@ def compute_scores(
         checkpoint=checkpoint,
         offload=offload,
         memory_limit=memory_limit,
+        hutchinson_method=hutchinson_method,
     )
     raw = run_metric(ctx, spec.fn, spec.needs_grad)
     plan = ctx.options.get("plan")

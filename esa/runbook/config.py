@@ -84,6 +84,7 @@ class ExperimentConfig:
     progress: bool = True
     eval_batch_size: int | None = None  # None: auto (about 16k tokens per forward on CUDA)
     score_dtype: str = "fp32"  # "bf16": lean scores and accumulators (half the memory)
+    memory_limit: float | None = None  # GiB the scoring passes plan to peak at (None: what is free)
     device_map: str | None = None  # e.g. "auto": split a large model over the visible GPUs
     compile: bool | None = None  # torch.compile evaluation: None = auto (one CUDA device, >= 100M params)
     reuse_evals: bool = True  # evaluate an identical perturbed model once (e.g. random_k per seed)
@@ -140,6 +141,8 @@ class ExperimentConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value}")
         if self.eval_batch_size is not None and self.eval_batch_size <= 0:
             raise ConfigError(f"--eval-batch-size must be a positive integer, got {self.eval_batch_size}")
+        if self.memory_limit is not None and not self.memory_limit > 0:
+            raise ConfigError(f"--memory-limit must be a positive number of GiB, got {self.memory_limit}")
         if self.score_dtype not in SCORE_DTYPES:
             raise ConfigError(f"unknown --score-dtype {self.score_dtype!r}: use fp32 or bf16")
         if self.calib_samples is not None and self.calib_samples <= 0:

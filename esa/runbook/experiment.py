@@ -199,6 +199,7 @@ def scores_for(lm: LoadedModel, data, metric: str, seed: int, config: Experiment
         cache_root=config.cache_root,
         progress=config.progress,
         score_dtype=SCORE_DTYPES[config.score_dtype],
+        memory_limit=None if config.memory_limit is None else int(config.memory_limit * 2**30),
         full=full,
         max_k=config.topk,
     )

@@ -25,15 +25,30 @@ def _cuda():
     return torch if torch is not None and torch.cuda.is_initialized() else None
 
 
-def _vm_hwm() -> int | None:
-    """VmHWM (peak resident set) of this process in bytes, or None off Linux."""
+def _field(path: Path, name: str) -> int | None:
+    """The ``name:`` line of a /proc file in bytes (its kB value), or None off Linux."""
     try:
-        for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
+        for line in path.read_text().splitlines():
+            if line.startswith(name + ":"):
                 return int(line.split()[1]) * 1024  # kB
     except OSError:
         pass
     return None
+
+
+def _vm_hwm() -> int | None:
+    """VmHWM (peak resident set) of this process in bytes, or None off Linux."""
+    return _field(_STATUS, "VmHWM")
+
+
+def ram_room(limit: int | None = None) -> int | None:
+    """Bytes of RAM this process may still take: ``limit`` (a peak resident set for the whole
+    process) minus its resident set now, or by default what the system has available
+    (MemAvailable); None where /proc does not say."""
+    if limit is None:
+        return _field(Path("/proc/meminfo"), "MemAvailable")
+    rss = _field(_STATUS, "VmRSS")
+    return None if rss is None else int(limit) - rss
 
 
 def reset_peak() -> str:
