@@ -38,7 +38,7 @@ from esa.metrics.registry import (
     run_metric,
     score_context,
 )
-from esa.metrics.tangent import TangentUnsupported, hutchinson_tangent
+from esa.metrics.tangent import TangentUnsupported, hutchinson_tangent, probe_blocks
 
 log = logging.getLogger("esa")
 
@@ -273,6 +273,11 @@ def _hutchinson_signed(ctx: ScoreContext) -> dict:
             model=ctx.model,
             max_probe_numel=plan.probe_numel,
         )
+        if plan.probe_numel is not None:
+            blocks = len(probe_blocks([p.numel() for p in ctx.params], plan.probe_numel))
+            log.warning(
+                "esa: hutchinson_diag in %d passes per probe and window to fit the memory limit", blocks
+            )
         try:
             est = run(terms.loss_terms(), method=plan.method)
         except TangentUnsupported as exc:
