@@ -143,7 +143,7 @@ def test_tied_embeddings_get_both_uses():
 
 def test_unsupported_op_falls_back_to_double_backward(monkeypatch, caplog):
     """Without the silu rewrite the backward hits silu_backward, which has no forward AD: the
-    estimator refuses before accumulating, and the metric warns and uses double backward."""
+    estimator refuses (its partial sums discarded), and the metric warns and uses double backward."""
     lm, params, terms = _setup("tiny-llama")
     with grad_scope(lm.model, params), curvature.eager_kernels(lm.model):
         expected = curvature.hutchinson_diag(terms(), params, 1, seed=0, method="lean")

@@ -1,6 +1,6 @@
 """Rademacher probes and the lean Hutchinson estimator of diag(H) (``esa.metrics.curvature``).
 
-Lean Hutchinson (on CUDA, or ``lean=True``): the gradient g = ∇L_b of a term is built with
+Lean Hutchinson (on CUDA, or ``method="lean"``): the gradient g = ∇L_b of a term is built with
 ``backward(create_graph=True)`` one parameter at a time, and a post-accumulate hook turns each g_i
 into the scalars g_i·z_{s,i} of every probe s and frees it (``ProbeDot``: z is regenerated from its
 seed in the backward pass instead of being saved); then for each probe ∇_w Σ_i g_i·z_{s,i} = H z_s
@@ -8,7 +8,9 @@ arrives parameter by parameter and the hook adds z_{s,i} ⊙ (H z_s)_i into fp32
 device, or in host memory: ``esa.metrics.accumulate``). Neither g, z nor Hz of the whole model is
 ever held: memory is the weights, the accumulators and the double-backward graph of one batch, whose
 size ``curvature_plan`` bounds by the windows per batch. Same probes, same estimate as the
-retained-gradient path (which batches probes through vmap for small models).
+retained-gradient path (which batches probes through vmap for small models) and as
+forward-over-reverse (``esa.metrics.tangent``), the CPU's method, whose probe blocks
+``curvature_plan`` sizes to a memory limit.
 """
 
 from __future__ import annotations
@@ -28,9 +30,7 @@ from esa.util.memory import ram_room, trim_heap
 log = logging.getLogger("esa")
 
 _DOUBLE_BACKWARD = 7  # a batch's double-backward peak / its first-order activations (6.5 measured at 8B)
-_TANGENT = (
-    6  # a window's forward-over-reverse pass beyond its probe / its first-order activations (5.8 at 0.5B)
-)
+_TANGENT = 6  # a forward-over-reverse pass beyond its probe / first-order activations (5.8 at 0.5B)
 _RAM_SLACK = 256 << 20  # kept free under a CPU limit (allocator fragmentation)
 
 
@@ -198,9 +198,12 @@ def saved_bytes(model: torch.nn.Module, window: torch.Tensor) -> int:
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
+        try:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in params:
+                seen[storage.data_ptr()] = storage.nbytes()
+        except RuntimeError:  # a tensor without a plain storage (a subclass): not counted
+            pass
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

@@ -106,22 +106,20 @@ def hutchinson_tangent(
     """Signed Hutchinson estimate of diag(H) by forward-over-reverse (module docstring): the
     mean over ``samples`` probes of z ⊙ H z, the same probes (``probe(seed, s, i)``) as
     ``hutchinson_lean``. ``params`` must be parameters of ``model``, reached by the loss terms
-    through its modules. Raises ``TangentUnsupported`` before anything is accumulated when the
+    through its modules. Raises ``TangentUnsupported`` (its partial sums discarded) when the
     model's backward has an op without forward AD."""
     params = list(params)
     blocks = probe_blocks([p.numel() for p in params], max_probe_numel)
     with Accumulators(params, torch.float32, offload) as acc:
-        first = True
         for term in loss_terms:
             for s in range(samples):
                 for block in blocks:
                     try:
                         _tangent_pass(term, model, params, acc, seed, s, block)
                     except RuntimeError as exc:
-                        if first and "forward AD" in str(exc):
+                        if "forward AD" in str(exc):
                             raise TangentUnsupported(str(exc).splitlines()[0]) from exc
                         raise
-                    first = False
         return acc.finish(lambda a, _i: a.div_(samples))
 
 
