@@ -3,7 +3,7 @@
 >>> from esa.models import load_model
 >>> lm = load_model("tiny-llama")
 >>> lm.source, lm.param_map["model.layers.0.mlp.down_proj.weight"].component
-('tiny', 'mlp.down')
+('tiny', 'mlp_down')
 """
 
 from esa.models.load import check_model_name, list_models, load_model
