@@ -13,7 +13,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from esa.data import load_text, make_windows, prepare_data
-from esa.evaluate import LEAK_PPL, EvalResult, SuspiciousPerplexityWarning, evaluate, lm_loss, token_nll
+from esa.evaluate import (
+    LEAK_PPL,
+    EvalResult,
+    SuspiciousPerplexityWarning,
+    _logsumexp_,
+    evaluate,
+    lm_loss,
+    token_nll,
+)
 from esa.models import load_model
 
 TEXT = load_text(None).text[:20_000]
@@ -219,6 +227,23 @@ def test_bad_window_shapes(bad):
 def test_zero_windows_is_a_value_error():
     with pytest.raises(ValueError):
         evaluate(SuccessorLM(), torch.zeros(0, 8, dtype=torch.long), progress=False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 6),
+    cols=st.integers(1, 300),
+    seed=st.integers(0, 2**31 - 1),
+    special=st.lists(st.sampled_from([math.inf, -math.inf, math.nan, 1e38, -1e38]), max_size=6),
+)
+def test_inplace_logsumexp_is_bit_identical_to_torch(rows, cols, seed, special):
+    """The evaluation's in-place logsumexp gives torch.logsumexp's bits, non-finite rows included."""
+    x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 30
+    for j, value in enumerate(special):
+        x[j % rows, (j * 7) % cols] = value
+    expected = torch.logsumexp(x, dim=-1)
+    got = _logsumexp_(x.clone())
+    assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
 
 
 # --------------------------------------------------------------------------- closed form + leak guard
