@@ -4,6 +4,7 @@ estimators on quadratics and a micro model, every tiny architecture, and state r
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 
 from esa.data import prepare_data
 from esa.errors import ConfigError
+from esa.metrics import accumulate as _accumulate
 from esa.metrics import curvature as _curvature
 from esa.metrics.curvature import _signed_diag
 from esa.metrics.registry import (
@@ -196,6 +198,57 @@ def test_score_dtype(tiny):
     lm, calib = tiny["tiny-llama"]
     scores = compute_scores(lm, "act_mag", calib, progress=False, score_dtype=torch.bfloat16)
     assert all(s.dtype == torch.bfloat16 for s in scores.values())
+
+
+@pytest.mark.parametrize("metric", ["magnitude", "act_mag"])
+def test_scores_built_at_once_keep_their_values_in_bf16_and_on_the_host(tiny, metric):
+    """magnitude and act_mag cast each score as it is made: bf16 scores are the fp32 ones rounded;
+    offload=True returns them on the CPU and reports every tensor in the plan."""
+    lm, calib = tiny["tiny-mixtral"]
+    fp32 = compute_scores(lm, metric, calib, progress=False)
+    report: dict = {}
+    bf16 = compute_scores(
+        lm, metric, calib, progress=False, score_dtype=torch.bfloat16, offload=True, report=report
+    )
+    assert report["memory_plan"]["offloaded"] == len(fp32)
+    for name, s in fp32.items():
+        assert bf16[name].device.type == "cpu" and torch.equal(bf16[name], s.to(torch.bfloat16))
+
+
+class _CudaParam:
+    """Stands in for a CUDA parameter of ``n`` entries (host_scores reads only these)."""
+
+    is_cuda = True
+    device = torch.device("cuda", 0)
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def numel(self) -> int:
+        return self.n
+
+
+@SETTINGS
+@given(sizes=st.lists(st.integers(1, 2**28), min_size=1, max_size=12), free_gib=st.floats(0, 8))
+def test_host_scores_keep_what_fits_on_the_device(sizes, free_gib):
+    params = [_CudaParam(n) for n in sizes]
+    free = int(free_gib * 2**30)
+    with mock.patch.object(_accumulate, "available_bytes", lambda device, limit=None: free):
+        host = _accumulate.host_scores(params, torch.bfloat16, None)
+    kept = sum(2 * n for i, n in enumerate(sizes) if i not in host)
+    work = _accumulate.SLACK_BYTES + 8 * max(sizes) + 2 * 2 * max((sizes[i] for i in host), default=0)
+    assert kept + work <= free or len(host) == len(sizes)
+    order = _accumulate.offload_order(len(sizes))
+    assert host == frozenset(order[: len(host)])  # a prefix of the spread-out order: no more than needed
+    if host:
+        less = frozenset(order[: len(host) - 1])
+        kept_less = sum(2 * n for i, n in enumerate(sizes) if i not in less)
+        work_less = (
+            _accumulate.SLACK_BYTES + 8 * max(sizes) + 2 * 2 * max((sizes[i] for i in less), default=0)
+        )
+        assert kept_less + work_less > free
+    assert _accumulate.host_scores(params, torch.float32, True) == frozenset(range(len(sizes)))
+    assert _accumulate.host_scores(params, torch.float32, False) == frozenset()
 
 
 # --- first-order metrics against hand computations ----------------------------------------------

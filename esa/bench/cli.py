@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--multi-arch", default="mixtral-8x7b")
     p.add_argument("--multi-windows", type=int, default=32)
     p.add_argument("--multi-calib", type=int, default=16)
+    p.add_argument("--multi-min-gpus", type=int, default=2, help="GPUs the multi section needs")
+    p.add_argument(
+        "--multi-scores", default="act_mag:bf16,act_mag:fp32,grad_x_weight:bf16,grad_x_weight:fp32"
+    )
     p.add_argument(
         "--section-budgets",
         default="",

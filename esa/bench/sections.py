@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from esa.analyses.detect import detect_super_weights
 from esa.bench.baselines import plain_eval
 from esa.bench.harness import Bench, Section, mfu, timed, vocab
 from esa.bench.sections_accuracy import section_accuracy
@@ -183,14 +184,15 @@ def compiled_sees_perturbation(lm: LoadedModel, windows: torch.Tensor, bs: int) 
 
 
 def section_multi(bench: Bench) -> None:
-    """A model split over all visible GPUs (device_map="auto"): evaluation, plain vs esa, and
-    grad_x_weight scoring in bf16 and fp32; peak memory per GPU."""
+    """A model split over all visible GPUs (device_map="auto"; ``--multi-min-gpus``, default 2):
+    evaluation, plain vs esa, the super-weight detector, act_mag and grad_x_weight scoring in bf16
+    and fp32; peak memory per GPU."""
     args = bench.args
     with bench.section("multi") as sec:
         n_gpu = torch.cuda.device_count()
         sec.data["gpus"] = n_gpu
-        if n_gpu < 2:
-            sec.error(args.multi_arch, RuntimeError(f"needs 2+ GPUs, {n_gpu} visible"))
+        if n_gpu < args.multi_min_gpus:
+            sec.error(args.multi_arch, RuntimeError(f"needs {args.multi_min_gpus}+ GPUs, {n_gpu} visible"))
             return
         bench.drop_model()
         lm, load_s = bench.model(args.multi_arch, device_map="auto")
@@ -225,32 +227,57 @@ def section_multi(bench: Bench) -> None:
                 ratio=tokens / secs / plain["tok_s"],
                 nll_abs_diff=abs(res.nll - plain_loss),
             )
+        with sec.guard("detect"):
+            _multi_detect(sec, args.multi_arch, lm, random_windows(1, args.length, vocab(lm), seed=8))
         calib = random_windows(args.multi_calib, args.length, vocab(lm), seed=7)
-        for dtype in (torch.bfloat16, torch.float32):
+        for metric, dtype in multi_scores(args.multi_scores):
             if sec.left() < 30:
                 break
-            with sec.guard(f"grad_x_weight {dtype}"):
-                _multi_scores(bench, sec, lm, calib, dtype)
+            with sec.guard(f"{metric} {dtype}"):
+                _multi_scores(bench, sec, lm, calib, metric, dtype)
             free_memory()
     bench.drop_model()
 
 
+def multi_scores(spec: str) -> list[tuple[str, torch.dtype]]:
+    """``"act_mag:bf16,grad_x_weight:fp32"`` -> [(metric, score dtype), ...].
+
+    >>> multi_scores("act_mag:bf16,grad_x_weight:fp32")
+    [('act_mag', torch.bfloat16), ('grad_x_weight', torch.float32)]
+    """
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    return [(m, dtypes[d]) for m, d in (item.split(":") for item in spec.split(",") if item)]
+
+
+def _multi_detect(sec: Section, arch: str, lm: LoadedModel, window: torch.Tensor) -> None:
+    """The super-weight detector (``esa.analyses.detect``) on one window: time, peak, candidates."""
+    reset_peak()
+    secs, report = timed(lambda: detect_super_weights(lm, window), 1)
+    sec.row(
+        arch=arch,
+        part="detect",
+        tokens=int(window.numel()),
+        seconds=secs,
+        peak_gib_per_gpu=peaks_per_gpu(),
+        layers_observed=len(report.layers),
+        candidates=len(report.candidates),
+    )
+
+
 def _multi_scores(
-    bench: Bench, sec: Section, lm: LoadedModel, calib: torch.Tensor, dtype: torch.dtype
+    bench: Bench, sec: Section, lm: LoadedModel, calib: torch.Tensor, metric: str, dtype: torch.dtype
 ) -> None:
     args = bench.args
     reset_peak()
     t = time.perf_counter()
-    scores = compute_scores(
-        lm, "grad_x_weight", calib, batch_size=args.score_batch, progress=False, score_dtype=dtype
-    )
+    scores = compute_scores(lm, metric, calib, batch_size=args.score_batch, progress=False, score_dtype=dtype)
     sync()
     secs = time.perf_counter() - t
     finite = all(bool(torch.isfinite(s).all()) for s in scores.values())
     del scores
     sec.row(
         arch=args.multi_arch,
-        part=f"grad_x_weight {str(dtype).replace('torch.', '')}",
+        part=f"{metric} {str(dtype).replace('torch.', '')}",
         windows=int(calib.shape[0]),
         batch_size=args.score_batch,
         seconds=secs,

@@ -227,6 +227,30 @@ def offload_until(acc_bytes: Sequence[int], room: int) -> frozenset[int]:
     return frozenset(moved)
 
 
+def host_scores(
+    params: Sequence[torch.Tensor], dtype: torch.dtype, offload: bool | None, limit: int | None = None
+) -> frozenset[int]:
+    """Positions whose scores (one ``dtype`` tensor per parameter, built one at a time from an fp32
+    transient) go to host memory: all (``offload`` True), none (False, or on the CPU), else, per
+    CUDA device, those ``offload_until`` picks so the rest fit in ``available_bytes`` minus
+    ``SLACK_BYTES`` and two fp32 copies of that device's largest parameter."""
+    if offload is not None:
+        return frozenset(range(len(params))) if offload else frozenset()
+    moved: set[int] = set()
+    for device in {p.device for p in params if p.is_cuda}:
+        at = [i for i, p in enumerate(params) if p.device == device]
+        sizes = [params[i].numel() * dtype.itemsize for i in at]
+        room = available_bytes(device, limit) - SLACK_BYTES - 8 * max(params[i].numel() for i in at)
+        moved |= {at[j] for j in offload_until(sizes, room)}
+    if moved:
+        log.warning(
+            "esa: %d of %d score tensors kept in host memory (they do not fit on the device)",
+            len(moved),
+            len(params),
+        )
+    return frozenset(moved)
+
+
 def offload_order(n: int) -> list[int]:
     """Positions n-1 … 0 interleaved with stride s = ⌈√n⌉: n-1, n-1-s, n-1-2s, …, n-2, n-2-s, …
     (a prefix of it is spread evenly over the model; every position appears once)."""

@@ -64,7 +64,7 @@ def _act_mag(ctx: ScoreContext) -> dict:
     finally:
         for h in hooks:
             h.remove()
-    return {n: _wanda(n, p, plan[n], sums, ctx.model) for n, p in ctx.items()}
+    return ctx.placed_scores(lambda n, p: _wanda(n, p, plan[n], sums, ctx.model))
 
 
 def _accumulate(sums: Sums, key: tuple[str, str], value: torch.Tensor) -> None:
@@ -117,14 +117,14 @@ def _wanda(name: str, p: torch.Tensor, plan: tuple[str, str], sums: Sums, model)
     w = p.detach().abs().float()
     if (mod_name, part) not in sums:
         log.warning("esa: act_mag saw no input reaching %s; its scores are 0", name)
-        return torch.zeros_like(w)
+        return w.zero_()
     norm = sums[(mod_name, part)].sqrt().to(w.device)
     if part == "linear":
-        return w * norm[None, :]
+        return w.mul_(norm[None, :])
     transposed = moe.is_transposed(model.get_submodule(mod_name))
     if norm.shape[1] != w.shape[1 if transposed else 2]:
         raise ConfigError(
             f"act_mag: unexpected layout of {name} {tuple(p.shape)}: "
             "drop it from names= or use another metric"
         )
-    return w * (norm[:, :, None] if transposed else norm[:, None, :])
+    return w.mul_(norm[:, :, None] if transposed else norm[:, None, :])

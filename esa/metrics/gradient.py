@@ -23,7 +23,7 @@ from esa.metrics.registry import LossTerms, ScoreContext, register_metric
 
 @register_metric("magnitude", needs_grad=False, needs_data=False, description="|w|")
 def _magnitude(ctx: ScoreContext) -> dict:
-    return {n: p.detach().to(ctx.score_dtype, copy=True).abs_() for n, p in ctx.items()}
+    return ctx.placed_scores(lambda _n, p: p.detach().to(ctx.score_dtype, copy=True).abs_())
 
 
 @register_metric(

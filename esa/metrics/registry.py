@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from esa.errors import ConfigError
 from esa.evaluate import checkpointed, lm_loss
-from esa.metrics.accumulate import ACT_MARGIN, MemoryPlan, available_bytes, plan_memory
+from esa.metrics.accumulate import ACT_MARGIN, MemoryPlan, available_bytes, host_scores, plan_memory
 from esa.models.params import decoder_layers
 
 LossTerms = Iterable[Callable[[], torch.Tensor]]  # zero-argument callables, one loss term each
@@ -96,7 +96,9 @@ class ScoreContext:
     desc: str = "score"
     score_dtype: torch.dtype = torch.float32
     checkpoint: bool | None = None  # activation checkpointing for first-order gradients (None: auto)
-    offload: bool | None = None  # accumulators in host memory: True all, False none, None as needed
+    offload: bool | None = (
+        None  # accumulators (or scores) in host memory: True all, False none, None as needed
+    )
     memory_limit: int | None = None  # device bytes the pass may peak at (None: what is free)
     hutchinson_method: str | None = None  # "tangent", "lean" or "retained" (None: as planned)
     options: dict = field(default_factory=dict)
@@ -114,6 +116,18 @@ class ScoreContext:
         if self.calib is None:
             raise ConfigError("this metric needs calibration windows: pass calib=[n, L] token ids")
         return self.calib
+
+    def placed_scores(self, make: Callable[[str, torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{name: make(name, param)} for metrics that build each score at once (no accumulators):
+        each cast to ``score_dtype`` as it is made, and moved to host memory for the positions
+        ``host_scores`` picks (the plan's offload, so ``compute_scores`` returns them on the CPU)."""
+        host = host_scores(self.params, self.score_dtype, self.offload, self.memory_limit)
+        self.options["plan"] = MemoryPlan(False, host, "scores in host memory" if host else "")
+        out = {}
+        for i, (n, p) in enumerate(self.items()):
+            score = make(n, p).to(self.score_dtype)
+            out[n] = score.cpu() if i in host else score
+        return out
 
     @property
     def n_batches(self) -> int:
@@ -235,8 +249,9 @@ def compute_scores(
     bf16 halves that and also accumulates the gradient metrics in bf16 (lean mode, for models
     whose fp32 scores do not fit beside the weights). ``checkpoint`` switches activation
     checkpointing of first-order gradient passes on/off (None: on when memory asks for it);
-    ``offload`` keeps the gradient and curvature accumulators in host memory (True), on the device
-    (False) or decides per tensor (None); ``memory_limit`` is the peak in bytes the pass should
+    ``offload`` keeps the gradient and curvature accumulators (for magnitude and act_mag, the
+    scores themselves: ``host_scores``) in host memory (True), on the device (False) or decides
+    per tensor (None); ``memory_limit`` is the peak in bytes the pass should
     stay under (CUDA: device memory; CPU: the resident set; None: what is free).
     ``hutchinson_method`` ("tangent", "lean", "retained") overrides the planned one
     (``esa.metrics.curvature.hutchinson_diag``). Scores of offloaded tensors come back on the CPU,
