@@ -35,6 +35,7 @@ from esa.evaluate import auto_batch_size, evaluate, use_compile
 from esa.metrics.registry import compute_scores
 from esa.models import LoadedModel
 from esa.perturb import perturbed
+from esa.runbook.config import SCORE_DTYPES
 from esa.util.runtime import GIB, free_memory, peak_gpu_bytes, peaks_per_gpu, reset_peak, sync
 
 
@@ -245,8 +246,7 @@ def multi_scores(spec: str) -> list[tuple[str, torch.dtype]]:
     >>> multi_scores("act_mag:bf16,grad_x_weight:fp32")
     [('act_mag', torch.bfloat16), ('grad_x_weight', torch.float32)]
     """
-    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
-    return [(m, dtypes[d]) for m, d in (item.split(":") for item in spec.split(",") if item)]
+    return [(m, SCORE_DTYPES[d]) for m, d in (item.split(":") for item in spec.split(",") if item)]
 
 
 def _multi_detect(sec: Section, arch: str, lm: LoadedModel, window: torch.Tensor) -> None:

@@ -96,9 +96,7 @@ class ScoreContext:
     desc: str = "score"
     score_dtype: torch.dtype = torch.float32
     checkpoint: bool | None = None  # activation checkpointing for first-order gradients (None: auto)
-    offload: bool | None = (
-        None  # accumulators (or scores) in host memory: True all, False none, None as needed
-    )
+    offload: bool | None = None  # host memory for accumulators/scores: True all, False none, None: as needed
     memory_limit: int | None = None  # device bytes the pass may peak at (None: what is free)
     hutchinson_method: str | None = None  # "tangent", "lean" or "retained" (None: as planned)
     options: dict = field(default_factory=dict)
